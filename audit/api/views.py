@@ -1,0 +1,83 @@
+"""The event log API: pull the tenant's events in order, resume from a cursor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.utils.urls import remove_query_param, replace_query_param
+from rest_framework.views import APIView
+
+from audit import selectors
+from audit.api.serializers import EventPageSerializer, EventSerializer
+from audit.models import Event
+
+EVENTS_READ = "events:read"  # tenants.access.Permission.EVENTS_READ; audit cannot import it
+_DEFAULT_LIMIT, _MAX_LIMIT = 100, 500
+
+
+class EventListView(APIView):
+    """The event log, oldest first. Follow ``next`` (or pass ``cursor``) to read on; an empty
+    page with a ``next_cursor`` means "nothing new yet, ask again with this cursor"."""
+
+    required_permissions = {"get": EVENTS_READ}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("after", OpenApiTypes.STR, description="Start after this event id (evt_...)"),
+            OpenApiParameter("cursor", OpenApiTypes.STR, description="Opaque cursor from a previous page"),
+            OpenApiParameter("type", OpenApiTypes.STR, description="Comma-separated types or prefixes (message.*)"),
+            OpenApiParameter("limit", OpenApiTypes.INT, description=f"Page size, at most {_MAX_LIMIT}"),
+        ],
+        responses=EventPageSerializer,
+    )
+    def get(self, request: Request) -> Response:
+        principal: Any = request.user
+        params = request.query_params
+        types = [name.strip() for name in params.get("type", "").split(",") if name.strip()]
+        queryset = selectors.event_list(principal, types=types)
+        try:
+            limit = min(max(int(params.get("limit", _DEFAULT_LIMIT)), 1), _MAX_LIMIT)
+        except ValueError:
+            raise exceptions.ValidationError({"limit": ["Must be a whole number."]}) from None
+        if params.get("cursor"):
+            try:
+                queryset = selectors.events_after_cursor(queryset, params["cursor"])
+            except selectors.InvalidCursor:
+                raise exceptions.ValidationError({"cursor": ["The cursor is not valid."]}) from None
+        elif params.get("after"):
+            try:
+                queryset = selectors.events_after_event(queryset, principal, params["after"])
+            except Event.DoesNotExist:
+                raise exceptions.ValidationError({"after": ["No such event."]}) from None
+        events = list(queryset[:limit])
+        next_cursor = selectors.event_position(events[-1]) if events else params.get("cursor")
+        if next_cursor is None and params.get("after"):
+            next_cursor = selectors.event_position(selectors.event_get(principal, params["after"]))
+        next_url = None
+        if next_cursor:
+            base = remove_query_param(request.build_absolute_uri(), "after")
+            next_url = replace_query_param(base, "cursor", next_cursor)
+        return Response(
+            {
+                "results": [event.as_json() for event in events],
+                "next": next_url if len(events) == limit else None,
+                "next_cursor": next_cursor,
+            }
+        )
+
+
+class EventDetailView(APIView):
+    required_permissions = {"get": EVENTS_READ}
+
+    @extend_schema(responses=EventSerializer)
+    def get(self, request: Request, event_id: str) -> Response:
+        try:
+            event = selectors.event_get(request.user, event_id)  # type: ignore[arg-type]
+        except Event.DoesNotExist:
+            raise exceptions.NotFound() from None
+        return Response(event.as_json())

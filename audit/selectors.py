@@ -1,0 +1,74 @@
+"""Reads of the event log, through the caller's scope.
+
+Audit sits below tenants, so the principal is typed by what it must do (a Protocol), not
+by importing tenants.access.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Protocol, TypeVar
+
+from django.db.models import Model, Q, QuerySet
+
+from audit.models import Event, EventQuerySet
+
+M = TypeVar("M", bound=Model)
+
+
+class Scoped(Protocol):
+    def scope(
+        self,
+        queryset: QuerySet[M],
+        *,
+        tenant_field: str = ...,
+        domain_field: str | None = ...,
+        mailbox_field: str | None = ...,
+    ) -> QuerySet[M]: ...
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def event_list(principal: Scoped, *, types: list[str] | None = None) -> EventQuerySet:
+    """The committed events the principal may see, in log order.
+
+    ``types`` holds exact types or prefixes ending in ``.*`` (``message.*``).
+    """
+    queryset = principal.scope(Event.objects.all(), domain_field="domain_id", mailbox_field="mailbox_id")
+    assert isinstance(queryset, EventQuerySet)
+    if types:
+        wanted = Q(pk__in=[])
+        for name in types:
+            wanted |= Q(type__startswith=name[:-1]) if name.endswith(".*") else Q(type=name)
+        queryset = queryset.filter(wanted)
+    return queryset.committed().in_log_order()
+
+
+def event_get(principal: Scoped, public_id: str) -> Event:
+    return principal.scope(Event.objects.all(), domain_field="domain_id", mailbox_field="mailbox_id").get(
+        public_id=public_id
+    )
+
+
+def event_position(event: Event) -> str:
+    """An opaque, stable cursor for the position just after ``event``."""
+    raw = f"{event.txid if event.txid is not None else ''}:{event.seq}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def events_after_cursor(queryset: EventQuerySet, cursor: str) -> EventQuerySet:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        txid_text, seq_text = raw.split(":")
+        txid = int(txid_text) if txid_text else None
+        seq = int(seq_text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor("The cursor is not valid.") from exc
+    return queryset.after_position(txid, seq)
+
+
+def events_after_event(queryset: EventQuerySet, principal: Scoped, public_id: str) -> EventQuerySet:
+    event = event_get(principal, public_id)
+    return queryset.after_position(event.txid, event.seq)

@@ -1,0 +1,139 @@
+"""Suite-wide fixtures: real PostgreSQL, Redis and an S3 server (SeaweedFS) for every test.
+
+`make test` starts PostgreSQL, Redis and RabbitMQ if they are down (scripts/services.sh);
+this file refuses to run against a missing one with a message saying which.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+from django.test.utils import override_settings
+
+from mailplatform.testing import S3Server, start_seaweedfs, storages_setting
+
+
+def _reachable(url: str, default_port: int) -> tuple[bool, str]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True, f"{host}:{port}"
+    except OSError:
+        return False, f"{host}:{port}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = []
+    database = os.environ.get("DATABASE_URL", "")
+    if database.startswith("postgres"):
+        ok, where = _reachable(database, 5432)
+        if not ok:
+            missing.append(f"PostgreSQL at {where} (DATABASE_URL)")
+    broker = os.environ.get("CELERY_BROKER_URL", "")
+    if broker.startswith("redis"):
+        ok, where = _reachable(broker, 6379)
+        if not ok:
+            missing.append(f"Redis at {where} (CELERY_BROKER_URL)")
+    if missing:
+        pytest.exit("Not reachable: " + "; ".join(missing) + ". Run `make services` (or `make test`).", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = start_seaweedfs()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _blob_storage_on_s3(s3_server: S3Server) -> Iterator[None]:
+    """Every test stores blobs in the real S3 server; subprocesses get the same through S3_*."""
+    previous = {name: os.environ.get(name) for name in s3_server.env()}
+    os.environ.update(s3_server.env())
+    with override_settings(STORAGES=storages_setting(s3_server, settings.STORAGES), S3_BUCKET=s3_server.bucket):
+        yield
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# --- The shared cast: one tenant with an owner, a member and a viewer, and an outsider ---
+@dataclass
+class World:
+    """Tenant A with people and keys of each kind, and tenant B, the outsider."""
+
+    tenant: Any
+    domain: Any
+    mailbox: Any
+    sibling: Any  # a second mailbox on the same domain
+    owner: Any
+    member: Any
+    viewer: Any
+    outsider_tenant: Any
+    outsider_domain: Any
+    outsider_mailbox: Any
+    owner_key: str = ""
+    outsider_key: str = ""
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def key(
+        self, permissions: Any = None, *, domains: Any = (), mailboxes: Any = (), tenant: Any = None, name: str = "test"
+    ) -> str:
+        """Mint a key in tenant A (or ``tenant``) and return its secret."""
+        from tenants.access import ALL_PERMISSIONS, Principal
+        from tenants.services import api_key_mint
+
+        principal = Principal.system(tenant or self.tenant)
+        _, secret = api_key_mint(
+            principal=principal,
+            name=name,
+            permissions=ALL_PERMISSIONS if permissions is None else permissions,
+            domains=domains,
+            mailboxes=mailboxes,
+        )
+        return secret
+
+    def client(self, secret: str | None = None) -> Any:
+        from rest_framework.test import APIClient
+
+        client = APIClient()
+        if secret:
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        return client
+
+
+@pytest.fixture
+def world(db: Any) -> World:
+    from mailboxes.tests.factories import MailboxFactory
+    from tenants.models import Membership
+    from tenants.tests.factories import DomainFactory, MembershipFactory, TenantFactory
+
+    tenant = TenantFactory(name="Acme")
+    domain = DomainFactory(tenant=tenant, name="acme.example.test")
+    outsider_tenant = TenantFactory(name="Outsider")
+    outsider_domain = DomainFactory(tenant=outsider_tenant, name="outsider.example.test")
+    built = World(
+        tenant=tenant,
+        domain=domain,
+        mailbox=MailboxFactory(domain=domain, local_part="inbox"),
+        sibling=MailboxFactory(domain=domain, local_part="sibling"),
+        owner=MembershipFactory(tenant=tenant, role=Membership.Role.OWNER).user,
+        member=MembershipFactory(tenant=tenant, role=Membership.Role.MEMBER).user,
+        viewer=MembershipFactory(tenant=tenant, role=Membership.Role.VIEWER).user,
+        outsider_tenant=outsider_tenant,
+        outsider_domain=outsider_domain,
+        outsider_mailbox=MailboxFactory(domain=outsider_domain, local_part="theirs"),
+    )
+    built.owner_key = built.key(name="owner key")
+    built.outsider_key = built.key(tenant=outsider_tenant, name="outsider key")
+    return built

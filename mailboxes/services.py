@@ -1,0 +1,150 @@
+"""Writes to mailboxes. Each checks the principal, validates, saves, records events and audits."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+
+from audit.services import audit_entry_record, event_record
+from mailboxes.models import Mailbox
+from tenants.access import Permission, Principal
+from tenants.models import Domain
+from tenants.services import require
+
+# RFC 5321 section 4.1.2 dot-string, minus "+": plus-addressing ("box+tag@") reaches "box",
+# so a mailbox name containing "+" could never receive mail.
+_LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*/=?^_`{|}~-]+)*$")
+_RANDOM_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no look-alikes (l/1, o/0)
+RESERVED_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
+_FIELDS = ("address", "name", "kind", "is_catch_all", "expires_at", "retention_days")
+
+
+def local_part_normalize(local_part: str) -> str:
+    candidate = local_part.strip().lower()
+    if not candidate or len(candidate) > 64 or not _LOCAL_PART.match(candidate):
+        raise ValidationError(
+            {"local_part": "Use letters, digits and . _ - (no '+', which is for tags), at most 64 characters."},
+            code="invalid",
+        )
+    return candidate
+
+
+def random_local_part(bits: int = 80) -> str:
+    """A local part with at least ``bits`` bits of randomness (5 bits a character)."""
+    return "".join(secrets.choice(_RANDOM_ALPHABET) for _ in range(-(-bits // 5)))
+
+
+def _summary(mailbox: Mailbox) -> dict[str, Any]:
+    return {name: getattr(mailbox, name) for name in _FIELDS}
+
+
+def mailbox_create(
+    *,
+    principal: Principal,
+    domain: Domain,
+    local_part: str | None = None,
+    name: str = "",
+    kind: str = Mailbox.Kind.STANDARD,
+    is_catch_all: bool = False,
+    expires_at: datetime | None = None,
+    retention_days: int | None = None,
+) -> Mailbox:
+    """Create a mailbox on one of the principal's domains; a random address if none is given."""
+    require(principal, Permission.MAILBOXES_MANAGE)
+    if domain.tenant_id != principal.tenant.pk or not principal.may_use_domain(domain.pk):
+        raise PermissionDenied("This key cannot create mailboxes on that domain.")
+    local = local_part_normalize(local_part) if local_part else random_local_part()
+    if local in RESERVED_LOCAL_PARTS:
+        raise ValidationError({"local_part": f"{local}@ is reserved for the platform."}, code="reserved")
+    mailbox = Mailbox(
+        tenant_id=domain.tenant_id,
+        domain=domain,
+        local_part=local,
+        address=f"{local}@{domain.name}",
+        name=name,
+        kind=kind,
+        is_catch_all=is_catch_all,
+        expires_at=expires_at,
+        retention_days=retention_days,
+    )
+    mailbox.full_clean(validate_unique=False, validate_constraints=False)
+    try:
+        with transaction.atomic():
+            mailbox.save(force_insert=True)
+            event_record(
+                tenant_id=mailbox.tenant_id,
+                type="mailbox.created",
+                data={"address": mailbox.address, "kind": mailbox.kind},
+                domain_id=domain.pk,
+                mailbox_id=mailbox.pk,
+            )
+            audit_entry_record(
+                tenant_id=mailbox.tenant_id,
+                actor=principal.actor,
+                action="mailbox.create",
+                resource_type="mailbox",
+                resource_id=mailbox.pk,
+                after=_summary(mailbox),
+            )
+    except IntegrityError:
+        if is_catch_all and Mailbox.objects.filter(domain=domain, is_catch_all=True).exists():
+            raise ValidationError(
+                {"is_catch_all": "This domain already has a catch-all mailbox."}, code="unique"
+            ) from None
+        raise ValidationError({"local_part": "This address already exists."}, code="unique") from None
+    return mailbox
+
+
+_EDITABLE = frozenset({"name", "is_catch_all", "expires_at", "retention_days"})
+
+
+def mailbox_update(*, principal: Principal, mailbox: Mailbox, **changes: Any) -> Mailbox:
+    require(principal, Permission.MAILBOXES_MANAGE)
+    before = _summary(mailbox)
+    for field, value in changes.items():
+        if field not in _EDITABLE:
+            raise ValidationError({field: "This field cannot be changed."}, code="read_only")
+        setattr(mailbox, field, value)
+    mailbox.full_clean(validate_unique=False, validate_constraints=False)
+    try:
+        with transaction.atomic():
+            mailbox.save(update_fields=[*changes, "updated_at"])
+            audit_entry_record(
+                tenant_id=mailbox.tenant_id,
+                actor=principal.actor,
+                action="mailbox.update",
+                resource_type="mailbox",
+                resource_id=mailbox.pk,
+                before=before,
+                after=_summary(mailbox),
+            )
+    except IntegrityError:
+        raise ValidationError({"is_catch_all": "This domain already has a catch-all mailbox."}, code="unique") from None
+    return mailbox
+
+
+def mailbox_delete(*, principal: Principal, mailbox: Mailbox) -> None:
+    """Delete a mailbox and, with it, its mail."""
+    require(principal, Permission.MAILBOXES_MANAGE)
+    with transaction.atomic():
+        event_record(
+            tenant_id=mailbox.tenant_id,
+            type="mailbox.deleted",
+            data={"address": mailbox.address},
+            domain_id=mailbox.domain_id,
+            mailbox_id=mailbox.pk,
+        )
+        audit_entry_record(
+            tenant_id=mailbox.tenant_id,
+            actor=principal.actor,
+            action="mailbox.delete",
+            resource_type="mailbox",
+            resource_id=mailbox.pk,
+            before=_summary(mailbox),
+        )
+        mailbox.delete()

@@ -1,0 +1,87 @@
+"""What every API view shares: the error shape, pagination, and the schema's permission notes.
+
+Errors always look like ``{"error": {"code": "...", "message": "...", "details": {...}}}``;
+``code`` is stable and meant for programs, ``message`` for people.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.serializers import as_serializer_error
+from rest_framework.views import exception_handler as drf_exception_handler
+
+_FALLBACK_CODES = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "timeout",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "throttled",
+}
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return {"error": error}
+
+
+def _django_validation_code(exc: DjangoValidationError) -> str | None:
+    """A single non-field error's own code (e.g. ``domain_not_empty``), if it has one."""
+    if hasattr(exc, "error_dict"):
+        return None
+    codes = {error.code for error in exc.error_list if error.code}
+    return codes.pop() if len(codes) == 1 else None
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    code: str | None = None
+    if isinstance(exc, DjangoValidationError):
+        code = _django_validation_code(exc)
+        exc = exceptions.ValidationError(detail=as_serializer_error(exc))
+    elif isinstance(exc, ObjectDoesNotExist | Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied(detail=str(exc) or None)
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    assert isinstance(exc, exceptions.APIException)
+
+    if isinstance(exc, exceptions.ValidationError):
+        details = exc.detail
+        if isinstance(details, dict):
+            # {"non_field_errors": [...]} alone reads better as the message itself.
+            non_field = details.get("non_field_errors")
+            message = str(non_field[0]) if non_field and len(details) == 1 else "The request is not valid."
+        elif isinstance(details, list) and details:
+            message, details = str(details[0]), {"non_field_errors": details}
+        else:
+            message = "The request is not valid."
+        response.data = error_body(code or "validation_error", message, details)
+        return response
+
+    codes = exc.get_codes()
+    if isinstance(codes, str) and codes not in {"error", "invalid"}:
+        code = codes
+    else:
+        code = _FALLBACK_CODES.get(response.status_code, "error")
+    response.data = error_body(code, str(exc.detail))
+    return response
+
+
+def json_error_response(request: HttpRequest, status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse(error_body(code, message), status=status)

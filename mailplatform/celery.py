@@ -1,0 +1,18 @@
+"""The Celery application. Queues: ingest, parse, index, webhooks, maintenance."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
+
+app = Celery("mailplatform")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.task_queues = [Queue(name) for name in ("ingest", "parse", "index", "webhooks", "maintenance")]
+app.autodiscover_tasks()
+
+# Periodic tasks are registered here and only here; django-celery-beat stores them.
+app.conf.beat_schedule = {}

@@ -1,0 +1,318 @@
+"""mailplatform settings, driven by the environment (see README's configuration table).
+
+With nothing set, everything runs embedded under DATA_DIR: SQLite in WAL mode, a local blob
+folder, Kombu's filesystem transport as the Celery broker. DATABASE_URL, CELERY_BROKER_URL
+and S3_* switch the same code to PostgreSQL, Redis or RabbitMQ, and an S3 server.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+from mailplatform import config
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = Path(config.string("DATA_DIR", str(BASE_DIR / "var"))).resolve()
+SPOOL_DIR = Path(config.string("SPOOL_DIR", str(DATA_DIR / "spool"))).resolve()
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    raise ImproperlyConfigured(f"DATA_DIR: cannot create {DATA_DIR}: {exc}") from exc
+
+SECRET_KEY = config.persistent_secret("SECRET_KEY", DATA_DIR)
+# API keys are hashed with their own pepper so that rotating SECRET_KEY (sessions, signed
+# URLs) does not invalidate every key, and a leaked SECRET_KEY does not expose key hashes.
+API_KEY_PEPPER = config.persistent_secret("API_KEY_PEPPER", DATA_DIR)
+# Fernet key for connector passwords and OAuth tokens at rest.
+FIELD_ENCRYPTION_KEY = config.persistent_secret(
+    "FIELD_ENCRYPTION_KEY",
+    DATA_DIR,
+    generate=lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
+)
+
+DEBUG = config.boolean("DEBUG", False)
+
+BASE_URL = config.url("BASE_URL", "http://127.0.0.1:8000", schemes={"http", "https"}).rstrip("/")
+_base_host = urlsplit(BASE_URL).hostname or "127.0.0.1"
+ALLOWED_HOSTS = config.csv("ALLOWED_HOSTS", sorted({"127.0.0.1", "localhost", "[::1]", _base_host}))
+CSRF_TRUSTED_ORIGINS = [BASE_URL]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "rest_framework",
+    "drf_spectacular",
+    "django_celery_beat",
+    "allauth",
+    "allauth.account",
+    "audit",
+    "tenants",
+    "mailboxes",
+    "ingest",
+    "webhooks",
+    "webinbox",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "audit.middleware.RequestContextMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "mailplatform.urls"
+WSGI_APPLICATION = "mailplatform.wsgi.application"
+ASGI_APPLICATION = "mailplatform.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------------------
+_database = config.database("DATABASE_URL", f"sqlite:///{DATA_DIR / 'mailplatform.sqlite3'}")
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    _database["OPTIONS"] = {
+        # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN
+        # so two writers queue on busy_timeout instead of failing with "database is locked".
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+else:
+    _database["ENGINE"] = "django_prometheus.db.backends.postgresql"
+    _database["CONN_MAX_AGE"] = config.integer("DATABASE_CONN_MAX_AGE", 60, minimum=0)
+    _database["CONN_HEALTH_CHECKS"] = True
+    _database.setdefault("OPTIONS", {})
+    _database["OPTIONS"].setdefault("connect_timeout", 5)  # type: ignore[union-attr]
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_USER_MODEL = "tenants.User"
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# --- Blob storage ----------------------------------------------------------------------
+S3_BUCKET = config.string("S3_BUCKET", "")
+S3_ENDPOINT_URL = config.string("S3_ENDPOINT_URL", "")
+if S3_ENDPOINT_URL:
+    config.url("S3_ENDPOINT_URL", S3_ENDPOINT_URL, schemes={"http", "https"})
+SIGNED_URL_TTL = config.integer("SIGNED_URL_TTL", 300, minimum=60, maximum=600)
+BLOB_DIR = DATA_DIR / "blobs"
+if S3_BUCKET:
+    _blobs: dict[str, object] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": S3_BUCKET,
+            "endpoint_url": S3_ENDPOINT_URL or None,
+            "access_key": config.string("S3_ACCESS_KEY_ID", "") or None,
+            "secret_key": config.string("S3_SECRET_ACCESS_KEY", "") or None,
+            "region_name": config.string("S3_REGION", "us-east-1"),
+            "addressing_style": "path",
+            "signature_version": "s3v4",
+            "default_acl": None,
+            "querystring_auth": True,
+            "querystring_expire": SIGNED_URL_TTL,
+            "file_overwrite": True,
+        },
+    }
+else:
+    _blobs = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(BLOB_DIR), "directory_permissions_mode": 0o700, "file_permissions_mode": 0o600},
+    }
+STORAGES = {
+    "default": _blobs,
+    "blobs": _blobs,
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+WHITENOISE_USE_FINDERS = True
+
+# --- Celery ----------------------------------------------------------------------------
+CELERY_BROKER_URL = config.url(
+    "CELERY_BROKER_URL",
+    "filesystem://",
+    schemes={"filesystem", "redis", "rediss", "amqp", "amqps", "pyamqp"},
+)
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = DATA_DIR / "broker"
+    (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_CONNECTION_TIMEOUT = 5
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = 60
+CELERY_TASK_TIME_LIMIT = 90
+CELERY_TASK_DEFAULT_QUEUE = "maintenance"
+CELERY_TASK_ROUTES = {
+    "ingest.tasks.*": {"queue": "ingest"},
+    "mailboxes.tasks.message_parse": {"queue": "parse"},
+    "mailboxes.tasks.message_index": {"queue": "index"},
+    "webhooks.tasks.*": {"queue": "webhooks"},
+}
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+
+# --- Mail ------------------------------------------------------------------------------
+SMTP_HOST = config.string("SMTP_HOST", "127.0.0.1")
+SMTP_PORT = config.integer("SMTP_PORT", 2525, minimum=1, maximum=65535)
+_email = config.email("EMAIL_URL", "consolemail://")
+EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
+EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")
+EMAIL_PORT = int(_email.get("EMAIL_PORT") or 25)
+EMAIL_HOST_USER = str(_email.get("EMAIL_HOST_USER") or "")
+EMAIL_HOST_PASSWORD = str(_email.get("EMAIL_HOST_PASSWORD") or "")
+EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS"))
+EMAIL_USE_SSL = bool(_email.get("EMAIL_USE_SSL"))
+if "EMAIL_FILE_PATH" in _email:
+    EMAIL_FILE_PATH = str(_email["EMAIL_FILE_PATH"])
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", f"mailplatform <noreply@{_base_host}>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
+# Domain under which temporary inboxes and the demo tenant receive mail.
+TEMP_INBOX_DOMAIN = config.string("TEMP_INBOX_DOMAIN", "tmp.mailplatform.localhost").lower()
+DEMO_DOMAIN = config.string("DEMO_DOMAIN", "demo.mailplatform.localhost").lower()
+DEMO_USER_EMAIL = config.string("DEMO_USER_EMAIL", "demo@mailplatform.localhost").lower()
+# The hosts that custom domains point their MX records at.
+MX_HOSTS = config.csv("MX_HOSTS", [f"mx.{_base_host}"])
+
+WEBHOOK_ALLOW_PRIVATE = config.boolean("WEBHOOK_ALLOW_PRIVATE", False)
+
+# --- API -------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.api.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["tenants.api.permissions.KeyPermission"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PAGINATION_CLASS": "mailplatform.pagination.CreatedCursorPagination",
+    "DEFAULT_SCHEMA_CLASS": "mailplatform.schema.PermissionAutoSchema",
+    "EXCEPTION_HANDLER": "mailplatform.api.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+    "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_RATES": {"temp_inbox": "10/hour"},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "mailplatform API",
+    "DESCRIPTION": (
+        "Inbound mail as data. Authenticate with `Authorization: Bearer mp_...`. "
+        "Each operation names the key permission it needs; objects outside the key's "
+        "tenant or resource allow-list answer 404."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "ENUM_NAME_OVERRIDES": {},
+}
+API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most this often
+METRICS_TOKEN = config.string("METRICS_TOKEN", "")
+
+# --- Accounts (django-allauth) -------------------------------------------------------
+ACCOUNT_LOGIN_METHODS = {"email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*"]
+ACCOUNT_USER_MODEL_USERNAME_FIELD = None
+ACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_UNIQUE_EMAIL = True
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/inbox/"
+LOGIN_LINK_TTL = 600
+
+# --- Security --------------------------------------------------------------------------
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_HTTPONLY = True
+_https = BASE_URL.startswith("https://")
+SESSION_COOKIE_SECURE = _https
+CSRF_COOKIE_SECURE = _https
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if _https and not DEBUG:
+    SECURE_HSTS_SECONDS = 31536000
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Logging ---------------------------------------------------------------------------
+LOG_LEVEL = config.string("LOG_LEVEL", "INFO").upper()
+LOG_FORMAT = config.string("LOG_FORMAT", "text" if DEBUG else "json")
+if LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT: expected 'json' or 'text', got {LOG_FORMAT!r}")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"context": {"()": "audit.context.LogContextFilter"}},
+    "formatters": {
+        "json": {"()": "audit.context.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(trace_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "botocore": {"level": "WARNING"},
+        "urllib3": {"level": "WARNING"},
+    },
+}

