@@ -52,3 +52,64 @@ class Mailbox(models.Model):
 
     def __str__(self) -> str:
         return self.address
+
+
+class Message(models.Model):
+    """One received message in one mailbox.
+
+    The raw bytes live in blob storage under ``storage_key`` (content-addressed, shared by
+    every mailbox of the same tenant that received the same delivery). The envelope fields
+    are what the SMTP client said (RFC 5321 section 4.1.1), not what the headers claim.
+    ``trace_id`` is the SMTP queue id; with the mailbox it makes a re-drain of the same spool
+    entry idempotent.
+    """
+
+    class State(models.TextChoices):
+        STORED = "stored", "Stored"
+        PARSED = "parsed", "Parsed"
+        INDEXED = "indexed", "Indexed"
+        QUARANTINED = "quarantined", "Quarantined"
+        DELETED = "deleted", "Deleted"
+
+    class Source(models.TextChoices):
+        SMTP = "smtp", "SMTP"
+        LMTP = "lmtp", "LMTP"
+        API = "api", "API upload"
+        IMAP = "imap", "IMAP pull"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="messages")
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.STORED)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    state_reason = models.CharField(max_length=500, blank=True)
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.SMTP)
+    # Envelope (RFC 5321): reverse-path may be empty (the null sender "<>", section 4.5.5).
+    mail_from = models.CharField(max_length=320, blank=True)
+    rcpt = models.CharField(max_length=320, help_text="The recipient address as the client sent it")
+    tags = models.JSONField(default=list, blank=True, help_text="From plus-addressing: box+tag@domain")
+    remote_ip = models.GenericIPAddressField(null=True, blank=True)
+    helo = models.CharField(max_length=255, blank=True)
+    tls = models.BooleanField(default=False)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    storage_key = models.CharField(max_length=512)
+    trace_id = models.CharField(max_length=64, help_text="The SMTP queue id")
+    received_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "trace_id"], name="message_once_per_delivery"),
+        ]
+        indexes = [
+            models.Index(fields=["mailbox", "-received_at"], name="message_mailbox_recent"),
+            models.Index(fields=["mailbox", "-created_at"], name="message_mailbox_created"),
+            models.Index(fields=["tenant", "-created_at"], name="message_tenant_recent"),
+            models.Index(fields=["state", "state_changed_at"], name="message_state_age"),
+            models.Index(fields=["sha256"], name="message_sha256"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.trace_id} -> {self.rcpt}"
