@@ -1,0 +1,39 @@
+"""``python manage.py runsmtp [--host H] [--port P] [--lmtp]``: the SMTP/LMTP front door."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from ingest.server import ServerOptions, serve
+
+
+class Command(BaseCommand):
+    help = "Receive mail over SMTP (or LMTP with --lmtp) into the spool, and drain it into storage."
+    requires_system_checks: list[str] = []  # starts even while the database is down
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.SMTP_HOST)
+        parser.add_argument("--port", type=int, default=settings.SMTP_PORT)
+        parser.add_argument("--lmtp", action="store_true", help="Speak LMTP (RFC 2033) instead of SMTP")
+        parser.add_argument("--workers", type=int, default=settings.INGEST_WORKERS, help="Accept processes")
+        parser.add_argument(
+            "--no-drain", action="store_true", help="Only accept into the spool (drain with drain_spool)"
+        )
+        parser.add_argument(
+            "--metrics-port", type=int, default=settings.INGEST_METRICS_PORT, help="Prometheus port, 0 for none"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        serve(
+            ServerOptions(
+                host=options["host"],
+                port=options["port"],
+                lmtp=options["lmtp"],
+                workers=max(1, options["workers"]),
+                drain=settings.INGEST_DRAIN and not options["no_drain"],
+                metrics_port=options["metrics_port"],
+            )
+        )

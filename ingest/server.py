@@ -1,0 +1,299 @@
+"""The runsmtp process model: a supervisor, N accept processes, a drainer, a metrics port.
+
+- The supervisor forks INGEST_WORKERS accept processes. Each binds the port itself with
+  SO_REUSEPORT (the kernel spreads connections across them, so both cores take mail), runs
+  an asyncio loop (uvloop when installed) with its own recipient directory thread, and
+  writes the spool with group commit. No accept process touches the database on the hot
+  path: only the directory refresh reads it, every few seconds.
+- The supervisor itself drains the spool in background threads (blob storage and the
+  database are off the event loops entirely), restarts an accept process that dies, and
+  serves Prometheus metrics on INGEST_METRICS_PORT aggregated over every process
+  (prometheus_client multiprocess mode, files in a per-run directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from ingest.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    host: str
+    port: int
+    lmtp: bool = False
+    workers: int = 1
+    drain: bool = True
+    metrics_port: int = 0
+
+
+def multiprocess_metrics_enable() -> Path:
+    """Switch prometheus_client to multiprocess mode before ingest.metrics is imported."""
+    import sys
+
+    from prometheus_client import values
+
+    directory = Path(tempfile.mkdtemp(prefix="mp-runsmtp-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+    if "ingest.metrics" in sys.modules:  # created with the in-memory class: recreate them
+        import importlib
+
+        from prometheus_client import REGISTRY
+
+        module = sys.modules["ingest.metrics"]
+        for name in dir(module):
+            collector = getattr(module, name)
+            if hasattr(collector, "_name") and hasattr(collector, "collect"):
+                with contextlib.suppress(KeyError):
+                    REGISTRY.unregister(collector)
+        importlib.reload(module)
+    return directory
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def tls_context() -> ssl.SSLContext | None:
+    """STARTTLS (RFC 3207) when a certificate and key are configured."""
+    if not settings.SMTP_TLS_CERT_FILE:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.SMTP_TLS_CERT_FILE, settings.SMTP_TLS_KEY_FILE)
+    return context
+
+
+def _limits():  # type: ignore[no-untyped-def]
+    from ingest.smtp import Limits
+
+    return Limits(
+        max_message_size=settings.INGEST_MAX_MESSAGE_SIZE,
+        max_recipients=settings.INGEST_MAX_RECIPIENTS,
+        connections_per_ip=settings.INGEST_MAX_CONNECTIONS_PER_IP,
+        rate_per_ip=settings.INGEST_RATE_PER_IP,
+        rate_per_tenant=settings.INGEST_RATE_PER_TENANT,
+        command_timeout=float(settings.INGEST_COMMAND_TIMEOUT),
+        connection_deadline=float(settings.INGEST_CONNECTION_DEADLINE),
+        spool_low_water=settings.INGEST_SPOOL_LOW_WATER,
+    )
+
+
+async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.socket | None = None) -> None:
+    """One accept process: the asyncio server until ``stop`` is set."""
+    from ingest.directory import RecipientDirectory
+    from ingest.smtp import IngestHandler, IngestLMTP, IngestSMTP
+    from ingest.spool import SpoolWriter
+
+    loop = asyncio.get_running_loop()
+    directory = RecipientDirectory(refresh=float(settings.INGEST_DIRECTORY_REFRESH))
+    await loop.run_in_executor(None, directory.start)
+    writer = SpoolWriter(Spool(settings.SPOOL_DIR))
+    handler = IngestHandler(
+        directory=directory,
+        writer=writer,
+        limits=_limits(),
+        hostname=settings.SMTP_HOSTNAME,
+        source="lmtp" if options.lmtp else "smtp",
+    )
+    protocol = IngestLMTP if options.lmtp else IngestSMTP
+    context = tls_context()
+    proxy_timeout = 10.0 if settings.SMTP_PROXY_PROTOCOL else None
+    sock = sock or _listening_socket(options.host, options.port)
+    server = await loop.create_server(
+        lambda: protocol(handler, loop=loop, tls_context=context, proxy_protocol_timeout=proxy_timeout),
+        sock=sock,
+    )
+    logger.info("accepting %s on %s:%s (pid %s)", protocol.protocol_name, options.host, options.port, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
+        directory.stop()
+        writer.close()
+
+
+def _worker_main(options: ServerOptions) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # aiosmtpd logs every command at INFO: too costly on the hot path, and addresses are
+    # personal data. Our own lines carry the queue id.
+    if settings.LOG_LEVEL != "DEBUG":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await serve_async(options, stop)
+
+    asyncio.run(main())
+
+
+class Drainer(threading.Thread):
+    """Drains the spool continuously; backs off while blob storage or the database is down."""
+
+    def __init__(self, spool: Spool, *, threads: int = 1, idle: float = 0.2) -> None:
+        super().__init__(name="spool-drainer", daemon=True)
+        self.spool = spool
+        self.threads = threads
+        self.idle = idle
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ingest import metrics
+        from ingest.services import spool_entry_drain
+
+        backoff = self.idle
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="drain")
+
+        def one(queue_id: str) -> bool:
+            try:
+                close_old_connections()
+                spool_entry_drain(self.spool, queue_id)
+                return True
+            except Exception as exc:
+                metrics.DRAINED.labels("failed").inc()
+                logger.warning("drain of %s failed, will retry: %s", queue_id, type(exc).__name__)
+                for connection in connections.all(initialized_only=True):
+                    connection.close_if_unusable_or_obsolete()
+                return False
+
+        while not self.stopping.is_set():
+            try:
+                pending = self.spool.pending()
+                metrics.SPOOL_DEPTH.set(len(pending))
+                metrics.SPOOL_FREE_BYTES.set(self.spool.free_bytes())
+            except OSError as exc:
+                logger.error("cannot list the spool: %s", exc)
+                pending = []
+            if not pending:
+                self.stopping.wait(self.idle)
+                continue
+            batch = pending[: self.threads * 16]
+            results = list(pool.map(one, batch))
+            if all(results):
+                backoff = self.idle
+            elif not any(results):
+                backoff = min(backoff * 2, 10.0)
+                self.stopping.wait(backoff)
+        pool.shutdown(wait=True)
+
+
+def serve(options: ServerOptions) -> None:
+    """Run runsmtp until SIGTERM or SIGINT."""
+    spool = Spool(settings.SPOOL_DIR)
+    swept = spool.sweep_tmp()
+    if swept:
+        logger.info("removed %d unfinished spool files (never acknowledged)", swept)
+    metrics_dir = multiprocess_metrics_enable()
+    # Fail now, in the supervisor, if the address cannot be bound.
+    _listening_socket(options.host, options.port).close()
+    connections.close_all()
+
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _worker_main(options)
+            except BaseException:
+                logger.exception("accept process %d failed", index)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for index in range(options.workers):
+        spawn(index)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    drainer = None
+    if options.drain:
+        drainer = Drainer(spool, threads=settings.INGEST_DRAIN_THREADS)
+        drainer.start()
+    if options.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        start_http_server(options.metrics_port, addr=options.host, registry=registry)
+        logger.info("metrics on http://%s:%s/metrics", options.host, options.metrics_port)
+
+    try:
+        while not stopping.is_set():
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid and pid in children:
+                index = children.pop(pid)
+                logger.error("accept process %d (pid %d) exited with %s; restarting", index, pid, status)
+                time.sleep(0.5)
+                spawn(index)
+            stopping.wait(0.2)
+    finally:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                children.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if drainer is not None:
+            drainer.stopping.set()
+            drainer.join(timeout=30)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
