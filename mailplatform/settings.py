@@ -213,6 +213,27 @@ CELERY_TIMEZONE = "UTC"
 SMTP_HOST = config.string("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = config.integer("SMTP_PORT", 2525, minimum=1, maximum=65535)
 _email = config.email("EMAIL_URL", "consolemail://")
+# Ingest (ingest/): limits, timeouts, TLS, PROXY protocol, processes and metrics of runsmtp.
+# 0 disables a rate or connection limit. See docs/benchmarks.md for the process model.
+SMTP_HOSTNAME = config.string("SMTP_HOSTNAME", urlsplit(BASE_URL).hostname or "localhost")
+INGEST_MAX_MESSAGE_SIZE = config.integer("INGEST_MAX_MESSAGE_SIZE", 25 * 1024 * 1024, minimum=1024)
+INGEST_MAX_RECIPIENTS = config.integer("INGEST_MAX_RECIPIENTS", 100, minimum=1)
+INGEST_MAX_CONNECTIONS_PER_IP = config.integer("INGEST_MAX_CONNECTIONS_PER_IP", 50, minimum=0)
+INGEST_RATE_PER_IP = config.integer("INGEST_RATE_PER_IP", 600, minimum=0)  # messages a minute
+INGEST_RATE_PER_TENANT = config.integer("INGEST_RATE_PER_TENANT", 6000, minimum=0)  # messages a minute
+INGEST_COMMAND_TIMEOUT = config.integer("INGEST_COMMAND_TIMEOUT", 300, minimum=1)  # RFC 5321 4.5.3.2
+INGEST_CONNECTION_DEADLINE = config.integer("INGEST_CONNECTION_DEADLINE", 1800, minimum=1)
+INGEST_SPOOL_LOW_WATER = config.integer("INGEST_SPOOL_LOW_WATER", 256 * 1024 * 1024, minimum=0)  # bytes free
+INGEST_DIRECTORY_REFRESH = config.integer("INGEST_DIRECTORY_REFRESH", 2, minimum=1, maximum=60)  # seconds
+INGEST_WORKERS = config.integer("INGEST_WORKERS", min(os.cpu_count() or 1, 4), minimum=1, maximum=64)
+INGEST_DRAIN = config.boolean("INGEST_DRAIN", True)
+INGEST_DRAIN_THREADS = config.integer("INGEST_DRAIN_THREADS", 4, minimum=1, maximum=64)
+INGEST_METRICS_PORT = config.integer("INGEST_METRICS_PORT", 9125, minimum=0, maximum=65535)
+SMTP_TLS_CERT_FILE = config.string("SMTP_TLS_CERT_FILE", "")
+SMTP_TLS_KEY_FILE = config.string("SMTP_TLS_KEY_FILE", "")
+if bool(SMTP_TLS_CERT_FILE) != bool(SMTP_TLS_KEY_FILE):
+    raise ImproperlyConfigured("SMTP_TLS_CERT_FILE and SMTP_TLS_KEY_FILE: set both or neither")
+SMTP_PROXY_PROTOCOL = config.boolean("SMTP_PROXY_PROTOCOL", False)
 EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
 EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")
 EMAIL_PORT = int(_email.get("EMAIL_PORT") or 25)
