@@ -137,3 +137,20 @@ def world(db: Any) -> World:
     built.owner_key = built.key(name="owner key")
     built.outsider_key = built.key(tenant=outsider_tenant, name="outsider key")
     return built
+
+
+@pytest.fixture
+def cast(world: Any) -> Any:
+    """The world plus a key to be a victim and events pinned to each mailbox (for route walks)."""
+    from audit.services import event_record
+    from tenants.models import ApiKey
+
+    world.key(["messages:read"], name="victim")
+    world.victim_key_id = ApiKey.objects.get(tenant=world.tenant, name="victim").pk
+    world.mailbox_event_id = event_record(
+        tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.mailbox.pk, domain_id=world.domain.pk
+    ).public_id
+    world.sibling_event_id = event_record(
+        tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.sibling.pk, domain_id=world.domain.pk
+    ).public_id
+    return world

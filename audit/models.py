@@ -32,6 +32,11 @@ def event_public_id() -> str:
     return f"evt_{ulid()}"
 
 
+EVENT_ID_PATTERN = r"evt_[0-9A-HJKMNP-TV-Z]{26}"
+# An event type or a prefix filter: "message.quarantined", "message.*".
+EVENT_TYPE_PATTERN = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?"
+
+
 class CurrentTransactionId(Func):
     """The writing transaction's id on PostgreSQL, NULL elsewhere (used as a column default).
 

@@ -167,6 +167,7 @@ STORAGES = {
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 WHITENOISE_USE_FINDERS = True
 
@@ -212,7 +213,6 @@ CELERY_TIMEZONE = "UTC"
 # --- Mail ------------------------------------------------------------------------------
 SMTP_HOST = config.string("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = config.integer("SMTP_PORT", 2525, minimum=1, maximum=65535)
-_email = config.email("EMAIL_URL", "consolemail://")
 # Ingest (ingest/): limits, timeouts, TLS, PROXY protocol, processes and metrics of runsmtp.
 # 0 disables a rate or connection limit. See docs/benchmarks.md for the process model.
 SMTP_HOSTNAME = config.string("SMTP_HOSTNAME", urlsplit(BASE_URL).hostname or "localhost")
@@ -234,6 +234,7 @@ SMTP_TLS_KEY_FILE = config.string("SMTP_TLS_KEY_FILE", "")
 if bool(SMTP_TLS_CERT_FILE) != bool(SMTP_TLS_KEY_FILE):
     raise ImproperlyConfigured("SMTP_TLS_CERT_FILE and SMTP_TLS_KEY_FILE: set both or neither")
 SMTP_PROXY_PROTOCOL = config.boolean("SMTP_PROXY_PROTOCOL", False)
+_email = config.email("EMAIL_URL", "consolemail://")
 EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
 EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")
 EMAIL_PORT = int(_email.get("EMAIL_PORT") or 25)
@@ -255,6 +256,21 @@ DEMO_USER_EMAIL = config.string("DEMO_USER_EMAIL", "demo@mailplatform.localhost"
 MX_HOSTS = config.csv("MX_HOSTS", [f"mx.{_base_host}"])
 
 WEBHOOK_ALLOW_PRIVATE = config.boolean("WEBHOOK_ALLOW_PRIVATE", False)
+# Webhooks (webhooks/): plain http only where allowed (defaults to WEBHOOK_ALLOW_PRIVATE),
+# extra destination ports besides 80/443, per-request timeout, rotation overlap, retry and
+# disabling policy, claim lease, replay pacing.
+WEBHOOK_ALLOW_HTTP = config.boolean("WEBHOOK_ALLOW_HTTP", WEBHOOK_ALLOW_PRIVATE)
+try:
+    WEBHOOK_EXTRA_PORTS = [int(port) for port in config.csv("WEBHOOK_EXTRA_PORTS", [])]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"WEBHOOK_EXTRA_PORTS: expected port numbers: {exc}") from exc
+WEBHOOK_CA_FILE = config.string("WEBHOOK_CA_FILE", "")
+WEBHOOK_TIMEOUT = config.integer("WEBHOOK_TIMEOUT", 15, minimum=1, maximum=60)
+WEBHOOK_SECRET_OVERLAP = config.integer("WEBHOOK_SECRET_OVERLAP", 24 * 3600, minimum=0)
+WEBHOOK_DISABLE_AFTER = config.integer("WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600, minimum=60)
+WEBHOOK_LEASE = config.integer("WEBHOOK_LEASE", 60, minimum=5)
+WEBHOOK_REPLAY_RATE = config.integer("WEBHOOK_REPLAY_RATE", 50, minimum=1)
+WEBHOOK_REPLAY_MAX = config.integer("WEBHOOK_REPLAY_MAX", 10000, minimum=1)
 
 # --- API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -268,6 +284,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_RATES": {"temp_inbox": "10/hour"},
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "mailplatform API",

@@ -1,8 +1,9 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from audit.api import views
+from audit.models import EVENT_ID_PATTERN
 
 urlpatterns = [
     path("events/", views.EventListView.as_view(), name="event-list"),
-    path("events/<str:event_id>/", views.EventDetailView.as_view(), name="event-detail"),
+    re_path(rf"^events/(?P<event_id>{EVENT_ID_PATTERN})/$", views.EventDetailView.as_view(), name="event-detail"),
 ]

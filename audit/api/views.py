@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from uuid import UUID
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -14,10 +16,12 @@ from rest_framework.views import APIView
 
 from audit import selectors
 from audit.api.serializers import EventPageSerializer, EventSerializer
-from audit.models import Event
+from audit.models import EVENT_ID_PATTERN, EVENT_TYPE_PATTERN, Event
 
 EVENTS_READ = "events:read"  # tenants.access.Permission.EVENTS_READ; audit cannot import it
 _DEFAULT_LIMIT, _MAX_LIMIT = 100, 500
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+_EVENT_TYPE = re.compile(EVENT_TYPE_PATTERN)
 
 
 class EventListView(APIView):
@@ -27,10 +31,13 @@ class EventListView(APIView):
     required_permissions = {"get": EVENTS_READ}
 
     @extend_schema(
+        operation_id="events_list",
         parameters=[
             OpenApiParameter("after", OpenApiTypes.STR, description="Start after this event id (evt_...)"),
             OpenApiParameter("cursor", OpenApiTypes.STR, description="Opaque cursor from a previous page"),
             OpenApiParameter("type", OpenApiTypes.STR, description="Comma-separated types or prefixes (message.*)"),
+            OpenApiParameter("mailbox", OpenApiTypes.UUID, description="Only events about this mailbox"),
+            OpenApiParameter("message", OpenApiTypes.UUID, description="Only events about this message"),
             OpenApiParameter("limit", OpenApiTypes.INT, description=f"Page size, at most {_MAX_LIMIT}"),
         ],
         responses=EventPageSerializer,
@@ -39,7 +46,17 @@ class EventListView(APIView):
         principal: Any = request.user
         params = request.query_params
         types = [name.strip() for name in params.get("type", "").split(",") if name.strip()]
-        queryset = selectors.event_list(principal, types=types)
+        if not all(_EVENT_TYPE.fullmatch(name) for name in types):
+            raise exceptions.ValidationError({"type": ["Give event types or prefixes like message.*, comma-separated."]})
+        if params.get("after") and not _EVENT_ID.fullmatch(params["after"]):
+            raise exceptions.ValidationError({"after": ["Give an event id (evt_...)."]})
+        pointers: dict[str, UUID | None] = {}
+        for name in ("mailbox", "message"):
+            try:
+                pointers[f"{name}_id"] = UUID(params[name]) if params.get(name) else None
+            except ValueError:
+                raise exceptions.ValidationError({name: [f"Must be a {name} id."]}) from None
+        queryset = selectors.event_list(principal, types=types, **pointers)
         try:
             limit = min(max(int(params.get("limit", _DEFAULT_LIMIT)), 1), _MAX_LIMIT)
         except ValueError:
@@ -80,4 +97,4 @@ class EventDetailView(APIView):
             event = selectors.event_get(request.user, event_id)  # type: ignore[arg-type]
         except Event.DoesNotExist:
             raise exceptions.NotFound() from None
-        return Response(event.as_json())
+        return Response(selectors.event_detail(request.user, event))  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ def required_permission(view: Any, method: str) -> Any:
     if mapping is None:
         raise ImproperlyConfigured(f"{type(view).__name__} must declare required_permissions")
     action = getattr(view, "action", None)
-    if action is None and hasattr(view, "action_map"):
+    if action is None and getattr(view, "action_map", None):
         action = view.action_map.get(method.lower())
     key = action or method.lower()
     return mapping.get(key, _UNDECLARED)

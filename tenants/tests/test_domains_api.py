@@ -1,0 +1,82 @@
+import pytest
+
+from audit.models import AuditEntry
+from mailboxes.tests.factories import MailboxFactory
+from tenants.models import Domain
+
+
+def test_it_adds_a_domain_normalized_and_pending(world):
+    response = world.client(world.owner_key).post(
+        "/api/v1/domains/", {"name": "  Mail.Bücher.Example. ", "recipient_policy": "drop"}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["name"] == "mail.xn--bcher-kva.example"
+    assert body["state"] == "pending" and body["recipient_policy"] == "drop"
+    txt = body["dns_records"][0]
+    assert txt["type"] == "TXT" and txt["value"].startswith("mailplatform-verification=")
+    assert AuditEntry.objects.filter(action="domain.create", resource_id=body["id"]).count() == 1
+
+
+@pytest.mark.parametrize("name", ["", "localhost", "-bad.example", "a..b", "x" * 64 + ".example", "10.0.0.1", "a b.c"])
+def test_it_refuses_names_that_are_not_domains(world, name):
+    response = world.client(world.owner_key).post("/api/v1/domains/", {"name": name}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "validation_error"
+
+
+def test_it_refuses_a_domain_another_tenant_owns(world):
+    response = world.client(world.owner_key).post("/api/v1/domains/", {"name": "OUTSIDER.example.test"}, format="json")
+    assert response.status_code == 400
+    assert Domain.objects.get(name="outsider.example.test").tenant == world.outsider_tenant
+
+
+def test_it_changes_the_recipient_policy(world):
+    client = world.client(world.owner_key)
+    response = client.patch(f"/api/v1/domains/{world.domain.pk}/", {"recipient_policy": "catch_all"}, format="json")
+    assert response.status_code == 200
+    world.domain.refresh_from_db()
+    assert world.domain.recipient_policy == "catch_all"
+
+
+def test_it_keeps_a_domain_that_still_has_mailboxes(world):
+    response = world.client(world.owner_key).delete(f"/api/v1/domains/{world.domain.pk}/")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "domain_not_empty"
+    assert Domain.objects.filter(pk=world.domain.pk).exists()
+
+
+def test_it_deletes_an_empty_domain(world):
+    client = world.client(world.owner_key)
+    created = client.post("/api/v1/domains/", {"name": "empty.example.test"}, format="json").json()
+    assert client.delete(f"/api/v1/domains/{created['id']}/").status_code == 204
+    assert not Domain.objects.filter(pk=created["id"]).exists()
+
+
+def test_it_lets_a_domain_scoped_key_see_only_its_domain(world):
+    other = Domain.objects.create(tenant=world.tenant, name="other.example.test")
+    MailboxFactory(domain=other, local_part="elsewhere")
+    secret = world.key(["mailboxes:manage", "domains:manage"], domains=[world.domain])
+    client = world.client(secret)
+    assert [row["name"] for row in client.get("/api/v1/domains/").json()["results"]] == ["acme.example.test"]
+    assert client.get(f"/api/v1/domains/{other.pk}/").status_code == 404
+    assert client.post("/api/v1/domains/", {"name": "new.example.test"}, format="json").status_code == 403
+    addresses = {row["address"] for row in client.get("/api/v1/mailboxes/").json()["results"]}
+    assert addresses == {"inbox@acme.example.test", "sibling@acme.example.test"}
+
+
+def test_it_shows_a_mailbox_scoped_key_its_domain_but_never_lets_it_change_it(world):
+    secret = world.key(["domains:manage", "messages:read"], mailboxes=[world.mailbox])
+    client = world.client(secret)
+    assert client.get(f"/api/v1/domains/{world.domain.pk}/").status_code == 200
+    response = client.patch(f"/api/v1/domains/{world.domain.pk}/", {"recipient_policy": "drop"}, format="json")
+    assert response.status_code == 404
+
+
+def test_it_reads_and_renames_the_tenant(world):
+    client = world.client(world.owner_key)
+    assert client.get("/api/v1/tenant/").json()["name"] == "Acme"
+    response = client.patch("/api/v1/tenant/", {"name": "Acme Mail"}, format="json")
+    assert response.status_code == 200 and response.json()["name"] == "Acme Mail"
+    entry = AuditEntry.objects.get(action="tenant.update")
+    assert entry.before == {"name": "Acme"} and entry.after == {"name": "Acme Mail"}
