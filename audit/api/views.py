@@ -47,7 +47,7 @@ class EventListView(APIView):
         params = request.query_params
         types = [name.strip() for name in params.get("type", "").split(",") if name.strip()]
         if not all(_EVENT_TYPE.fullmatch(name) for name in types):
-            raise exceptions.ValidationError({"type": ["Give event types or prefixes like message.*, comma-separated."]})
+            raise exceptions.ValidationError({"type": ["Give event types or prefixes (message.*), comma-separated."]})
         if params.get("after") and not _EVENT_ID.fullmatch(params["after"]):
             raise exceptions.ValidationError({"after": ["Give an event id (evt_...)."]})
         pointers: dict[str, UUID | None] = {}
