@@ -7,7 +7,9 @@ by importing tenants.access.
 from __future__ import annotations
 
 import base64
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+from uuid import UUID
 
 from django.db.models import Model, Q, QuerySet
 
@@ -31,13 +33,24 @@ class InvalidCursor(ValueError):
     pass
 
 
-def event_list(principal: Scoped, *, types: list[str] | None = None) -> EventQuerySet:
+def event_list(
+    principal: Scoped,
+    *,
+    types: list[str] | None = None,
+    mailbox_id: UUID | None = None,
+    message_id: UUID | None = None,
+) -> EventQuerySet:
     """The committed events the principal may see, in log order.
 
-    ``types`` holds exact types or prefixes ending in ``.*`` (``message.*``).
+    ``types`` holds exact types or prefixes ending in ``.*`` (``message.*``); ``mailbox_id``
+    and ``message_id`` keep only the events pointing at that mailbox or message.
     """
     queryset = principal.scope(Event.objects.all(), domain_field="domain_id", mailbox_field="mailbox_id")
     assert isinstance(queryset, EventQuerySet)
+    if mailbox_id is not None:
+        queryset = queryset.filter(mailbox_id=mailbox_id)
+    if message_id is not None:
+        queryset = queryset.filter(message_id=message_id)
     if types:
         wanted = Q(pk__in=[])
         for name in types:
@@ -72,3 +85,23 @@ def events_after_cursor(queryset: EventQuerySet, cursor: str) -> EventQuerySet:
 def events_after_event(queryset: EventQuerySet, principal: Scoped, public_id: str) -> EventQuerySet:
     event = event_get(principal, public_id)
     return queryset.after_position(event.txid, event.seq)
+
+
+# Apps above audit (webhooks) add to an event's detail without audit importing them.
+EventDetailExtra = Callable[[Any, Event], dict[str, Any]]
+_detail_extras: list[EventDetailExtra] = []
+
+
+def event_detail_extra_register(extra: EventDetailExtra) -> None:
+    """Add ``extra(principal, event)``'s keys to ``GET /api/v1/events/{id}/`` (e.g. deliveries)."""
+    if extra not in _detail_extras:
+        _detail_extras.append(extra)
+
+
+def event_detail(principal: Scoped, event: Event) -> dict[str, Any]:
+    """The event's contract JSON plus what registered extras add (never replacing a key)."""
+    body = event.as_json()
+    for extra in _detail_extras:
+        for key, value in extra(principal, event).items():
+            body.setdefault(key, value)
+    return body

@@ -15,4 +15,7 @@ app.conf.task_queues = [Queue(name) for name in ("ingest", "parse", "index", "we
 app.autodiscover_tasks()
 
 # Periodic tasks are registered here and only here; django-celery-beat stores them.
-app.conf.beat_schedule = {}
+app.conf.beat_schedule = {
+    # Due webhook deliveries: retries, lost broker messages, expired claims of dead workers.
+    "webhooks-dispatch": {"task": "webhooks.tasks.deliveries_dispatch", "schedule": 2.0},
+}

@@ -18,6 +18,7 @@ api_v1 = [
     path("", include("tenants.api.urls")),
     path("", include("mailboxes.api.urls")),
     path("", include("audit.api.urls")),
+    path("", include("webhooks.api.urls")),
 ]
 
 urlpatterns = [

@@ -1,0 +1,272 @@
+"""Sending deliveries: claim, sign, POST through the SSRF-safe transport, record the outcome.
+
+A delivery is claimed by a conditional update (PENDING and due -> SENDING with a claim token
+and a lease); the beat dispatcher claims due ones in batches with ``SELECT ... FOR UPDATE
+SKIP LOCKED`` on PostgreSQL. A worker that dies mid-request leaves the delivery SENDING
+until its lease expires; the dispatcher then claims it again. The attempt counter grows at
+claim time, so even a delivery that kills its worker every time ends up dead.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Q
+
+from audit.services import event_record
+from webhooks import clock, metrics, services, transport
+from webhooks.models import Attempt, Delivery, Endpoint
+
+logger = logging.getLogger(__name__)
+
+# Waits after the 1st, 2nd, ... failed attempt (the first attempt is immediate).
+RETRY_SCHEDULE: tuple[int, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+MAX_ATTEMPTS = len(RETRY_SCHEDULE) + 1
+JITTER = 0.1
+RETRY_AFTER_MAX = 24 * 3600
+USER_AGENT = "mailplatform-webhooks/1.0"
+
+
+def retry_delay(failed_attempts: int) -> float | None:
+    """Seconds to wait after ``failed_attempts`` failures (with +-10% jitter), None when dead."""
+    if failed_attempts < 1 or failed_attempts > len(RETRY_SCHEDULE):
+        return None
+    return RETRY_SCHEDULE[failed_attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """A ``Retry-After`` value (RFC 9110 section 10.2.3: seconds or an HTTP-date), clamped."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(int(value))
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    return min(max(seconds, 1.0), RETRY_AFTER_MAX)
+
+
+def _due(now: datetime) -> Q:
+    return Q(state=Delivery.State.PENDING, next_attempt_at__lte=now) | Q(
+        state=Delivery.State.SENDING, lease_until__lt=now
+    )
+
+
+def _claim_values(token: str, now: datetime) -> dict[str, object]:
+    return {
+        "state": Delivery.State.SENDING,
+        "claim": token,
+        "lease_until": now + timedelta(seconds=settings.WEBHOOK_LEASE),
+        "attempts": F("attempts") + 1,
+        "updated_at": now,
+    }
+
+
+def delivery_claim(delivery_id: UUID | str) -> str | None:
+    """Claim one due delivery of an enabled endpoint; the claim token, or None if not ours."""
+    now = clock.now()
+    token = secrets.token_hex(8)
+    claimed = Delivery.objects.filter(_due(now), pk=delivery_id, endpoint__enabled=True).update(
+        **_claim_values(token, now)
+    )
+    return token if claimed else None
+
+
+def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
+    """Claim up to ``limit`` due deliveries, oldest due first: ``[(delivery id, claim)]``.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so concurrent dispatchers take disjoint rows.
+    SQLite (one writer at a time): a conditional update per candidate.
+    """
+    now = clock.now()
+    token = secrets.token_hex(8)
+    candidates = Delivery.objects.filter(_due(now), endpoint__enabled=True).order_by("next_attempt_at")
+    if connection.vendor == "postgresql":
+        with transaction.atomic():
+            ids = list(
+                candidates.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)[:limit]
+            )
+            if ids:
+                Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
+        return [(str(pk), token) for pk in ids]
+    claimed = []
+    for pk in candidates.values_list("pk", flat=True)[:limit]:
+        if Delivery.objects.filter(_due(now), pk=pk).update(**_claim_values(token, now)):
+            claimed.append((str(pk), token))
+    return claimed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    succeeded: bool
+    status: int | None
+    error: str
+    body: str
+    retry_after: str | None
+    duration_ms: int
+
+
+def event_body(delivery: Delivery) -> bytes:
+    """The webhook body: the event's contract JSON, byte-identical on every attempt."""
+    return json.dumps(delivery.event.as_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def request_headers(delivery: Delivery, body: bytes, timestamp: int) -> dict[str, str]:
+    """Standard Webhooks headers; one signature per active secret."""
+    from webhooks.signing import signature_header
+
+    message_id = delivery.event.public_id
+    active = services.endpoint_active_secrets(delivery.endpoint)
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(active, message_id, timestamp, body),
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+
+
+def _attempt(delivery: Delivery) -> Outcome:
+    body = event_body(delivery)
+    headers = request_headers(delivery, body, int(time.time()))
+    started = time.monotonic()
+    try:
+        # Resolved and checked again on every attempt: DNS may have changed since creation.
+        target = transport.url_resolve(delivery.endpoint.url)
+        response = transport.post(target, body, headers, timeout=settings.WEBHOOK_TIMEOUT)
+    except transport.UrlRefused as exc:
+        metrics.REFUSED.inc()
+        return Outcome(False, None, f"refused: {exc}"[:500], "", None, 0)
+    except transport.TransportError as exc:
+        duration = time.monotonic() - started
+        metrics.ATTEMPT_SECONDS.observe(duration)
+        return Outcome(False, None, str(exc)[:500], "", None, int(duration * 1000))
+    duration = time.monotonic() - started
+    metrics.ATTEMPT_SECONDS.observe(duration)
+    status = response.status
+    error = ""
+    if 300 <= status < 400:
+        error = f"redirect ({status}) not followed"
+    elif not 200 <= status < 300:
+        error = f"HTTP {status}"
+    return Outcome(
+        succeeded=200 <= status < 300,
+        status=status,
+        error=error,
+        body=response.body.decode("utf-8", "replace")[:1024],
+        retry_after=response.headers.get("retry-after") if status in (429, 503) else None,
+        duration_ms=int(duration * 1000),
+    )
+
+
+def delivery_send(delivery_id: UUID | str, claim: str | None = None) -> Delivery | None:
+    """Make one attempt of a delivery (claiming it first unless ``claim`` is given).
+
+    Returns the delivery after recording the outcome, or None when it was not ours to send
+    (already delivered, not due, claimed by someone else, endpoint disabled).
+    """
+    if claim is None:
+        claim = delivery_claim(delivery_id)
+        if claim is None:
+            return None
+    delivery = Delivery.objects.select_related("endpoint", "event").filter(pk=delivery_id, claim=claim).first()
+    if delivery is None or delivery.state != Delivery.State.SENDING:
+        return None
+    if delivery.attempts > MAX_ATTEMPTS:
+        # Claimed again after its workers died mid-request too often.
+        outcome = Outcome(False, None, "abandoned: the worker was lost during every attempt", "", None, 0)
+    else:
+        outcome = _attempt(delivery)
+    _record(delivery, claim, outcome)
+    return delivery
+
+
+def _record(delivery: Delivery, claim: str, outcome: Outcome) -> None:
+    now = clock.now()
+    endpoint = delivery.endpoint
+    about_webhooks = delivery.event.type.startswith(services.WEBHOOK_EVENT_PREFIX)
+    with transaction.atomic():
+        Attempt.objects.create(
+            delivery=delivery,
+            number=delivery.attempts,
+            started_at=now,
+            duration_ms=outcome.duration_ms,
+            status_code=outcome.status,
+            response_body=outcome.body,
+            error=outcome.error,
+            succeeded=outcome.succeeded,
+        )
+        mine = Delivery.objects.filter(pk=delivery.pk, claim=claim, state=Delivery.State.SENDING)
+        common = {"claim": "", "lease_until": None, "last_status": outcome.status, "updated_at": now}
+        if outcome.succeeded:
+            mine.update(state=Delivery.State.DELIVERED, delivered_at=now, last_error="", **common)
+            delivery.state = Delivery.State.DELIVERED
+            if endpoint.failing_since is not None:
+                Endpoint.objects.filter(pk=endpoint.pk).update(failing_since=None)
+            if not about_webhooks:
+                _event(delivery, "webhook.delivered", status=outcome.status, attempts=delivery.attempts)
+            metrics.DELIVERIES.labels(outcome="delivered").inc()
+            return
+        # A failure: gone, retry later, or dead.
+        Endpoint.objects.filter(pk=endpoint.pk, failing_since__isnull=True).update(failing_since=now)
+        failing_since = endpoint.failing_since or now
+        gone = outcome.status == 410
+        delay = None if gone else retry_delay(delivery.attempts)
+        honoured = retry_after_seconds(outcome.retry_after, now)
+        if delay is not None and honoured is not None:
+            delay = honoured
+        if delay is not None:
+            mine.update(
+                state=Delivery.State.PENDING,
+                next_attempt_at=now + timedelta(seconds=delay),
+                last_error=outcome.error,
+                **common,
+            )
+            delivery.state = Delivery.State.PENDING
+            metrics.DELIVERIES.labels(outcome="retrying").inc()
+        else:
+            reason = "the endpoint answered 410 Gone" if gone else f"gave up after {delivery.attempts} attempts"
+            if mine.update(state=Delivery.State.DEAD, last_error=(outcome.error or reason)[:500], **common):
+                delivery.state = Delivery.State.DEAD
+                metrics.DELIVERIES.labels(outcome="dead").inc()
+                if not about_webhooks:
+                    _event(delivery, "webhook.failed", status=outcome.status, attempts=delivery.attempts, reason=reason)
+        if gone:
+            services.endpoint_disable(endpoint=endpoint, reason="The endpoint answered 410 Gone.")
+        elif (now - failing_since).total_seconds() >= settings.WEBHOOK_DISABLE_AFTER:
+            days = settings.WEBHOOK_DISABLE_AFTER / 86400
+            services.endpoint_disable(
+                endpoint=endpoint, reason=f"Every delivery failed for {days:g} days; last error: {outcome.error}."
+            )
+
+
+def _event(delivery: Delivery, type: str, **data: object) -> None:
+    event = delivery.event
+    event_record(
+        tenant_id=delivery.tenant_id,
+        type=type,
+        trace_id=event.trace_id,
+        data={
+            "endpoint": str(delivery.endpoint_id),
+            "delivery": str(delivery.pk),
+            "event": event.public_id,
+            "event_type": event.type,
+            **data,
+        },
+    )
