@@ -77,6 +77,9 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
 
 
 def _is_public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address in _NAT64:
+        # ::/8 is "reserved", but a DNS64 answer for a public IPv4 host is a public address.
+        return all(_is_public(inner) for inner in _embedded_ipv4(address))
     if (
         not address.is_global
         or address.is_private

@@ -73,7 +73,7 @@ class Receiver:
                 except OSError:
                     pass  # the client gave up (timeout tests)
 
-            do_POST = do_GET = _handle  # noqa: N815
+            do_POST = do_GET = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

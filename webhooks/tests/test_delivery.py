@@ -21,7 +21,7 @@ def _dispatch() -> list:
 
 
 def test_it_delivers_the_event_json_signed_per_standard_webhooks(world, receiver, frozen_clock):
-    endpoint, secret = make_endpoint(world, receiver.url())
+    _endpoint, secret = make_endpoint(world, receiver.url())
     event = record(world, "ingest.received", queue_id="Q1")
     (delivery,) = Delivery.objects.filter(event=event)
     assert sending.delivery_send(delivery.pk).state == Delivery.State.DELIVERED
@@ -68,7 +68,11 @@ def test_it_retries_500_500_200_with_the_same_id_respecting_the_backoff(world, r
     for request in requests:
         verify(secret, request)
     attempts = list(Attempt.objects.filter(delivery=delivery).order_by("number"))
-    assert [(a.number, a.status_code, a.succeeded) for a in attempts] == [(1, 500, False), (2, 500, False), (3, 200, True)]
+    assert [(a.number, a.status_code, a.succeeded) for a in attempts] == [
+        (1, 500, False),
+        (2, 500, False),
+        (3, 200, True),
+    ]
     assert attempts[0].response_body == "boom"
     endpoint.refresh_from_db()
     assert endpoint.failing_since is None
@@ -233,9 +237,14 @@ def test_it_creates_deliveries_atomically_with_the_event(world, receiver):
     from django.db import transaction
 
     make_endpoint(world, receiver.url())
-    with pytest.raises(RuntimeError), transaction.atomic():
-        record(world)
-        assert Delivery.objects.count() == 1
-        raise RuntimeError("roll back")
+
+    def record_then_fail() -> None:
+        with transaction.atomic():
+            record(world)
+            assert Delivery.objects.count() == 1
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        record_then_fail()
     assert Delivery.objects.count() == 0
     assert Event.objects.filter(type="ingest.received").count() == 0
