@@ -166,11 +166,10 @@ class RecipientDirectory:
     def reload(self) -> bool:
         """One refresh from the database; False (and the old snapshot kept) if it is down."""
         try:
-            close_old_connections()
             previous = self._snapshot.fingerprint if self._snapshot else None
             snapshot = snapshot_load(previous)
         except Exception as exc:  # the database being down is expected here; keep serving
-            logger.warning("recipient directory refresh failed: %s", type(exc).__name__)
+            logger.warning("recipient directory refresh failed: %s: %s", type(exc).__name__, exc)
             with contextlib.suppress(Exception):  # a broken connection may refuse to close
                 connection.close()
             return False
@@ -189,6 +188,7 @@ class RecipientDirectory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh):
+            close_old_connections()  # this thread's own connection; drop it if it broke
             self.reload()
 
     @property
