@@ -176,3 +176,142 @@ def env_with(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(overrides)
     return env
+
+
+# --- Child processes (Celery workers, servers) for end-to-end tests ----------------------
+class ChildProcess:
+    """A subprocess whose combined output is collected by a thread, for waiting on a line."""
+
+    def __init__(self, arguments: list[str], *, env: dict[str, str], cwd: Path | str | None = None) -> None:
+        import threading
+
+        self.arguments = arguments
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            arguments,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, needle: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in list(self.lines)):
+                return
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the reader drain the last lines
+                raise RuntimeError(f"{self.arguments[:4]} exited {self.process.returncode}:\n{self.output[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"no line containing {needle!r} after {timeout}s:\n{self.output[-3000:]}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        self._reader.join(timeout=2)
+
+
+def start_celery_worker(*, queue: str, env: dict[str, str], cwd: Path | str | None = None) -> ChildProcess:
+    """A real ``celery -A mailplatform worker`` consuming ``queue`` only, once it is ready."""
+    worker = ChildProcess(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "mailplatform",
+            "worker",
+            "--pool=prefork",
+            "--concurrency=1",
+            "--loglevel=INFO",
+            f"--queues={queue}",
+            f"--hostname={queue}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        env=env,
+        cwd=cwd or Path(__file__).resolve().parent.parent,
+    )
+    try:
+        worker.wait_for_line(" ready.", timeout=120)
+    except BaseException:
+        worker.stop()
+        raise
+    return worker
+
+
+class Zone:
+    """A small authoritative DNS server on loopback (UDP and TCP) whose records tests change.
+
+    ``records`` maps (name, type) to a list of values: TXT strings, or (priority, host) for MX.
+    Names not in it answer NXDOMAIN, like a real zone.
+    """
+
+    def __init__(self) -> None:
+        from dnslib.server import DNSServer
+
+        self.records: dict[tuple[str, str], list[object]] = {}
+        self.port = free_port()
+        self.servers = [
+            DNSServer(self, port=self.port, address="127.0.0.1", tcp=tcp, logger=_QuietDnsLogger())
+            for tcp in (False, True)
+        ]
+        for server in self.servers:
+            server.start_thread()
+
+    def set(self, name: str, rtype: str, values: list[object]) -> None:
+        self.records[(name.lower().rstrip("."), rtype)] = list(values)
+
+    def clear(self, name: str, rtype: str) -> None:
+        self.records.pop((name.lower().rstrip("."), rtype), None)
+
+    def resolve(self, request, handler):  # type: ignore[no-untyped-def]
+        from dnslib import MX, QTYPE, RCODE, RR, TXT
+
+        reply = request.reply()
+        name = str(request.q.qname).lower().rstrip(".")
+        rtype = QTYPE[request.q.qtype]
+        if not any(key[0] == name for key in self.records):
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for value in self.records.get((name, rtype), []):
+            if rtype == "TXT":
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(str(value)), ttl=1))
+            elif rtype == "MX":
+                priority, host = value  # type: ignore[misc]
+                reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX(host, priority), ttl=1))
+        return reply
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+class _QuietDnsLogger:
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: None

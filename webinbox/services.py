@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -83,3 +84,14 @@ def demo_bootstrap() -> dict[str, str]:
         "login_url": login_link_create(user=user),
         "user": user.email,
     }
+
+
+def login_tokens_purge(*, grace: timedelta = timedelta(days=1)) -> int:
+    """Delete sign-in links that expired or were used more than ``grace`` ago; return how many.
+
+    Only hashes are stored, so this is housekeeping, not security: a used or expired link is
+    already refused. Idempotent, so running it twice (or on two workers) is harmless.
+    """
+    cutoff = timezone.now() - grace
+    deleted, _ = LoginToken.objects.filter(Q(expires_at__lt=cutoff) | Q(used_at__lt=cutoff)).delete()
+    return deleted

@@ -1,0 +1,123 @@
+"""A real Celery worker runs the maintenance task over real Redis and RabbitMQ brokers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from mailplatform.celery import app
+from mailplatform.testing import ChildProcess, env_with, start_celery_worker
+from tenants.models import User
+from webinbox.models import LoginToken
+from webinbox.services import login_link_create, login_tokens_purge
+from webinbox.tasks import login_tokens_purge as login_tokens_purge_task
+
+# A Redis database of its own, so the round trip never meets another test's messages.
+REDIS_URL = "redis://127.0.0.1:6379/13"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _test_database_url() -> str:
+    """The URL of the database this test runs on (pytest-django's test_ copy)."""
+    config = connection.settings_dict
+    assert connection.vendor == "postgresql", "the round trip runs on PostgreSQL"
+    password = f":{quote(config['PASSWORD'], safe='')}" if config.get("PASSWORD") else ""
+    user = quote(config["USER"], safe="")
+    return f"postgres://{user}{password}@{config['HOST']}:{config['PORT'] or 5432}/{config['NAME']}"
+
+
+def _stale_and_fresh_tokens() -> tuple[LoginToken, LoginToken]:
+    user = User.objects.create_user(email="roundtrip@example.test")
+    stale = LoginToken.objects.create(
+        user=user, token_hash=uuid.uuid4().hex, expires_at=timezone.now() - timedelta(days=3)
+    )
+    login_link_create(user=user)
+    fresh = LoginToken.objects.exclude(pk=stale.pk).get(user=user)
+    return stale, fresh
+
+
+@pytest.fixture
+def worker_on(transactional_db: Any, tmp_path: Path) -> Iterator[Any]:
+    """Start a worker on a given broker, consuming a queue unique to this test."""
+    started: list[tuple[ChildProcess, str, str]] = []
+
+    def start(broker_url: str) -> tuple[ChildProcess, str]:
+        queue = f"maintenance-test-{uuid.uuid4().hex[:12]}"
+        env = env_with(
+            CELERY_BROKER_URL=broker_url,
+            DATABASE_URL=_test_database_url(),
+            DATA_DIR=str(tmp_path / "data"),
+            LOG_FORMAT="text",
+            LOG_LEVEL="INFO",
+        )
+        worker = start_celery_worker(queue=queue, env=env)
+        started.append((worker, broker_url, queue))
+        return worker, queue
+
+    yield start
+    for worker, broker_url, queue in started:
+        worker.stop()
+        # Leave nothing behind on the broker.
+        with app.connection_for_write(broker_url) as conn:
+            channel = conn.default_channel
+            try:
+                channel.queue_delete(queue)
+                channel.exchange_delete(queue)
+            except Exception:  # noqa: S110 - already gone is fine
+                pass
+
+
+def _send_and_wait(broker_url: str, queue: str, worker: ChildProcess, stale: LoginToken) -> float:
+    started = time.monotonic()
+    with app.connection_for_write(broker_url) as conn, conn.Producer() as producer:
+        login_tokens_purge_task.apply_async(kwargs={"grace_seconds": 3600}, queue=queue, producer=producer)
+    deadline = started + 60  # generous: a loaded 2-core CI machine; it takes ~1 s when idle
+    while LoginToken.objects.filter(pk=stale.pk).exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the worker did not run the task:\n{worker.output[-3000:]}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker_url", [REDIS_URL, RABBITMQ_URL], ids=["redis", "rabbitmq"])
+def test_it_runs_the_maintenance_task_in_a_real_worker(worker_on: Any, broker_url: str) -> None:
+    stale, fresh = _stale_and_fresh_tokens()
+    worker, queue = worker_on(broker_url)
+    elapsed = _send_and_wait(broker_url, queue, worker, stale)
+    assert elapsed < 60
+    assert LoginToken.objects.filter(pk=fresh.pk).exists()
+    assert "webinbox.tasks.login_tokens_purge" in worker.output
+    assert "succeeded" in worker.output
+
+
+def test_it_purges_only_old_expired_or_used_links(db: Any) -> None:
+    user = User.objects.create_user(email="purge@example.test")
+    now = timezone.now()
+    old_expired = LoginToken.objects.create(user=user, token_hash="a" * 64, expires_at=now - timedelta(days=2))
+    old_used = LoginToken.objects.create(
+        user=user, token_hash="b" * 64, expires_at=now + timedelta(minutes=5), used_at=now - timedelta(days=2)
+    )
+    recently_expired = LoginToken.objects.create(user=user, token_hash="c" * 64, expires_at=now - timedelta(hours=1))
+    valid = LoginToken.objects.create(user=user, token_hash="d" * 64, expires_at=now + timedelta(minutes=5))
+    assert login_tokens_purge() == 2
+    remaining = set(LoginToken.objects.values_list("pk", flat=True))
+    assert remaining == {recently_expired.pk, valid.pk}
+    assert old_expired.pk not in remaining
+    assert old_used.pk not in remaining
+    assert login_tokens_purge() == 0
+
+
+def test_it_routes_the_maintenance_task_to_the_maintenance_queue() -> None:
+    route = app.amqp.router.route({}, login_tokens_purge_task.name)
+    assert route["queue"].name == "maintenance"
+    assert login_tokens_purge_task.acks_late is True
