@@ -140,7 +140,7 @@ def world(db: Any) -> World:
 
 
 @pytest.fixture
-def cast(world: Any) -> Any:
+def cast(world: Any, dns_zone: Any) -> Any:
     """The world plus a key to be a victim and events pinned to each mailbox (for route walks)."""
     from audit.services import event_record
     from tenants.models import ApiKey
@@ -154,3 +154,22 @@ def cast(world: Any) -> Any:
         tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.sibling.pk, domain_id=world.domain.pk
     ).public_id
     return world
+
+
+@pytest.fixture(scope="session")
+def _dns_zone() -> Iterator[Any]:
+    from mailplatform.testing import Zone
+
+    zone = Zone()
+    yield zone
+    zone.stop()
+
+
+@pytest.fixture
+def dns_zone(_dns_zone: Any, settings: Any) -> Any:
+    """A real authoritative DNS server the domain checks ask (records reset per test)."""
+    _dns_zone.records.clear()
+    settings.DNS_RESOLVERS = [("127.0.0.1", _dns_zone.port)]
+    settings.DNS_TIMEOUT = 2
+    settings.MX_HOSTS = ["mx1.mailplatform.test", "mx2.mailplatform.test"]
+    return _dns_zone

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from audit import context
@@ -12,9 +15,38 @@ from audit import context
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,64}$")
 
 
+@lru_cache(maxsize=1)
+def _trusted_proxies(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def _is_trusted(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in _trusted_proxies(tuple(settings.TRUSTED_PROXIES)))
+
+
 def client_ip(request: HttpRequest) -> str | None:
-    """The peer address of the socket. Proxy headers are not trusted here."""
-    return request.META.get("REMOTE_ADDR") or None
+    """The client's address: the socket's peer, unless that peer is a trusted proxy.
+
+    Behind trusted proxies, X-Forwarded-For is read right to left and the first address
+    that is not a trusted proxy is the client; anything further left was written by the
+    client itself and could be forged.
+    """
+    remote = request.META.get("REMOTE_ADDR") or None
+    if remote is None or not settings.TRUSTED_PROXIES or not _is_trusted(remote):
+        return remote
+    hops = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return remote  # a malformed hop: trust nothing beyond the proxy itself
+        if not _is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
 
 
 class RequestContextMiddleware:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from contextlib import suppress
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from django.db.models import Model, Q, QuerySet
 
-from audit.models import Event, EventQuerySet
+from audit.models import AuditEntry, Event, EventQuerySet
 
 M = TypeVar("M", bound=Model)
 
@@ -105,3 +107,36 @@ def event_detail(principal: Scoped, event: Event) -> dict[str, Any]:
         for key, value in extra(principal, event).items():
             body.setdefault(key, value)
     return body
+
+
+def audit_entry_list(
+    principal: Scoped,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    after: datetime | None = None,
+    before: datetime | None = None,
+) -> QuerySet[AuditEntry]:
+    """The tenant's audit trail, newest first. ``action`` may be a prefix ending in ``.*``;
+    ``actor`` matches the actor's label, user e-mail or key id."""
+    queryset = principal.scope(AuditEntry.objects.all()).select_related("actor_user")
+    if actor:
+        matches = Q(actor_label__icontains=actor) | Q(actor_user__email__iexact=actor)
+        with suppress(ValueError):  # an API key's id, when it is one
+            matches |= Q(actor_api_key_id=UUID(actor))
+        queryset = queryset.filter(matches)
+    if action:
+        queryset = (
+            queryset.filter(action__startswith=action[:-1]) if action.endswith(".*") else queryset.filter(action=action)
+        )
+    if resource_type:
+        queryset = queryset.filter(resource_type=resource_type)
+    if resource_id:
+        queryset = queryset.filter(resource_id=resource_id)
+    if after:
+        queryset = queryset.filter(created_at__gt=after)
+    if before:
+        queryset = queryset.filter(created_at__lt=before)
+    return queryset.order_by("-created_at", "-id")

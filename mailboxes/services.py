@@ -60,7 +60,7 @@ def mailbox_create(
         raise PermissionDenied("This key cannot create mailboxes on that domain.")
     local = local_part_normalize(local_part) if local_part else random_local_part()
     if local in RESERVED_LOCAL_PARTS:
-        raise ValidationError({"local_part": f"{local}@ is reserved for the platform."}, code="reserved")
+        raise ValidationError({"local_part": f"{local}@ is reserved for the platform."})
     mailbox = Mailbox(
         tenant_id=domain.tenant_id,
         domain=domain,
@@ -96,7 +96,7 @@ def mailbox_create(
             raise ValidationError(
                 {"is_catch_all": "This domain already has a catch-all mailbox."}, code="unique"
             ) from None
-        raise ValidationError({"local_part": "This address already exists."}, code="unique") from None
+        raise ValidationError({"local_part": "This address already exists."}) from None
     return mailbox
 
 
@@ -108,7 +108,7 @@ def mailbox_update(*, principal: Principal, mailbox: Mailbox, **changes: Any) ->
     before = _summary(mailbox)
     for field, value in changes.items():
         if field not in _EDITABLE:
-            raise ValidationError({field: "This field cannot be changed."}, code="read_only")
+            raise ValidationError({field: "This field cannot be changed."})
         setattr(mailbox, field, value)
     mailbox.full_clean(validate_unique=False, validate_constraints=False)
     try:
@@ -124,7 +124,7 @@ def mailbox_update(*, principal: Principal, mailbox: Mailbox, **changes: Any) ->
                 after=_summary(mailbox),
             )
     except IntegrityError:
-        raise ValidationError({"is_catch_all": "This domain already has a catch-all mailbox."}, code="unique") from None
+        raise ValidationError({"is_catch_all": "This domain already has a catch-all mailbox."}) from None
     return mailbox
 
 

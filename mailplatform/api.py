@@ -38,12 +38,33 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": error}
 
 
+# Field-level codes that say "bad value" in general; the error code stays validation_error.
+_GENERIC_CODES = frozenset(
+    {
+        "invalid",
+        "required",
+        "null",
+        "blank",
+        "max_length",
+        "min_length",
+        "max_value",
+        "min_value",
+        "invalid_choice",
+        "unique",
+        "read_only",
+    }
+)
+
+
 def _django_validation_code(exc: DjangoValidationError) -> str | None:
-    """A single non-field error's own code (e.g. ``domain_not_empty``), if it has one."""
-    if hasattr(exc, "error_dict"):
-        return None
-    codes = {error.code for error in exc.error_list if error.code}
-    return codes.pop() if len(codes) == 1 else None
+    """A service's own specific code (``domain_not_empty``, ``lockout``) when it raised one."""
+    errors = (
+        [error for errors in exc.error_dict.values() for error in errors]
+        if hasattr(exc, "error_dict")
+        else (exc.error_list)
+    )
+    codes = {error.code for error in errors if error.code}
+    return codes.pop() if len(codes) == 1 and not codes & _GENERIC_CODES else None
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

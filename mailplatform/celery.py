@@ -18,4 +18,6 @@ app.autodiscover_tasks()
 app.conf.beat_schedule = {
     # Due webhook deliveries: retries, lost broker messages, expired claims of dead workers.
     "webhooks-dispatch": {"task": "webhooks.tasks.deliveries_dispatch", "schedule": 2.0},
+    # Domain DNS checks (verification, MX monitoring); each domain at most every DOMAIN_CHECK_INTERVAL.
+    "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": 60.0},
 }

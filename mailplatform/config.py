@@ -72,6 +72,35 @@ def csv(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def host_ports(name: str, *, default_port: int) -> list[tuple[str, int]]:
+    """A comma-separated list of ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    result = []
+    for item in csv(name, []):
+        host, port = item, str(default_port)
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else port
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not host[:port]")
+        result.append((host, int(port)))
+    return result
+
+
+def cidrs(name: str, default: list[str]) -> list[str]:
+    """A comma-separated list of networks (``10.0.0.0/8``, ``2001:db8::/32``, or addresses)."""
+    import ipaddress
+
+    values = csv(name, default)
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {value!r} is not an IP network") from None
+    return values
+
+
 def url(name: str, default: str, *, schemes: set[str]) -> str:
     value = string(name, default)
     scheme = urlsplit(value).scheme

@@ -70,6 +70,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "audit.middleware.RequestContextMiddleware",
+    "tenants.middleware.StaffIpAllowlistMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -253,7 +254,15 @@ TEMP_INBOX_DOMAIN = config.string("TEMP_INBOX_DOMAIN", "tmp.mailplatform.localho
 DEMO_DOMAIN = config.string("DEMO_DOMAIN", "demo.mailplatform.localhost").lower()
 DEMO_USER_EMAIL = config.string("DEMO_USER_EMAIL", "demo@mailplatform.localhost").lower()
 # The hosts that custom domains point their MX records at.
-MX_HOSTS = config.csv("MX_HOSTS", [f"mx.{_base_host}"])
+MX_HOSTS = [host.rstrip(".").lower() for host in config.csv("MX_HOSTS", [f"mx.{_base_host}"])]
+# Domain checks: resolvers as host[:port] (empty: the system's), timeout, how often every
+# domain is re-checked, and how long an MX may be lost before the domain is suspended.
+DNS_RESOLVERS = config.host_ports("DNS_RESOLVERS", default_port=53)
+DNS_TIMEOUT = config.integer("DNS_TIMEOUT", 5, minimum=1, maximum=30)
+DOMAIN_CHECK_INTERVAL = config.integer("DOMAIN_CHECK_INTERVAL", 900, minimum=60)
+DOMAIN_MX_GRACE = config.integer("DOMAIN_MX_GRACE", 48 * 3600, minimum=0)
+# Plans whose tenants may receive mail for domains that are not verified yet (test domains).
+UNVERIFIED_DOMAIN_PLANS = set(config.csv("UNVERIFIED_DOMAIN_PLANS", []))
 
 WEBHOOK_ALLOW_PRIVATE = config.boolean("WEBHOOK_ALLOW_PRIVATE", False)
 # Webhooks (webhooks/): plain http only where allowed (defaults to WEBHOOK_ALLOW_PRIVATE),
@@ -285,6 +294,8 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_RATES": {"temp_inbox": "10/hour"},
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    # The API speaks JSON only; "format" is free for our own parameters (audit export).
+    "URL_FORMAT_OVERRIDE": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "mailplatform API",
@@ -301,6 +312,10 @@ SPECTACULAR_SETTINGS = {
 }
 API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most this often
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
+# Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
+TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
+# Who may reach the Django admin (CIDRs; empty: anywhere).
+STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])
 
 # --- Accounts (django-allauth) -------------------------------------------------------
 ACCOUNT_LOGIN_METHODS = {"email"}

@@ -263,3 +263,55 @@ def start_celery_worker(*, queue: str, env: dict[str, str], cwd: Path | str | No
         worker.stop()
         raise
     return worker
+
+
+class Zone:
+    """A small authoritative DNS server on loopback (UDP and TCP) whose records tests change.
+
+    ``records`` maps (name, type) to a list of values: TXT strings, or (priority, host) for MX.
+    Names not in it answer NXDOMAIN, like a real zone.
+    """
+
+    def __init__(self) -> None:
+        from dnslib.server import DNSServer
+
+        self.records: dict[tuple[str, str], list[object]] = {}
+        self.port = free_port()
+        self.servers = [
+            DNSServer(self, port=self.port, address="127.0.0.1", tcp=tcp, logger=_QuietDnsLogger())
+            for tcp in (False, True)
+        ]
+        for server in self.servers:
+            server.start_thread()
+
+    def set(self, name: str, rtype: str, values: list[object]) -> None:
+        self.records[(name.lower().rstrip("."), rtype)] = list(values)
+
+    def clear(self, name: str, rtype: str) -> None:
+        self.records.pop((name.lower().rstrip("."), rtype), None)
+
+    def resolve(self, request, handler):  # type: ignore[no-untyped-def]
+        from dnslib import MX, QTYPE, RCODE, RR, TXT
+
+        reply = request.reply()
+        name = str(request.q.qname).lower().rstrip(".")
+        rtype = QTYPE[request.q.qtype]
+        if not any(key[0] == name for key in self.records):
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for value in self.records.get((name, rtype), []):
+            if rtype == "TXT":
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(str(value)), ttl=1))
+            elif rtype == "MX":
+                priority, host = value  # type: ignore[misc]
+                reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX(host, priority), ttl=1))
+        return reply
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+class _QuietDnsLogger:
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: None

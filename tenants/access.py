@@ -10,7 +10,8 @@ answers 404 exactly like a missing one: existence never leaks across tenants.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
@@ -23,6 +24,24 @@ if TYPE_CHECKING:
     from tenants.models import ApiKey, Membership, Tenant, User
 
 M = TypeVar("M", bound=Model)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
+    """Parsed CIDRs (a bare address is a /32 or /128). Raises ValueError on a bad entry."""
+    return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs)
+
+
+def ip_in(address: str | None, allowed: Sequence[Network]) -> bool:
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:192.0.2.1 is 192.0.2.1 behind a dual-stack socket
+    return any(ip.version == network.version and ip in network for network in allowed)
 
 
 class Permission(enum.StrEnum):
@@ -34,13 +53,14 @@ class Permission(enum.StrEnum):
     EVENTS_READ = "events:read"
     KEYS_MANAGE = "keys:manage"
     TENANT_MANAGE = "tenant:manage"
+    AUDIT_READ = "audit:read"
 
 
 ALL_PERMISSIONS = frozenset(Permission)
 
 # Permissions that act on the tenant as a whole; a key limited to some domains or mailboxes
 # cannot hold them, or it could widen its own reach.
-TENANT_WIDE_PERMISSIONS = frozenset({Permission.KEYS_MANAGE, Permission.TENANT_MANAGE})
+TENANT_WIDE_PERMISSIONS = frozenset({Permission.KEYS_MANAGE, Permission.TENANT_MANAGE, Permission.AUDIT_READ})
 
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "owner": ALL_PERMISSIONS,
@@ -72,6 +92,8 @@ class Principal:
     granted_mailbox_ids: frozenset[UUID] | None = None
     # Domains a mailbox grant makes visible (read-only): the mailbox's own domain.
     mailbox_domain_ids: frozenset[UUID] = field(default_factory=frozenset)
+    # Every list must admit the client's address (the tenant's, then the key's own).
+    ip_allowlists: tuple[tuple[Network, ...], ...] = ()
 
     # DRF treats the authenticated "user" object through these two attributes.
     is_authenticated = True
@@ -92,6 +114,7 @@ class Principal:
             actor=Actor(type="user", label=membership.user.email, user_id=membership.user_id),
             user=membership.user,
             role=membership.role,
+            ip_allowlists=_allowlists(membership.tenant.ip_allowlist),
         )
 
     @classmethod
@@ -107,6 +130,7 @@ class Principal:
             granted_domain_ids=domain_ids if scoped else None,
             granted_mailbox_ids=frozenset(row[0] for row in mailbox_rows) if scoped else None,
             mailbox_domain_ids=frozenset(row[1] for row in mailbox_rows),
+            ip_allowlists=_allowlists(api_key.tenant.ip_allowlist, api_key.ip_allowlist),
         )
 
     @classmethod
@@ -121,6 +145,10 @@ class Principal:
 
     def has_perm(self, permission: str) -> bool:
         return permission in self.permissions
+
+    def allows_ip(self, address: str | None) -> bool:
+        """Whether the control plane may be used from ``address`` (IP allowlists)."""
+        return all(ip_in(address, allowed) for allowed in self.ip_allowlists)
 
     def can_grant(self, permissions: Iterable[str]) -> bool:
         """A principal may hand out only permissions it holds itself."""
@@ -168,3 +196,18 @@ class Principal:
     def may_use_domain(self, domain_id: UUID) -> bool:
         """Whether new things (mailboxes) may be created under this domain."""
         return self.is_tenant_wide or domain_id in (self.granted_domain_ids or ())
+
+
+def _allowlists(*lists: Sequence[str]) -> tuple[tuple[Network, ...], ...]:
+    # Stored lists were validated when saved; an unreadable entry is skipped, never widening.
+    parsed = []
+    for cidrs in lists:
+        if cidrs:
+            valid = []
+            for cidr in cidrs:
+                try:
+                    valid.append(ipaddress.ip_network(cidr, strict=False))
+                except ValueError:
+                    continue
+            parsed.append(tuple(valid))
+    return tuple(parsed)

@@ -80,6 +80,8 @@ class Tenant(models.Model):
     # Per-tenant overrides; None means the platform default.
     max_message_size = models.PositiveIntegerField(null=True, blank=True)
     retention_days = models.PositiveIntegerField(null=True, blank=True)
+    # CIDRs allowed to reach the control plane (console and this tenant's API keys); empty: anywhere.
+    ip_allowlist = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -121,7 +123,11 @@ class Domain(models.Model):
     state_reason = models.CharField(max_length=500, blank=True)
     verification_token = models.CharField(max_length=64, default=domain_verification_token)
     verified_at = models.DateTimeField(null=True, blank=True)
+    # The last DNS check: whether the TXT record and the MX records were in place.
     last_checked_at = models.DateTimeField(null=True, blank=True)
+    txt_ok = models.BooleanField(default=False)
+    mx_ok = models.BooleanField(default=False)
+    last_check_error = models.CharField(max_length=300, blank=True)
     mx_lost_at = models.DateTimeField(null=True, blank=True)
     suspended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -187,6 +193,10 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_used_ip = models.GenericIPAddressField(null=True, blank=True)
+    # A narrower CIDR list for this key alone, on top of the tenant's.
+    ip_allowlist = models.JSONField(default=list, blank=True)
+    # Recent client addresses, so use from a new one is audited once.
+    known_ips = models.JSONField(default=list, blank=True, editable=False)
     created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 

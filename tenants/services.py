@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
-from audit.services import Actor, audit_entry_record
+from audit.context import current as current_context
+from audit.services import Actor, audit_entry_record, event_record
 from tenants import keys
-from tenants.access import ALL_PERMISSIONS, TENANT_WIDE_PERMISSIONS, Permission, Principal
+from tenants.access import ALL_PERMISSIONS, TENANT_WIDE_PERMISSIONS, Permission, Principal, ip_in, networks
 from tenants.models import ApiKey, Domain, Membership, Tenant, User
+
+logger = logging.getLogger(__name__)
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -29,16 +38,16 @@ def domain_name_normalize(name: str) -> str:
     """Lowercase A-label form of a domain name, or ValidationError saying what is wrong."""
     candidate = name.strip().rstrip(".").lower()
     if not candidate:
-        raise ValidationError({"name": "Enter a domain name."}, code="invalid")
+        raise ValidationError({"name": "Enter a domain name."})
     try:
         candidate = candidate.encode("idna").decode("ascii")
     except UnicodeError:
-        raise ValidationError({"name": "This is not a valid domain name."}, code="invalid") from None
+        raise ValidationError({"name": "This is not a valid domain name."}) from None
     labels = candidate.split(".")
     if len(candidate) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        raise ValidationError({"name": "This is not a valid domain name."}, code="invalid")
+        raise ValidationError({"name": "This is not a valid domain name."})
     if labels[-1].isdigit():
-        raise ValidationError({"name": "An IP address is not a domain name."}, code="invalid")
+        raise ValidationError({"name": "An IP address is not a domain name."})
     return candidate
 
 
@@ -81,16 +90,39 @@ def tenant_create(
     return tenant
 
 
-_TENANT_EDITABLE = ("name",)
+_TENANT_EDITABLE = ("name", "ip_allowlist")
+
+
+def ip_allowlist_normalize(cidrs: Iterable[str], *, field: str = "ip_allowlist") -> list[str]:
+    """Canonical CIDR strings, or ValidationError naming the entry that is not a network."""
+    normalized = []
+    for cidr in cidrs:
+        try:
+            normalized.append(str(networks([cidr])[0]))
+        except ValueError:
+            raise ValidationError({field: f"{cidr!r} is not an IP address or network."}) from None
+    return sorted(set(normalized))
 
 
 def tenant_update(*, principal: Principal, **changes: Any) -> Tenant:
+    """Change the tenant's settings. An IP allowlist that would shut out the caller is refused."""
     require(principal, Permission.TENANT_MANAGE)
     tenant = principal.tenant
-    before = _summary(tenant, _TENANT_EDITABLE)
+    before = _summary(tenant, list(changes))
     for name, value in changes.items():
         if name not in _TENANT_EDITABLE:
-            raise ValidationError({name: "This field cannot be changed."}, code="read_only")
+            raise ValidationError({name: "This field cannot be changed."})
+        if name == "ip_allowlist":
+            value = ip_allowlist_normalize(value)
+            caller = current_context().ip
+            if value and caller is not None and not ip_in(caller, networks(value)):
+                raise ValidationError(
+                    {
+                        "ip_allowlist": ValidationError(
+                            f"This list would lock out your own address {caller}.", code="lockout"
+                        )
+                    }
+                )
         setattr(tenant, name, value)
     tenant.full_clean()
     with transaction.atomic():
@@ -102,7 +134,7 @@ def tenant_update(*, principal: Principal, **changes: Any) -> Tenant:
             resource_type="tenant",
             resource_id=tenant.pk,
             before=before,
-            after=_summary(tenant, _TENANT_EDITABLE),
+            after=_summary(tenant, list(changes)),
         )
     return tenant
 
@@ -110,7 +142,7 @@ def tenant_update(*, principal: Principal, **changes: Any) -> Tenant:
 def tenant_set_status(*, tenant: Tenant, status: str, actor: Actor, reason: str = "") -> Tenant:
     """Suspend or reactivate a tenant (staff). A suspended tenant's mail and API are refused."""
     if status not in Tenant.Status.values:
-        raise ValidationError({"status": "Unknown status."}, code="invalid")
+        raise ValidationError({"status": "Unknown status."})
     before = _summary(tenant, ["status", "status_reason"])
     tenant.status = status
     tenant.status_reason = reason if status == Tenant.Status.SUSPENDED else ""
@@ -131,7 +163,7 @@ def tenant_set_status(*, tenant: Tenant, status: str, actor: Actor, reason: str 
 def membership_set(*, tenant: Tenant, user: User, role: str, actor: Actor) -> Membership:
     """Add a member, or change an existing member's role."""
     if role not in Membership.Role.values:
-        raise ValidationError({"role": "Unknown role."}, code="invalid")
+        raise ValidationError({"role": "Unknown role."})
     with transaction.atomic():
         membership, created = Membership.objects.get_or_create(tenant=tenant, user=user, defaults={"role": role})
         if not created and membership.role == role:
@@ -175,7 +207,7 @@ def domain_create(*, principal: Principal, name: str, recipient_policy: str = Do
                 after=_summary(domain, _DOMAIN_FIELDS),
             )
     except IntegrityError:
-        raise ValidationError({"name": "This domain is already registered."}, code="unique") from None
+        raise ValidationError({"name": "This domain is already registered."}) from None
     return domain
 
 
@@ -228,6 +260,7 @@ def api_key_mint(
     mailboxes: Iterable[Any] = (),
     expires_at: datetime | None = None,
     created_by: User | None = None,
+    ip_allowlist: Iterable[str] = (),
 ) -> tuple[ApiKey, str]:
     """Mint a key and return it with its secret, which is never available again.
 
@@ -237,15 +270,15 @@ def api_key_mint(
     wanted = sorted(set(permissions))
     unknown = [perm for perm in wanted if perm not in ALL_PERMISSIONS]
     if unknown:
-        raise ValidationError({"permissions": f"Unknown permission: {', '.join(unknown)}."}, code="invalid")
+        raise ValidationError({"permissions": f"Unknown permission: {', '.join(unknown)}."})
     if not wanted:
-        raise ValidationError({"permissions": "Give the key at least one permission."}, code="required")
+        raise ValidationError({"permissions": "Give the key at least one permission."})
     if not principal.can_grant(wanted):
         raise PermissionDenied("A key cannot be given permissions its creator does not hold.")
     domains, mailboxes = list(domains), list(mailboxes)
     for resource in [*domains, *mailboxes]:
         if resource.tenant_id != principal.tenant.pk:
-            raise ValidationError({"resources": "Unknown resource."}, code="invalid")
+            raise ValidationError({"resources": "Unknown resource."})
     if (domains or mailboxes) and TENANT_WIDE_PERMISSIONS & set(wanted):
         raise ValidationError(
             {"permissions": "keys:manage and tenant:manage need a key for the whole tenant."}, code="invalid"
@@ -253,7 +286,7 @@ def api_key_mint(
     if not principal.is_tenant_wide and not (domains or mailboxes):
         raise PermissionDenied("A scoped key can only mint keys within its own scope.")
     if expires_at is not None and expires_at <= timezone.now():
-        raise ValidationError({"expires_at": "The expiry must be in the future."}, code="invalid")
+        raise ValidationError({"expires_at": "The expiry must be in the future."})
 
     generated = keys.generate()
     api_key = ApiKey(
@@ -265,6 +298,7 @@ def api_key_mint(
         permissions=wanted,
         expires_at=expires_at,
         created_by=created_by or principal.user,
+        ip_allowlist=ip_allowlist_normalize(ip_allowlist),
     )
     api_key.full_clean()
     with transaction.atomic():
@@ -283,6 +317,7 @@ def api_key_mint(
                 "domains": [str(domain.pk) for domain in domains],
                 "mailboxes": [str(mailbox.pk) for mailbox in mailboxes],
                 "expires_at": expires_at,
+                "ip_allowlist": api_key.ip_allowlist,
                 "last_four": api_key.last_four,
             },
         )
@@ -338,7 +373,187 @@ def api_key_authenticate(*, secret: str, ip: str | None) -> ApiKey:
     stale = api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > (
         settings.API_KEY_LAST_USED_RESOLUTION
     )
+    if ip is not None and ip not in api_key.known_ips:
+        _api_key_new_ip(api_key, ip)
     if stale or api_key.last_used_ip != ip:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now, last_used_ip=ip)
         api_key.last_used_at, api_key.last_used_ip = now, ip
     return api_key
+
+
+_KNOWN_IPS = 20
+
+
+def _api_key_new_ip(api_key: ApiKey, ip: str) -> None:
+    """Remember the address and audit the key's first use from it."""
+    with transaction.atomic():
+        locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+        if ip in locked.known_ips:
+            return
+        locked.known_ips = [*locked.known_ips, ip][-_KNOWN_IPS:]
+        locked.save(update_fields=["known_ips"])
+        audit_entry_record(
+            tenant_id=api_key.tenant_id,
+            actor=Actor(type="api_key", label=f"{api_key.name} (mp_…{api_key.last_four})", api_key_id=api_key.pk),
+            action="api_key.new_ip",
+            resource_type="api_key",
+            resource_id=api_key.pk,
+            after={"ip": ip},
+        )
+    api_key.known_ips = locked.known_ips
+
+
+# --- Domain verification and MX monitoring ------------------------------------------------
+@dataclass(frozen=True)
+class DomainCheck:
+    """What one DNS check found, and what it changed."""
+
+    txt_ok: bool
+    mx_ok: bool
+    error: str
+    previous_state: str
+    state: str
+
+    @property
+    def changed(self) -> bool:
+        return self.previous_state != self.state
+
+    def as_json(self) -> dict[str, Any]:
+        return {"txt": self.txt_ok, "mx": self.mx_ok, "error": self.error or None, "state": self.state}
+
+
+_TRANSITION_EVENTS = {
+    Domain.State.VERIFIED: "domain.verified",
+    Domain.State.MX_LOST: "domain.mx_lost",
+    Domain.State.SUSPENDED: "domain.suspended",
+}
+
+
+def _next_state(domain: Domain, *, txt_ok: bool, mx_ok: bool, now: datetime) -> str:
+    """The two-layer policy: a lost MX is soft (451) while the TXT record proves the owner
+    is still there, and hard (550) once the TXT record is gone or the grace has passed."""
+    state = domain.state
+    if txt_ok and mx_ok:
+        return Domain.State.VERIFIED
+    if state == Domain.State.PENDING:
+        return state
+    if not txt_ok:
+        return Domain.State.SUSPENDED
+    if state == Domain.State.VERIFIED:
+        return Domain.State.MX_LOST if settings.DOMAIN_MX_GRACE else Domain.State.SUSPENDED
+    if state == Domain.State.MX_LOST:
+        lost_since = domain.mx_lost_at or now
+        if (now - lost_since).total_seconds() >= settings.DOMAIN_MX_GRACE:
+            return Domain.State.SUSPENDED
+    return state
+
+
+def domain_check(*, domain: Domain, now: datetime | None = None) -> DomainCheck:
+    """Look the domain's TXT and MX records up and move its state accordingly.
+
+    Verified needs both the TXT record ``mailplatform-verification=<token>`` and an MX
+    pointing at one of MX_HOSTS; a domain with no MX falls back to its A/AAAA address
+    (RFC 5321 section 5.1), which is never ours. A DNS failure changes nothing.
+    """
+    from tenants import dns
+
+    now = now or timezone.now()
+    previous = domain.state
+    try:
+        records = dns.domain_records(domain.name)
+    except dns.LookupFailed as failure:
+        Domain.objects.filter(pk=domain.pk).update(last_checked_at=now, last_check_error=str(failure)[:300])
+        domain.last_checked_at, domain.last_check_error = now, str(failure)[:300]
+        return DomainCheck(domain.txt_ok, domain.mx_ok, str(failure), previous, previous)
+    txt_ok = domain.verification_record in records.txt
+    mx_ok = bool(set(records.mx) & set(settings.MX_HOSTS))
+    state = _next_state(domain, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
+    with transaction.atomic():
+        domain = Domain.objects.select_for_update().get(pk=domain.pk)
+        if domain.state != previous:  # someone else moved it meanwhile: decide again
+            state = _next_state(domain, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
+            previous = domain.state
+        domain.txt_ok, domain.mx_ok, domain.last_check_error, domain.last_checked_at = txt_ok, mx_ok, "", now
+        if state != previous:
+            domain.state = state
+            if state == Domain.State.VERIFIED:
+                domain.verified_at = domain.verified_at or now
+                domain.mx_lost_at = domain.suspended_at = None
+            elif state == Domain.State.MX_LOST:
+                domain.mx_lost_at = now
+            elif state == Domain.State.SUSPENDED:
+                domain.suspended_at = now
+            restored = state == Domain.State.VERIFIED and previous != Domain.State.PENDING
+            event_type = "domain.mx_restored" if restored else _TRANSITION_EVENTS[state]
+            event_record(
+                tenant_id=domain.tenant_id,
+                type=event_type,
+                data={"name": domain.name, "previous_state": previous, "state": state, "txt": txt_ok, "mx": mx_ok},
+                domain_id=domain.pk,
+            )
+            audit_entry_record(
+                tenant_id=domain.tenant_id,
+                actor=Actor.system("domain check"),
+                action="domain.state_change",
+                resource_type="domain",
+                resource_id=domain.pk,
+                before={"state": previous},
+                after={"state": state},
+            )
+            transaction.on_commit(lambda: _admins_notify(domain, event_type))
+        domain.save()
+    return DomainCheck(txt_ok, mx_ok, "", previous, domain.state)
+
+
+def domain_verify(*, principal: Principal, domain: Domain) -> DomainCheck:
+    """Check a domain now, on request (the API's and console's "verify" button)."""
+    require(principal, Permission.DOMAINS_MANAGE)
+    result = domain_check(domain=domain)
+    audit_entry_record(
+        tenant_id=domain.tenant_id,
+        actor=principal.actor,
+        action="domain.verify",
+        resource_type="domain",
+        resource_id=domain.pk,
+        after=result.as_json(),
+    )
+    domain.refresh_from_db()
+    return result
+
+
+_NOTICES = {
+    "domain.verified": "is verified: mail for it is now accepted.",
+    "domain.mx_restored": "points at us again: mail for it is accepted again.",
+    "domain.mx_lost": (
+        "no longer has an MX record pointing at us. Senders are asked to retry later (451) while the "
+        "TXT record is in place; the domain will be suspended if this lasts."
+    ),
+    "domain.suspended": "is suspended: mail for it is refused (550) until its DNS records point at us again.",
+}
+
+
+def _admins_notify(domain: Domain, event_type: str) -> None:
+    recipients = list(
+        Membership.objects.filter(
+            tenant_id=domain.tenant_id, role__in=[Membership.Role.OWNER, Membership.Role.ADMIN], user__is_active=True
+        ).values_list("user__email", flat=True)
+    )
+    if not recipients:
+        return
+    records = ", ".join(settings.MX_HOSTS)
+    body = (
+        f"The domain {domain.name} {_NOTICES[event_type]}\n\n"
+        f"Expected DNS records:\n  TXT  {domain.name}  {domain.verification_record}\n  MX   {domain.name}  {records}\n"
+    )
+    try:
+        send_mail(f"[mailplatform] {domain.name}: {event_type}", body, None, recipients)
+    except Exception:  # the outbound channel being down must not undo the state change
+        logger.exception("could not e-mail the admins of tenant %s about %s", domain.tenant_id, event_type)
+
+
+def domains_due_for_check(*, now: datetime | None = None) -> list[UUID]:
+    """Domains whose last check is older than DOMAIN_CHECK_INTERVAL (pending ones included)."""
+    now = now or timezone.now()
+    threshold = now - timedelta(seconds=settings.DOMAIN_CHECK_INTERVAL)
+    due = Domain.objects.filter(Q(last_checked_at__isnull=True) | Q(last_checked_at__lt=threshold))
+    return list(due.order_by("last_checked_at").values_list("pk", flat=True)[:5000])

@@ -42,6 +42,9 @@ ROUTES: dict[str, Route] = {
     "tenant": Route(body=lambda w: {"name": "Renamed"}),
     "domain-list": Route(body=lambda w: {"name": "new.example.test"}),
     "domain-detail": Route(kwargs=lambda w: {"pk": w.domain.pk}, body=lambda w: {"recipient_policy": "drop"}),
+    "domain-verify": Route(kwargs=lambda w: {"pk": w.domain.pk}),
+    "audit-list": Route(),
+    "audit-export": Route(),
     "mailbox-list": Route(body=lambda w: {"address": "fresh@acme.example.test"}),
     "mailbox-detail": Route(
         kwargs=lambda w: {"pk": w.mailbox.pk},

@@ -14,6 +14,7 @@ from rest_framework import exceptions
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
+from audit import context
 from tenants.access import Principal
 
 _UNDECLARED = object()
@@ -49,6 +50,10 @@ class KeyPermission(BasePermission):
             raise exceptions.NotAuthenticated("Send an API key as 'Authorization: Bearer mp_...'.")
         if not principal.tenant.is_active:
             raise exceptions.PermissionDenied("This tenant is suspended.", code="tenant_suspended")
+        if not principal.allows_ip(context.current().ip):
+            raise exceptions.PermissionDenied(
+                "This API key may not be used from your address (IP allowlist).", code="ip_not_allowed"
+            )
         if request.method == "OPTIONS":
             return True
         permission = required_permission(view, request.method or "get")

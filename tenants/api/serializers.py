@@ -12,12 +12,17 @@ from tenants.models import ApiKey, Domain, Tenant
 class TenantSerializer(serializers.ModelSerializer[Tenant]):
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "plan", "status", "created_at"]
-        read_only_fields = ["id", "slug", "plan", "status", "created_at"]
+        fields = ["id", "slug", "name", "plan", "status", "ip_allowlist", "created_at"]
+        read_only_fields = fields
+
+
+def _cidr_list(**kwargs: Any) -> serializers.ListField:
+    return serializers.ListField(child=serializers.CharField(max_length=64), max_length=500, **kwargs)
 
 
 class TenantUpdateSerializer(serializers.Serializer[Any]):
-    name = serializers.CharField(max_length=200)
+    name = serializers.CharField(max_length=200, required=False)
+    ip_allowlist = _cidr_list(required=False, help_text="CIDRs that may use the console and API keys; [] for anywhere")
 
 
 class DnsRecordSerializer(serializers.Serializer[Any]):
@@ -40,6 +45,9 @@ class DomainSerializer(serializers.ModelSerializer[Domain]):
             "recipient_policy",
             "verified_at",
             "last_checked_at",
+            "txt_ok",
+            "mx_ok",
+            "last_check_error",
             "dns_records",
             "created_at",
         ]
@@ -76,6 +84,7 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
             "permissions",
             "domains",
             "mailboxes",
+            "ip_allowlist",
             "expires_at",
             "revoked_at",
             "last_used_at",
@@ -109,3 +118,22 @@ class ApiKeyCreateSerializer(serializers.Serializer[Any]):
     domains = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=1000)
     mailboxes = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=1000)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    ip_allowlist = _cidr_list(required=False, default=list, help_text="CIDRs this key may be used from")
+
+
+class DomainCheckSerializer(serializers.Serializer[Any]):
+    txt = serializers.BooleanField()
+    mx = serializers.BooleanField()
+    error = serializers.CharField(allow_null=True)
+    state = serializers.CharField()
+
+
+class DomainVerifySerializer(DomainSerializer):
+    check = serializers.SerializerMethodField()
+
+    class Meta(DomainSerializer.Meta):
+        fields = [*DomainSerializer.Meta.fields, "check"]
+        read_only_fields = fields
+
+    def get_check(self, domain: Domain) -> dict[str, Any]:
+        return dict(self.context["check"])

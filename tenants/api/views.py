@@ -19,6 +19,7 @@ from tenants.api.serializers import (
     DomainCreateSerializer,
     DomainSerializer,
     DomainUpdateSerializer,
+    DomainVerifySerializer,
     TenantSerializer,
     TenantUpdateSerializer,
 )
@@ -60,10 +61,11 @@ class DomainViewSet(
         "create": Permission.DOMAINS_MANAGE,
         "partial_update": Permission.DOMAINS_MANAGE,
         "destroy": Permission.DOMAINS_MANAGE,
+        "verify": Permission.DOMAINS_MANAGE,
     }
 
     def get_queryset(self) -> Any:
-        writable = self.action in {"partial_update", "destroy"}
+        writable = self.action in {"partial_update", "destroy", "verify"}
         return selectors.domain_list(principal_of(self.request), writable=writable)
 
     @extend_schema(request=DomainCreateSerializer, responses={201: DomainSerializer})
@@ -83,6 +85,15 @@ class DomainViewSet(
 
     def perform_destroy(self, instance: Domain) -> None:
         services.domain_delete(principal=principal_of(self.request), domain=instance)
+
+    @extend_schema(request=None, responses=DomainVerifySerializer)
+    @action(detail=True, methods=["post"])
+    def verify(self, request: Request, pk: str) -> Response:
+        """Check the domain's DNS records now: the TXT record proves ownership, the MX record
+        must point at us. Answers the domain with what the check found."""
+        domain = self.get_object()
+        check = services.domain_verify(principal=principal_of(request), domain=domain)
+        return Response(DomainVerifySerializer(domain, context={"check": check.as_json()}).data)
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[ApiKey]):
@@ -126,6 +137,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             domains=domains,
             mailboxes=mailboxes,
             expires_at=data.get("expires_at"),
+            ip_allowlist=data["ip_allowlist"],
         )
         output = ApiKeyCreatedSerializer(api_key, context={"secret": secret})
         return Response(output.data, status=status.HTTP_201_CREATED)

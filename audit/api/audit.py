@@ -1,0 +1,131 @@
+"""The audit trail API: who did what, from where; filterable, exportable as CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions, serializers
+from rest_framework.generics import ListAPIView
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from audit import selectors
+from audit.models import AuditEntry
+
+AUDIT_READ = "audit:read"  # tenants.access.Permission.AUDIT_READ; audit cannot import it
+EXPORT_MAX_ROWS = 100_000
+_FIELDS = [
+    "id",
+    "created_at",
+    "actor_type",
+    "actor",
+    "ip",
+    "user_agent",
+    "action",
+    "resource_type",
+    "resource_id",
+    "before",
+    "after",
+    "correlation_id",
+]
+
+
+class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
+    actor = serializers.CharField(source="actor_label")
+
+    class Meta:
+        model = AuditEntry
+        fields = _FIELDS
+        read_only_fields = fields
+
+
+_FILTERS = [
+    OpenApiParameter("actor", OpenApiTypes.STR, description="Actor label, user e-mail or API key id"),
+    OpenApiParameter("action", OpenApiTypes.STR, description="Exact action or prefix (domain.*)"),
+    OpenApiParameter("resource_type", OpenApiTypes.STR),
+    OpenApiParameter("resource_id", OpenApiTypes.STR),
+    OpenApiParameter("after", OpenApiTypes.DATETIME, description="Only entries after this time"),
+    OpenApiParameter("before", OpenApiTypes.DATETIME, description="Only entries before this time"),
+]
+
+
+def _filtered(request: Request) -> Any:
+    params = request.query_params
+    moments = {}
+    for name in ("after", "before"):
+        if params.get(name):
+            try:
+                moments[name] = serializers.DateTimeField().to_internal_value(params[name])
+            except serializers.ValidationError:
+                raise exceptions.ValidationError({name: ["Give an ISO 8601 time."]}) from None
+    for name in ("actor", "action", "resource_type", "resource_id"):
+        if "\x00" in params.get(name, ""):
+            raise exceptions.ValidationError({name: ["Not a valid value."]})
+    return selectors.audit_entry_list(
+        request.user,  # type: ignore[arg-type]
+        actor=params.get("actor") or None,
+        action=params.get("action") or None,
+        resource_type=params.get("resource_type") or None,
+        resource_id=params.get("resource_id") or None,
+        **moments,
+    )
+
+
+class AuditEntryListView(ListAPIView[AuditEntry]):
+    """The tenant's audit trail, newest first."""
+
+    serializer_class = AuditEntrySerializer
+    required_permissions = {"get": AUDIT_READ}
+
+    def get_queryset(self) -> Any:
+        return _filtered(self.request)
+
+    @extend_schema(parameters=_FILTERS)
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        return super().get(request, *args, **kwargs)
+
+
+class AuditExportView(APIView):
+    """The same entries as a file: ``format=csv`` (default) or ``format=json``."""
+
+    required_permissions = {"get": AUDIT_READ}
+
+    @extend_schema(
+        parameters=[*_FILTERS, OpenApiParameter("format", OpenApiTypes.STR, enum=["csv", "json"])],
+        responses={(200, "text/csv"): OpenApiTypes.STR, (200, "application/json"): OpenApiTypes.OBJECT},
+    )
+    def get(self, request: Request) -> StreamingHttpResponse:
+        kind = request.query_params.get("format", "csv")
+        if kind not in {"csv", "json"}:
+            raise exceptions.ValidationError({"format": ["Use csv or json."]})
+        rows = (AuditEntrySerializer(entry).data for entry in _filtered(request)[:EXPORT_MAX_ROWS].iterator(2000))
+        stream, content_type = (_csv(rows), "text/csv") if kind == "csv" else (_json(rows), "application/json")
+        response = StreamingHttpResponse(stream, content_type=f"{content_type}; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="audit.{kind}"'
+        return response
+
+
+def _csv(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: json.dumps(value) if isinstance(value, dict) else value for key, value in row.items()})
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _json(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+    yield "["
+    for index, row in enumerate(rows):
+        yield ("," if index else "") + json.dumps(row, default=str)
+    yield "]"

@@ -1,0 +1,65 @@
+"""DNS lookups for domain verification and MX monitoring (dnspython).
+
+The resolver's address, port and timeout are settings, so tests point it at their own
+authoritative server on loopback and production at a trusted recursive resolver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+from django.conf import settings
+
+
+class LookupFailed(Exception):
+    """The DNS did not answer (timeout, SERVFAIL): nothing can be concluded."""
+
+
+@dataclass(frozen=True)
+class DomainRecords:
+    txt: tuple[str, ...]
+    mx: tuple[str, ...]  # exchange host names, lowercase, without the trailing dot
+    # RFC 5321 section 5.1: with no MX record, mail goes to the domain's A/AAAA address.
+    implicit_mx: bool
+
+
+def _resolver() -> dns.resolver.Resolver:
+    resolver = dns.resolver.Resolver(configure=not settings.DNS_RESOLVERS)
+    if settings.DNS_RESOLVERS:
+        resolver.nameservers = [host for host, _ in settings.DNS_RESOLVERS]
+        resolver.port = settings.DNS_RESOLVERS[0][1]
+    resolver.lifetime = settings.DNS_TIMEOUT
+    resolver.timeout = settings.DNS_TIMEOUT
+    resolver.cache = None
+    return resolver
+
+
+def _answer(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[object]:
+    try:
+        return list(resolver.resolve(name, rdtype, raise_on_no_answer=False) or [])
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
+        raise LookupFailed(f"{rdtype} {name}: {type(exc).__name__}") from exc
+    except dns.exception.DNSException as exc:
+        raise LookupFailed(f"{rdtype} {name}: {exc}") from exc
+
+
+def domain_records(name: str) -> DomainRecords:
+    """The TXT and MX records of ``name``; LookupFailed when the DNS cannot tell."""
+    resolver = _resolver()
+    txt = tuple(
+        b"".join(record.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+        for record in _answer(resolver, name, "TXT")
+    )
+    mx = tuple(
+        sorted(
+            str(record.exchange).rstrip(".").lower()  # type: ignore[attr-defined]
+            for record in _answer(resolver, name, "MX")
+        )
+    )
+    return DomainRecords(txt=txt, mx=mx, implicit_mx=not mx)
