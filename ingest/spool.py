@@ -230,12 +230,13 @@ def is_disk_full(error: BaseException) -> bool:
 class SpoolWriter:
     """Group commit for the event loop: many sessions' files, one directory fsync.
 
-    Each session's bytes are written and fdatasynced by a thread pool (fsync releases the
+    Each session's bytes are written and fdatasynced by a thread pool, one thread per
+    concurrent session up to ``threads`` (fsync releases the
     GIL, and the filesystem journal merges concurrent commits); the renames of all entries
     finished meanwhile are then done in one batch followed by a single fsync of new/.
     """
 
-    def __init__(self, spool: Spool, *, threads: int = 8) -> None:
+    def __init__(self, spool: Spool, *, threads: int = 64) -> None:
         self.spool = spool
         self._writers = ThreadPoolExecutor(threads, thread_name_prefix="spool-write")
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
