@@ -15,6 +15,7 @@ import logging
 import random
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -26,6 +27,7 @@ from django.db.models import F, Q
 from audit.services import event_record
 from webhooks import clock, metrics, services, transport
 from webhooks.models import Attempt, Delivery, Endpoint
+from webhooks.signing import signature_header
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +80,6 @@ def _claim_values(token: str, now: datetime) -> dict[str, object]:
     }
 
 
-def delivery_claim(delivery_id: UUID | str) -> str | None:
-    """Claim one due delivery of an enabled endpoint; the claim token, or None if not ours."""
-    now = clock.now()
-    token = secrets.token_hex(8)
-    claimed = Delivery.objects.filter(_due(now), pk=delivery_id, endpoint__enabled=True).update(
-        **_claim_values(token, now)
-    )
-    return token if claimed else None
-
-
 def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
     """Claim up to ``limit`` due deliveries, oldest due first: ``[(delivery id, claim)]``.
 
@@ -127,12 +119,9 @@ def event_body(delivery: Delivery) -> bytes:
     return json.dumps(delivery.event.as_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def request_headers(delivery: Delivery, body: bytes, timestamp: int) -> dict[str, str]:
+def request_headers(delivery: Delivery, body: bytes, timestamp: int, active: list[str]) -> dict[str, str]:
     """Standard Webhooks headers; one signature per active secret."""
-    from webhooks.signing import signature_header
-
     message_id = delivery.event.public_id
-    active = services.endpoint_active_secrets(delivery.endpoint)
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
@@ -142,9 +131,9 @@ def request_headers(delivery: Delivery, body: bytes, timestamp: int) -> dict[str
     }
 
 
-def _attempt(delivery: Delivery) -> Outcome:
+def _attempt(delivery: Delivery, active_secrets: list[str]) -> Outcome:
     body = event_body(delivery)
-    headers = request_headers(delivery, body, int(time.time()))
+    headers = request_headers(delivery, body, int(time.time()), active_secrets)
     started = time.monotonic()
     try:
         # Resolved and checked again on every attempt: DNS may have changed since creation.
@@ -175,85 +164,141 @@ def _attempt(delivery: Delivery) -> Outcome:
     )
 
 
-def delivery_send(delivery_id: UUID | str, claim: str | None = None) -> Delivery | None:
-    """Make one attempt of a delivery (claiming it first unless ``claim`` is given).
+def deliveries_claim(delivery_ids: list[str]) -> str | None:
+    """Claim those of ``delivery_ids`` that are due (one conditional update); the claim token."""
+    now = clock.now()
+    token = secrets.token_hex(8)
+    claimed = Delivery.objects.filter(_due(now), pk__in=delivery_ids, endpoint__enabled=True).update(
+        **_claim_values(token, now)
+    )
+    return token if claimed else None
 
-    Returns the delivery after recording the outcome, or None when it was not ours to send
-    (already delivered, not due, claimed by someone else, endpoint disabled).
+
+def deliveries_send(delivery_ids: list[str], claim: str | None = None) -> list[Delivery]:
+    """One attempt of each delivery in ``delivery_ids`` held under ``claim`` (claimed here if None).
+
+    The HTTP requests run in parallel threads (no database work there); the outcomes are
+    recorded together in one transaction. Deliveries not ours to send (already delivered,
+    not due, claimed by someone else, endpoint disabled) are skipped.
     """
     if claim is None:
-        claim = delivery_claim(delivery_id)
+        claim = deliveries_claim(delivery_ids)
         if claim is None:
-            return None
-    delivery = Delivery.objects.select_related("endpoint", "event").filter(pk=delivery_id, claim=claim).first()
-    if delivery is None or delivery.state != Delivery.State.SENDING:
-        return None
-    if delivery.attempts > MAX_ATTEMPTS:
-        # Claimed again after its workers died mid-request too often.
-        outcome = Outcome(False, None, "abandoned: the worker was lost during every attempt", "", None, 0)
+            return []
+    deliveries = list(
+        Delivery.objects.select_related("endpoint", "event").filter(
+            pk__in=delivery_ids, claim=claim, state=Delivery.State.SENDING
+        )
+    )
+    if not deliveries:
+        return []
+    secrets_by_endpoint: dict[UUID, list[str]] = {}
+    for delivery in deliveries:
+        endpoint = delivery.endpoint
+        if endpoint.pk not in secrets_by_endpoint:
+            secrets_by_endpoint[endpoint.pk] = services.endpoint_active_secrets(endpoint)
+
+    def attempt(delivery: Delivery) -> Outcome:
+        if delivery.attempts > MAX_ATTEMPTS:
+            # Claimed again after its workers died mid-request too often.
+            return Outcome(False, None, "abandoned: the worker was lost during every attempt", "", None, 0)
+        return _attempt(delivery, secrets_by_endpoint[delivery.endpoint_id])
+
+    if len(deliveries) == 1:
+        outcomes = [attempt(deliveries[0])]
     else:
-        outcome = _attempt(delivery)
-    _record(delivery, claim, outcome)
-    return delivery
+        with ThreadPoolExecutor(max_workers=len(deliveries), thread_name_prefix="webhook-send") as pool:
+            outcomes = list(pool.map(attempt, deliveries))
+    _record(deliveries, claim, outcomes)
+    return deliveries
 
 
-def _record(delivery: Delivery, claim: str, outcome: Outcome) -> None:
+def delivery_send(delivery_id: UUID | str, claim: str | None = None) -> Delivery | None:
+    """One attempt of one delivery; the delivery after recording, or None if not ours to send."""
+    sent = deliveries_send([str(delivery_id)], claim)
+    return sent[0] if sent else None
+
+
+def _record(deliveries: list[Delivery], claim: str, outcomes: list[Outcome]) -> None:
     now = clock.now()
+    with transaction.atomic():
+        Attempt.objects.bulk_create(
+            Attempt(
+                delivery=delivery,
+                number=delivery.attempts,
+                started_at=now,
+                duration_ms=outcome.duration_ms,
+                status_code=outcome.status,
+                response_body=outcome.body,
+                error=outcome.error,
+                succeeded=outcome.succeeded,
+            )
+            for delivery, outcome in zip(deliveries, outcomes, strict=True)
+        )
+        succeeded = [(d, o) for d, o in zip(deliveries, outcomes, strict=True) if o.succeeded]
+        by_status: dict[int | None, list[UUID]] = {}
+        for delivery, outcome in succeeded:
+            by_status.setdefault(outcome.status, []).append(delivery.pk)
+        for status, ids in by_status.items():
+            Delivery.objects.filter(pk__in=ids, claim=claim, state=Delivery.State.SENDING).update(
+                state=Delivery.State.DELIVERED,
+                delivered_at=now,
+                last_error="",
+                claim="",
+                lease_until=None,
+                last_status=status,
+                updated_at=now,
+            )
+        recovered = {d.endpoint_id for d, _ in succeeded if d.endpoint.failing_since is not None}
+        if recovered:
+            Endpoint.objects.filter(pk__in=recovered).update(failing_since=None)
+        for delivery, outcome in succeeded:
+            delivery.state = Delivery.State.DELIVERED
+            if not delivery.event.type.startswith(services.WEBHOOK_EVENT_PREFIX):
+                _event(delivery, "webhook.delivered", status=outcome.status, attempts=delivery.attempts)
+        if succeeded:
+            metrics.DELIVERIES.labels(outcome="delivered").inc(len(succeeded))
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            if not outcome.succeeded:
+                _record_failure(delivery, claim, outcome, now)
+
+
+def _record_failure(delivery: Delivery, claim: str, outcome: Outcome, now: datetime) -> None:
+    """Schedule the next attempt, or give up (dead, ``webhook.failed``); 410 disables."""
     endpoint = delivery.endpoint
     about_webhooks = delivery.event.type.startswith(services.WEBHOOK_EVENT_PREFIX)
-    with transaction.atomic():
-        Attempt.objects.create(
-            delivery=delivery,
-            number=delivery.attempts,
-            started_at=now,
-            duration_ms=outcome.duration_ms,
-            status_code=outcome.status,
-            response_body=outcome.body,
-            error=outcome.error,
-            succeeded=outcome.succeeded,
+    mine = Delivery.objects.filter(pk=delivery.pk, claim=claim, state=Delivery.State.SENDING)
+    common = {"claim": "", "lease_until": None, "last_status": outcome.status, "updated_at": now}
+    Endpoint.objects.filter(pk=endpoint.pk, failing_since__isnull=True).update(failing_since=now)
+    failing_since = endpoint.failing_since or now
+    gone = outcome.status == 410
+    delay = None if gone else retry_delay(delivery.attempts)
+    honoured = retry_after_seconds(outcome.retry_after, now)
+    if delay is not None and honoured is not None:
+        delay = honoured
+    if delay is not None:
+        mine.update(
+            state=Delivery.State.PENDING,
+            next_attempt_at=now + timedelta(seconds=delay),
+            last_error=outcome.error,
+            **common,
         )
-        mine = Delivery.objects.filter(pk=delivery.pk, claim=claim, state=Delivery.State.SENDING)
-        common = {"claim": "", "lease_until": None, "last_status": outcome.status, "updated_at": now}
-        if outcome.succeeded:
-            mine.update(state=Delivery.State.DELIVERED, delivered_at=now, last_error="", **common)
-            delivery.state = Delivery.State.DELIVERED
-            if endpoint.failing_since is not None:
-                Endpoint.objects.filter(pk=endpoint.pk).update(failing_since=None)
+        delivery.state = Delivery.State.PENDING
+        metrics.DELIVERIES.labels(outcome="retrying").inc()
+    else:
+        reason = "the endpoint answered 410 Gone" if gone else f"gave up after {delivery.attempts} attempts"
+        if mine.update(state=Delivery.State.DEAD, last_error=(outcome.error or reason)[:500], **common):
+            delivery.state = Delivery.State.DEAD
+            metrics.DELIVERIES.labels(outcome="dead").inc()
             if not about_webhooks:
-                _event(delivery, "webhook.delivered", status=outcome.status, attempts=delivery.attempts)
-            metrics.DELIVERIES.labels(outcome="delivered").inc()
-            return
-        # A failure: gone, retry later, or dead.
-        Endpoint.objects.filter(pk=endpoint.pk, failing_since__isnull=True).update(failing_since=now)
-        failing_since = endpoint.failing_since or now
-        gone = outcome.status == 410
-        delay = None if gone else retry_delay(delivery.attempts)
-        honoured = retry_after_seconds(outcome.retry_after, now)
-        if delay is not None and honoured is not None:
-            delay = honoured
-        if delay is not None:
-            mine.update(
-                state=Delivery.State.PENDING,
-                next_attempt_at=now + timedelta(seconds=delay),
-                last_error=outcome.error,
-                **common,
-            )
-            delivery.state = Delivery.State.PENDING
-            metrics.DELIVERIES.labels(outcome="retrying").inc()
-        else:
-            reason = "the endpoint answered 410 Gone" if gone else f"gave up after {delivery.attempts} attempts"
-            if mine.update(state=Delivery.State.DEAD, last_error=(outcome.error or reason)[:500], **common):
-                delivery.state = Delivery.State.DEAD
-                metrics.DELIVERIES.labels(outcome="dead").inc()
-                if not about_webhooks:
-                    _event(delivery, "webhook.failed", status=outcome.status, attempts=delivery.attempts, reason=reason)
-        if gone:
-            services.endpoint_disable(endpoint=endpoint, reason="The endpoint answered 410 Gone.")
-        elif (now - failing_since).total_seconds() >= settings.WEBHOOK_DISABLE_AFTER:
-            days = settings.WEBHOOK_DISABLE_AFTER / 86400
-            services.endpoint_disable(
-                endpoint=endpoint, reason=f"Every delivery failed for {days:g} days; last error: {outcome.error}."
-            )
+                _event(delivery, "webhook.failed", status=outcome.status, attempts=delivery.attempts, reason=reason)
+    if gone:
+        services.endpoint_disable(endpoint=endpoint, reason="The endpoint answered 410 Gone.")
+    elif (now - failing_since).total_seconds() >= settings.WEBHOOK_DISABLE_AFTER:
+        days = settings.WEBHOOK_DISABLE_AFTER / 86400
+        services.endpoint_disable(
+            endpoint=endpoint, reason=f"Every delivery failed for {days:g} days; last error: {outcome.error}."
+        )
 
 
 def _event(delivery: Delivery, type: str, **data: object) -> None:

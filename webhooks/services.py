@@ -342,10 +342,10 @@ def event_fan_out(event: Event) -> list[Delivery]:
 
 def _enqueue(delivery_ids: list[str]) -> None:
     """Send now. If the broker is down, the beat dispatcher picks them up later."""
-    from webhooks.tasks import delivery_send
+    from webhooks.tasks import BATCH, deliveries_send
 
-    for delivery_id in delivery_ids:
-        delivery_send.delay(delivery_id)
+    for start in range(0, len(delivery_ids), BATCH):
+        deliveries_send.delay(delivery_ids[start : start + BATCH])
 
 
 def _dispatch_soon() -> None:
