@@ -153,6 +153,15 @@ def cast(world: Any, dns_zone: Any) -> Any:
     world.sibling_event_id = event_record(
         tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.sibling.pk, domain_id=world.domain.pk
     ).public_id
+    # A parsed, indexed message with a code and an attachment in each mailbox (messages routes).
+    from mailboxes.tests.helpers import fixture_bytes, message_deliver
+
+    raw = fixture_bytes("cast_message.eml")
+    world.message = message_deliver(world.mailbox, raw)
+    world.sibling_message = message_deliver(world.sibling, raw)
+    world.outsider_message = message_deliver(world.outsider_mailbox, raw)
+    world.attachment_id = world.message.attachments.get().pk
+    world.sibling_attachment_id = world.sibling_message.attachments.get().pk
     return world
 
 

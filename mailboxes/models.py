@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -98,6 +99,44 @@ class Message(models.Model):
     received_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
 
+    # --- Parsed content (mailboxes/parse.py). Empty until the message is parsed. ---------
+    subject = models.CharField(max_length=998, blank=True)  # RFC 5322 section 2.1.1 line limit
+    from_address = models.CharField(max_length=320, blank=True)
+    from_name = models.CharField(max_length=320, blank=True)
+    # Lists of {"name": ..., "address": ...}.
+    to = models.JSONField(default=list, blank=True)
+    cc = models.JSONField(default=list, blank=True)
+    reply_to = models.JSONField(default=list, blank=True)
+    sender = models.CharField(max_length=320, blank=True)
+    # To, Cc and the envelope recipient in one string: what ``to:`` searches.
+    recipients_text = models.TextField(blank=True)
+    date = models.DateTimeField(null=True, blank=True, help_text="The Date header, if it parses")
+    message_id = models.CharField(max_length=998, blank=True)
+    in_reply_to = models.CharField(max_length=998, blank=True)
+    references = models.JSONField(default=list, blank=True)
+    thread_id = models.CharField(max_length=64, blank=True)
+    # Every header field in order, as [name, decoded value] pairs (RFC 5322 section 2.2).
+    headers = models.JSONField(default=list, blank=True)
+    text = models.TextField(blank=True)
+    html = models.TextField(blank=True, help_text="Sanitized; remote images blocked, cid: kept for rewriting")
+    stripped_text = models.TextField(blank=True, help_text="The new part of a reply, without quotes or signature")
+    codes = models.JSONField(default=list, blank=True)
+    links = models.JSONField(default=list, blank=True)
+    authentication_results = models.TextField(blank=True)  # RFC 8601
+    received_spf = models.TextField(blank=True)  # RFC 7208 section 9.1
+    has_attachments = models.BooleanField(default=False)
+    attachment_names = models.TextField(blank=True)
+    defects = models.JSONField(default=list, blank=True)
+    is_read = models.BooleanField(default=False)
+    parsed_at = models.DateTimeField(null=True, blank=True)
+    indexed_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    # When the blobs of a deleted message are gone (the row stays as a tombstone).
+    purged_at = models.DateTimeField(null=True, blank=True)
+    # PostgreSQL full-text document (weights: A subject, B addresses, C body and attachment
+    # names); maintained by the index task, unused on SQLite. GIN index in migration 0004.
+    search_vector = SearchVectorField(null=True, blank=True, editable=False)
+
     class Meta:
         ordering = ["-received_at"]
         constraints = [
@@ -109,7 +148,47 @@ class Message(models.Model):
             models.Index(fields=["tenant", "-created_at"], name="message_tenant_recent"),
             models.Index(fields=["state", "state_changed_at"], name="message_state_age"),
             models.Index(fields=["sha256"], name="message_sha256"),
+            models.Index(fields=["tenant", "-received_at", "-id"], name="message_tenant_received"),
+            models.Index(fields=["mailbox", "-received_at", "-id"], name="message_mailbox_received_id"),
+            models.Index(fields=["mailbox", "thread_id"], name="message_mailbox_thread"),
+            models.Index(fields=["mailbox", "message_id"], name="message_mailbox_msgid"),
+            models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(purged_at__isnull=True)),
         ]
 
     def __str__(self) -> str:
         return f"{self.trace_id} -> {self.rcpt}"
+
+    @property
+    def from_entry(self) -> dict[str, str]:
+        return {"name": self.from_name, "address": self.from_address}
+
+
+class Attachment(models.Model):
+    """One attachment or inline part of a message, stored as its own object.
+
+    Keys are content-addressed per tenant (``att/<tenant>/<sha256>``), so the same file in
+    many messages is stored once; ``content_id`` (RFC 2392) lets ``cid:`` URLs in the HTML
+    body point at it.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="attachments")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="attachments")
+    position = models.PositiveIntegerField(default=0)
+    filename = models.CharField(max_length=255, blank=True)
+    content_type = models.CharField(max_length=255, blank=True)
+    size = models.PositiveBigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64)
+    content_id = models.CharField(max_length=255, blank=True)
+    is_inline = models.BooleanField(default=False)
+    storage_key = models.CharField(max_length=512)
+
+    class Meta:
+        ordering = ["message", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "position"], name="attachment_once_per_position"),
+        ]
+        indexes = [models.Index(fields=["sha256"], name="attachment_sha256")]
+
+    def __str__(self) -> str:
+        return self.filename or self.sha256[:12]

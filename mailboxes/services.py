@@ -11,7 +11,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
 from audit.services import audit_entry_record, event_record
-from mailboxes.models import Mailbox
+from mailboxes.models import Mailbox, Message
 from tenants.access import Permission, Principal
 from tenants.models import Domain
 from tenants.services import require
@@ -148,3 +148,29 @@ def mailbox_delete(*, principal: Principal, mailbox: Mailbox) -> None:
             before=_summary(mailbox),
         )
         mailbox.delete()
+
+
+# --- Messages --------------------------------------------------------------------------
+def message_update(*, principal: Principal, message: Message, **changes: Any) -> Message:
+    """Mark a message read or unread, or replace its tags."""
+    require(principal, Permission.MESSAGES_WRITE)
+    fields = []
+    if "is_read" in changes:
+        message.is_read = bool(changes.pop("is_read"))
+        fields.append("is_read")
+    if "tags" in changes:
+        message.tags = sorted({str(tag).lower() for tag in changes.pop("tags")})
+        fields.append("tags")
+    if changes:
+        raise ValidationError({name: "This field cannot be changed." for name in changes})
+    if fields:
+        message.save(update_fields=fields)
+    return message
+
+
+def message_delete(*, principal: Principal, message: Message) -> None:
+    """Soft-delete a message (event ``message.deleted``); the purge sweeper removes its blobs."""
+    from mailboxes.retention import message_soft_delete
+
+    require(principal, Permission.MESSAGES_WRITE)
+    message_soft_delete(message, reason="deleted through the API")

@@ -1,19 +1,70 @@
-"""Celery tasks of the mail path after the spool: parse (and, later, index)."""
+"""Celery tasks of the mail path after the spool: parse, index, and their sweepers.
+
+Thin and idempotent: each takes ids and calls one service. Transient errors (blob storage
+or database unreachable) retry with backoff; a message that cannot be parsed is
+quarantined by the service, never retried forever. Periodic tasks are registered in
+mailplatform/celery.py.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from mailboxes import pipeline, retention
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="mailboxes.tasks.message_parse", acks_late=True, ignore_result=True)
-def message_parse(message_id: str) -> None:
-    """Parse one stored message (DESIGN section 3 step 3).
+@shared_task(
+    name="mailboxes.tasks.message_parse",
+    acks_late=True,
+    ignore_result=True,
+    bind=True,
+    max_retries=8,
+    soft_time_limit=60,
+    time_limit=90,
+)
+def message_parse(self, message_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Parse one stored message (DESIGN section 3 step 3)."""
+    try:
+        pipeline.message_parse(message_id=message_id)
+    except SoftTimeLimitExceeded:
+        pipeline.message_quarantine(message_id=message_id, reason="parsing exceeded its time limit")
+    except Exception as exc:
+        logger.warning("parse of %s failed, will retry: %s", message_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=min(300, 2 ** (self.request.retries + 1))) from None
 
-    A no-op until parsing is implemented: the message stays ``stored``, and the sweeper
-    (the database is the source of truth) will re-enqueue it once this does the work.
-    """
-    logger.debug("message_parse %s: parsing not implemented yet", message_id)
+
+@shared_task(
+    name="mailboxes.tasks.message_index",
+    acks_late=True,
+    ignore_result=True,
+    bind=True,
+    max_retries=8,
+    soft_time_limit=30,
+    time_limit=60,
+)
+def message_index(self, message_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Index one parsed message (DESIGN section 3 step 4)."""
+    try:
+        pipeline.message_index(message_id=message_id)
+    except Exception as exc:
+        logger.warning("index of %s failed, will retry: %s", message_id, type(exc).__name__)
+        raise self.retry(exc=exc, countdown=min(300, 2 ** (self.request.retries + 1))) from None
+
+
+@shared_task(name="mailboxes.tasks.messages_stuck_sweep", ignore_result=True, soft_time_limit=120, time_limit=180)
+def messages_stuck_sweep() -> None:
+    """Re-enqueue messages sitting in ``stored`` or ``parsed`` too long (the database decides)."""
+    retention.messages_stuck_requeue()
+
+
+@shared_task(name="mailboxes.tasks.messages_retention_sweep", ignore_result=True, soft_time_limit=600, time_limit=900)
+def messages_retention_sweep() -> None:
+    """Apply retention, expire temporary mailboxes, and purge blobs of deleted messages."""
+    retention.mailboxes_expire()
+    retention.messages_retention_apply()
+    retention.messages_purge()

@@ -18,6 +18,10 @@ app.autodiscover_tasks()
 app.conf.beat_schedule = {
     # Due webhook deliveries: retries, lost broker messages, expired claims of dead workers.
     "webhooks-dispatch": {"task": "webhooks.tasks.deliveries_dispatch", "schedule": 2.0},
+    # Messages stuck in stored/parsed (lost broker messages, crashed workers): re-enqueued.
+    "messages-stuck-sweep": {"task": "mailboxes.tasks.messages_stuck_sweep", "schedule": 60.0},
+    # Retention per tenant/mailbox, temporary mailbox expiry, blob purge of deleted mail.
+    "messages-retention-sweep": {"task": "mailboxes.tasks.messages_retention_sweep", "schedule": 300.0},
     # Domain DNS checks (verification, MX monitoring); each domain at most every DOMAIN_CHECK_INTERVAL.
     "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": 60.0},
 }

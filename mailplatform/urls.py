@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import AllowAny
 
+from mailboxes.views import blob_download
 from mailplatform import ops
 
 api_v1 = [
@@ -26,6 +27,8 @@ urlpatterns = [
     path("readyz", ops.readyz, name="readyz"),
     path("metrics", ops.metrics, name="metrics"),
     path("api/v1/", include(api_v1)),
+    # Signed, expiring downloads from the local blob folder (S3 serves presigned URLs itself).
+    path("blobs/<str:token>/", blob_download, name="blob-download"),
     path("admin/", admin.site.urls),
     path("", include("webinbox.urls")),
 ]

@@ -54,6 +54,23 @@ ROUTES: dict[str, Route] = {
     "api-key-list": Route(body=lambda w: {"name": "k", "permissions": ["messages:read"]}),
     "api-key-detail": Route(kwargs=lambda w: {"pk": w.victim_key_id}),
     "api-key-revoke": Route(kwargs=lambda w: {"pk": w.victim_key_id}),
+    "message-list": Route(),
+    "message-wait": Route(),
+    "message-detail": Route(
+        kwargs=lambda w: {"pk": w.message.pk},
+        sibling_kwargs=lambda w: {"pk": w.sibling_message.pk},
+        body=lambda w: {"is_read": True, "tags": ["x"]},
+    ),
+    "message-raw": Route(
+        kwargs=lambda w: {"pk": w.message.pk}, sibling_kwargs=lambda w: {"pk": w.sibling_message.pk}
+    ),
+    "message-attachment": Route(
+        kwargs=lambda w: {"pk": w.message.pk, "attachment_id": w.attachment_id},
+        sibling_kwargs=lambda w: {"pk": w.sibling_message.pk, "attachment_id": w.sibling_attachment_id},
+    ),
+    "mailbox-code-latest": Route(
+        kwargs=lambda w: {"pk": w.mailbox.pk}, sibling_kwargs=lambda w: {"pk": w.sibling.pk}
+    ),
     "event-list": Route(),
     "event-detail": Route(
         kwargs=lambda w: {"event_id": w.mailbox_event_id},

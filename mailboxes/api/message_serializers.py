@@ -1,0 +1,155 @@
+"""Shapes of messages in the API; bodies only in the detail, never in lists."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from rest_framework import serializers
+
+from mailboxes import blobs
+from mailboxes.models import Attachment, Message
+from mailboxes.sanitize import html_render
+
+MAX_TAGS = 20
+
+
+def download_of(key: str, *, filename: str, content_type: str, size: int, sha256: str) -> dict[str, Any]:
+    """A signed download: the URL, when it stops working, and what it will return."""
+    return {
+        "url": blobs.blob_signed_url(key, filename=filename, content_type=content_type),
+        "expires_at": timezone.now() + timedelta(seconds=settings.SIGNED_URL_TTL),
+        "filename": filename,
+        "content_type": content_type,
+        "size": size,
+        "sha256": sha256,
+    }
+
+
+class DownloadSerializer(serializers.Serializer[Any]):
+    url = serializers.URLField()
+    expires_at = serializers.DateTimeField()
+    filename = serializers.CharField()
+    content_type = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+
+
+class AddressSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField()
+    address = serializers.CharField()
+
+
+class LinkSerializer(serializers.Serializer[Any]):
+    url = serializers.CharField()
+    text = serializers.CharField()
+
+
+class AttachmentSerializer(serializers.ModelSerializer[Attachment]):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Attachment
+        fields = ["id", "filename", "content_type", "size", "sha256", "content_id", "is_inline", "download_url"]
+        read_only_fields = fields
+
+    def get_download_url(self, attachment: Attachment) -> str:
+        return blobs.blob_signed_url(
+            attachment.storage_key,
+            filename=attachment.filename,
+            content_type=attachment.content_type,
+            inline=attachment.is_inline,
+        )
+
+
+class MessageSummarySerializer(serializers.ModelSerializer[Message]):
+    from_ = AddressSerializer(source="from_entry", read_only=True)
+
+    class Meta:
+        model = Message
+        fields = [
+            "id",
+            "mailbox",
+            "state",
+            "received_at",
+            "subject",
+            "from_",
+            "to",
+            "date",
+            "thread_id",
+            "tags",
+            "is_read",
+            "has_attachments",
+            "codes",
+            "size",
+        ]
+        read_only_fields = fields
+
+    def to_representation(self, instance: Message) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        data["from"] = data.pop("from_")
+        return data
+
+
+class MessageDetailSerializer(MessageSummarySerializer):
+    attachments = AttachmentSerializer(many=True, read_only=True)
+    html = serializers.SerializerMethodField()
+    cc = AddressSerializer(many=True, read_only=True)
+    reply_to = AddressSerializer(many=True, read_only=True)
+    links = LinkSerializer(many=True, read_only=True)
+    headers = serializers.ListField(child=serializers.ListField(child=serializers.CharField()), read_only=True)
+
+    class Meta(MessageSummarySerializer.Meta):
+        fields = [
+            *MessageSummarySerializer.Meta.fields,
+            "state_reason",
+            "source",
+            "mail_from",
+            "rcpt",
+            "cc",
+            "reply_to",
+            "sender",
+            "message_id",
+            "in_reply_to",
+            "references",
+            "headers",
+            "text",
+            "html",
+            "stripped_text",
+            "links",
+            "authentication_results",
+            "received_spf",
+            "attachments",
+            "sha256",
+            "trace_id",
+            "parsed_at",
+            "indexed_at",
+        ]
+        read_only_fields = fields
+
+    def get_html(self, message: Message) -> str:
+        if not message.html:
+            return ""
+        by_cid = {a.content_id: a for a in message.attachments.all() if a.content_id}
+
+        def cid_url(content_id: str) -> str | None:
+            attachment = by_cid.get(content_id)
+            if attachment is None:
+                return None
+            return blobs.blob_signed_url(
+                attachment.storage_key, filename=attachment.filename, content_type=attachment.content_type, inline=True
+            )
+
+        return html_render(message.html, cid_url=cid_url, remote_images=bool(self.context.get("remote_images")))
+
+
+class MessageUpdateSerializer(serializers.Serializer[Any]):
+    is_read = serializers.BooleanField(required=False)
+    tags = serializers.ListField(
+        child=serializers.RegexField(r"^[\w.:-]{1,64}$", max_length=64),
+        required=False,
+        max_length=MAX_TAGS,
+        help_text="Replaces the message's tags (letters, digits, . _ : -)",
+    )

@@ -1,0 +1,166 @@
+"""The messages API: list and search, detail, raw and attachment downloads, read/tags, delete.
+
+Waiting (``/messages/wait/``, ``/mailboxes/{id}/codes/latest/``) is asynchronous and lives
+in :mod:`mailboxes.api.waiting`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import JSONParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from mailboxes import selectors, services
+from mailboxes.api.message_serializers import (
+    DownloadSerializer,
+    MessageDetailSerializer,
+    MessageSummarySerializer,
+    MessageUpdateSerializer,
+    download_of,
+)
+from mailboxes.models import Message
+from mailboxes.search import QuerySyntaxError
+from tenants.access import Permission
+from tenants.api.views import principal_of
+
+
+class BoundedJSONParser(JSONParser):
+    """JSON whose nesting exhausts the decoder's recursion answers 400, not 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
+
+
+class NewestFirstPagination(CursorPagination):
+    """Newest received first; an opaque cursor, stable while mail arrives."""
+
+    ordering = ("-received_at", "-id")
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+def _uuid_param(request: Request, name: str) -> UUID | None:
+    value = request.query_params.get(name)
+    if not value:
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        raise exceptions.ValidationError({name: ["Must be an id."]}) from None
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("mailbox", OpenApiTypes.UUID, description="Only this mailbox"),
+            OpenApiParameter(
+                "q",
+                OpenApiTypes.STR,
+                description='Search: words, "phrases", from: to: subject: '
+                "has:attachment is:read is:unread tag: before: after: larger: smaller:, - negates",
+            ),
+            OpenApiParameter("thread", OpenApiTypes.STR, description="Only this conversation"),
+        ]
+    )
+)
+class MessageViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet[Message]
+):
+    """Received messages, newest first."""
+
+    lookup_value_regex = "[0-9a-fA-F-]{32,36}"
+    pagination_class = NewestFirstPagination
+    parser_classes = [BoundedJSONParser]
+    required_permissions = {
+        "list": Permission.MESSAGES_READ,
+        "retrieve": Permission.MESSAGES_READ,
+        "raw": Permission.MESSAGES_READ,
+        "partial_update": Permission.MESSAGES_WRITE,
+        "destroy": Permission.MESSAGES_WRITE,
+    }
+
+    def get_serializer_class(self) -> Any:
+        return MessageSummarySerializer if self.action == "list" else MessageDetailSerializer
+
+    def get_queryset(self) -> Any:
+        principal = principal_of(self.request)
+        if self.action != "list":
+            return selectors.message_scope(principal).prefetch_related("attachments")
+        try:
+            return selectors.message_list(
+                principal,
+                mailbox_id=_uuid_param(self.request, "mailbox"),
+                query=self.request.query_params.get("q", ""),
+                thread_id=self.request.query_params.get("thread") or None,
+            )
+        except QuerySyntaxError as error:
+            raise exceptions.ParseError(f"q: {error}", code="invalid_query") from None
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()
+        context["remote_images"] = self.request.query_params.get("remote_images") in {"1", "true", "yes"}
+        return context
+
+    @extend_schema(request=MessageUpdateSerializer, responses=MessageDetailSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        message = self.get_object()
+        serializer = MessageUpdateSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        message = services.message_update(principal=principal_of(request), message=message, **serializer.validated_data)
+        return Response(MessageDetailSerializer(message, context=self.get_serializer_context()).data)
+
+    def perform_destroy(self, instance: Message) -> None:
+        services.message_delete(principal=principal_of(self.request), message=instance)
+
+    @extend_schema(responses=DownloadSerializer)
+    @action(detail=True, methods=["get"])
+    def raw(self, request: Request, pk: str) -> Response:
+        """A short-lived signed URL for the raw bytes exactly as received (also for quarantined mail)."""
+        message = self.get_object()
+        download = download_of(
+            message.storage_key,
+            filename=f"{message.pk}.eml",
+            content_type="message/rfc822",
+            size=message.size,
+            sha256=message.sha256,
+        )
+        return Response(download)
+
+
+class AttachmentDownloadView(mixins.RetrieveModelMixin, viewsets.GenericViewSet[Message]):
+    """A short-lived signed URL for one attachment of a message."""
+
+    required_permissions = {"retrieve": Permission.MESSAGES_READ}
+
+    @extend_schema(responses=DownloadSerializer)
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        principal = principal_of(request)
+        try:
+            message = selectors.message_get(principal, kwargs["pk"])
+        except Message.DoesNotExist:
+            raise exceptions.NotFound() from None
+        attachment = next((a for a in message.attachments.all() if a.pk == kwargs["attachment_id"]), None)
+        if attachment is None:
+            raise exceptions.NotFound()
+        return Response(
+            download_of(
+                attachment.storage_key,
+                filename=attachment.filename,
+                content_type=attachment.content_type,
+                size=attachment.size,
+                sha256=attachment.sha256,
+            ),
+            status=status.HTTP_200_OK,
+        )

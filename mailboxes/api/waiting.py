@@ -1,0 +1,203 @@
+"""Long-polling endpoints, served asynchronously (ASGI): wait for a message, or for a code.
+
+These are plain async Django views, not DRF (whose views are synchronous): they
+authenticate with the same API keys (``tenants.services.api_key_authenticate``), check the
+same permission (``messages:read``), scope every query through the principal, and answer
+the API's error shape. A waiter costs a coroutine and an asyncio event, not a thread: it
+is woken by :mod:`mailboxes.waiting` when a message of its mailbox (or tenant) is indexed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, JsonResponse
+from django.views import View
+
+from audit import context
+from audit.middleware import client_ip
+from mailboxes import selectors
+from mailboxes.api.message_serializers import MessageDetailSerializer
+from mailboxes.models import Message
+from mailboxes.search import QuerySyntaxError, query_parse
+from mailboxes.waiting import wait_for
+from mailplatform.api import error_body
+from tenants.access import Permission, Principal
+from tenants.services import KeyRejected, api_key_authenticate
+
+MAX_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 30.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> JsonResponse:
+        response = JsonResponse(error_body(self.code, self.message), status=self.status)
+        if self.status == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="mailplatform"'
+        return response
+
+
+def _authenticate(request: HttpRequest) -> Principal:
+    """The same rules as tenants.api.authentication.ApiKeyAuthentication + KeyPermission."""
+    parts = request.headers.get("Authorization", "").split()
+    if not parts:
+        raise ApiError(401, "not_authenticated", "Send an API key as 'Authorization: Bearer mp_...'.")
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        raise ApiError(401, "invalid_authorization_header", "Send the key as 'Authorization: Bearer mp_...'.")
+    try:
+        api_key = api_key_authenticate(secret=parts[1], ip=client_ip(request))
+    except KeyRejected as rejected:
+        raise ApiError(401, rejected.code, str(rejected)) from None
+    context.set_tenant(str(api_key.tenant_id))
+    principal = Principal.for_api_key(api_key)
+    if not principal.tenant.is_active:
+        raise ApiError(403, "tenant_suspended", "This tenant is suspended.")
+    if not principal.has_perm(Permission.MESSAGES_READ):
+        raise ApiError(403, "missing_permission", f"This API key lacks the {Permission.MESSAGES_READ} permission.")
+    return principal
+
+
+def _timeout(value: str | None, default: float) -> float:
+    if value in (None, ""):
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ApiError(400, "validation_error", "timeout: a number of seconds.") from None
+    if not 0 <= seconds <= MAX_TIMEOUT or seconds != seconds:
+        raise ApiError(400, "validation_error", f"timeout: between 0 and {MAX_TIMEOUT:.0f} seconds.")
+    return seconds
+
+
+def _uuid(value: str | None, name: str) -> UUID | None:
+    if not value:
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        raise ApiError(400, "validation_error", f"{name}: must be an id.") from None
+
+
+def _mailbox_check(principal: Principal, mailbox_id: UUID) -> None:
+    if not selectors.mailbox_list(principal).filter(pk=mailbox_id).exists():
+        raise ApiError(404, "not_found", "Not found.")
+
+
+def _after(principal: Principal, value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return selectors.message_after_resolve(principal, value)
+    except ValueError as error:
+        raise ApiError(400, "validation_error", str(error)) from None
+
+
+def _detail(message: Message) -> dict[str, Any]:
+    message = (
+        selectors.message_scope(Principal.system(message.tenant)).prefetch_related("attachments").get(pk=message.pk)
+    )
+    return dict(MessageDetailSerializer(message).data)
+
+
+class WaitingView(View):
+    """Shared plumbing: authenticate, parse, wait, answer JSON (408 on timeout)."""
+
+    required_permissions = {"get": Permission.MESSAGES_READ}
+    http_method_names = ["get", "options"]
+
+    async def get(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
+        correlation = context.new_correlation_id()
+        with context.bind(correlation_id=correlation, ip=client_ip(request)):
+            try:
+                response = await self.answer(request, **kwargs)
+            except ApiError as error:
+                response = error.response()
+        response["X-Request-ID"] = correlation
+        response["Cache-Control"] = "no-store"
+        return response
+
+    async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:  # pragma: no cover
+        raise NotImplementedError
+
+
+class MessageWaitView(WaitingView):
+    """``GET /api/v1/messages/wait/?mailbox=&after=&q=&timeout=``.
+
+    Answers the newest indexed message the key can see that matches (received after
+    ``after``, an ISO 8601 time or a message id), as soon as there is one; 408 after
+    ``timeout`` seconds (default 30, at most 300) without one.
+    """
+
+    async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
+        principal = await sync_to_async(_authenticate)(request)
+        params = request.GET
+        timeout = _timeout(params.get("timeout"), DEFAULT_TIMEOUT)
+        mailbox_id = _uuid(params.get("mailbox"), "mailbox")
+        query = params.get("q", "")
+        try:
+            query_parse(query)
+        except QuerySyntaxError as error:
+            raise ApiError(400, "invalid_query", f"q: {error}") from None
+        if mailbox_id is not None:
+            await sync_to_async(_mailbox_check)(principal, mailbox_id)
+        after = await sync_to_async(_after)(principal, params.get("after"))
+
+        async def find() -> Message | None:
+            return await sync_to_async(selectors.message_ready_find)(
+                principal, mailbox_id=mailbox_id, after=after, query=query
+            )
+
+        found = await wait_for(find, tenant_id=principal.tenant_id, mailbox_id=mailbox_id, timeout=timeout)
+        if found is None:
+            raise ApiError(408, "timeout", f"No matching message arrived within {timeout:g} seconds.")
+        return JsonResponse(await sync_to_async(_detail)(found))
+
+
+class CodeLatestView(WaitingView):
+    """``GET /api/v1/mailboxes/{id}/codes/latest/?wait=&after=``.
+
+    The newest verification code in the mailbox. With ``wait`` (seconds, at most 300), waits
+    for a message with a code when there is none yet (408 when none comes); without it,
+    answers 404 ``no_code`` at once. Pass ``after`` (a time or message id) to ignore codes
+    of earlier mail.
+    """
+
+    async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
+        principal = await sync_to_async(_authenticate)(request)
+        mailbox_id = _uuid(str(kwargs["pk"]), "mailbox")
+        assert mailbox_id is not None
+        await sync_to_async(_mailbox_check)(principal, mailbox_id)
+        wait = _timeout(request.GET.get("wait"), 0.0)
+        after = await sync_to_async(_after)(principal, request.GET.get("after"))
+
+        async def find() -> Message | None:
+            return await sync_to_async(selectors.message_ready_find)(
+                principal, mailbox_id=mailbox_id, after=after, with_code=True
+            )
+
+        found = await wait_for(find, tenant_id=principal.tenant_id, mailbox_id=mailbox_id, timeout=wait)
+        if found is None:
+            if wait:
+                raise ApiError(408, "timeout", f"No code arrived within {wait:g} seconds.")
+            raise ApiError(404, "no_code", "No message with a code in this mailbox yet.")
+        return JsonResponse(await sync_to_async(_code_body)(found))
+
+
+def _code_body(message: Message) -> dict[str, Any]:
+    return {
+        "code": message.codes[0],
+        "codes": message.codes,
+        "message": str(message.pk),
+        "mailbox": str(message.mailbox_id),
+        "subject": message.subject,
+        "from": message.from_address,
+        "received_at": message.received_at.isoformat(),
+        "links": Message.objects.values_list("links", flat=True).get(pk=message.pk),
+    }

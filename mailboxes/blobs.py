@@ -1,0 +1,85 @@
+"""Blob storage for parsed parts: content-addressed puts, reads, signed URLs, deletes.
+
+The raw message keys are written by ingest (``raw/<tenant>/<yyyy>/<mm>/<dd>/<sha256>.eml``);
+attachments go under ``att/<tenant>/<sha256>``. Downloads never stream through the app on
+S3: the URL is presigned for ``SIGNED_URL_TTL`` seconds. On the local blob folder the URL
+points at :func:`mailboxes.views.blob_download` with a signed, expiring token.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from django.conf import settings
+from django.core import signing
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage, storages
+from django.urls import reverse
+
+_SALT = "mailboxes.blob-download"
+
+
+def blob_storage() -> Storage:
+    return storages["blobs"]
+
+
+def attachment_key(tenant_id: object, sha256: str) -> str:
+    return f"att/{tenant_id}/{sha256}"
+
+
+def blob_put(key: str, content: bytes, storage: Storage | None = None) -> None:
+    """Store ``content`` under exactly ``key``; repeating it is harmless (content-addressed)."""
+    storage = storage or blob_storage()
+    if not getattr(storage, "file_overwrite", False) and storage.exists(key):
+        return
+    name = storage.save(key, ContentFile(content))
+    if name != key:
+        raise RuntimeError(f"blob storage renamed {key} to {name}")
+
+
+def blob_get(key: str, storage: Storage | None = None) -> bytes:
+    with (storage or blob_storage()).open(key, "rb") as handle:
+        return bytes(handle.read())
+
+
+def blob_exists(key: str, storage: Storage | None = None) -> bool:
+    return (storage or blob_storage()).exists(key)
+
+
+def blob_delete(key: str, storage: Storage | None = None) -> None:
+    (storage or blob_storage()).delete(key)
+
+
+def _disposition(filename: str, inline: bool) -> str:
+    # RFC 6266 section 4.3 with an RFC 8187 filename* for non-ASCII names.
+    kind = "inline" if inline else "attachment"
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "_") or "download"
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def blob_signed_url(key: str, *, filename: str, content_type: str, inline: bool = False) -> str:
+    """A download URL valid for ``SIGNED_URL_TTL`` seconds."""
+    storage = blob_storage()
+    disposition = _disposition(filename, inline)
+    # Content types that a browser could run are served as octet-stream.
+    safe_type = content_type if content_type.startswith(("image/", "text/plain", "application/pdf")) else ""
+    safe_type = safe_type or ("message/rfc822" if key.endswith(".eml") else "application/octet-stream")
+    if hasattr(storage, "bucket_name"):
+        return str(
+            storage.url(
+                key,
+                parameters={"ResponseContentDisposition": disposition, "ResponseContentType": safe_type},
+                expire=settings.SIGNED_URL_TTL,
+            )
+        )
+    token = signing.dumps({"k": key, "f": filename, "t": safe_type, "i": inline}, salt=_SALT, compress=True)
+    return f"{settings.BASE_URL}{reverse('blob-download', kwargs={'token': token})}"
+
+
+def blob_token_read(token: str) -> dict[str, object]:
+    """The payload of a local download token; raises ``signing.BadSignature`` when invalid or expired."""
+    return dict(signing.loads(token, salt=_SALT, max_age=settings.SIGNED_URL_TTL))
+
+
+def disposition(filename: str, inline: bool) -> str:
+    return _disposition(filename, inline)

@@ -1,0 +1,231 @@
+"""Writes of the mail path's back half: parse, quarantine, index (DESIGN section 3 steps 3-4).
+
+Each service takes a message id, claims the row in the state it expects with a row lock
+(so two workers never do the same job twice) and moves it one state forward:
+``stored -> parsed -> indexed``, or ``stored -> quarantined`` for what truly cannot be
+parsed. The heavy work (reading the raw object, parsing, storing attachments) runs before
+the claim, and everything it writes is content-addressed, so a lost race or a crash costs
+only repeated work. Events: ``message.quarantined``, ``indexer.indexed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from uuid import UUID
+
+from django.contrib.postgres.search import SearchVector
+from django.db import connection, transaction
+from django.db.models import Value
+from django.utils import timezone
+from prometheus_client import Counter, Histogram
+
+from audit.services import event_record
+from mailboxes import blobs
+from mailboxes.models import Attachment, Message
+from mailboxes.parse import ParsedMessage, Unparseable, message_bytes_parse
+from mailboxes.threads import thread_id_compute
+from mailboxes.waiting import wake_publish
+
+logger = logging.getLogger(__name__)
+
+PARSED = Counter("mailboxes_parsed_total", "Messages through the parse step, by outcome", ["outcome"])
+INDEXED = Counter("mailboxes_indexed_total", "Messages indexed")
+PARSE_SECONDS = Histogram(
+    "mailboxes_parse_seconds", "Time to parse one message", buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+)
+SEARCH_CONFIG = "simple"  # no stemming or stop words: mail is multilingual, codes and names matter
+MAX_INDEXED_BODY = 200_000  # characters of body in the tsvector (its limit is 1 MB)
+
+
+class RawMissing(Exception):
+    """The raw object is not in blob storage (a permanent condition, unlike an outage)."""
+
+
+def raw_read(message: Message) -> bytes:
+    """The raw bytes; :class:`RawMissing` when the object is gone, other errors are transient."""
+    try:
+        return blobs.blob_get(message.storage_key)
+    except Exception:
+        if not blobs.blob_exists(message.storage_key):
+            raise RawMissing(message.storage_key) from None
+        raise
+
+
+def message_quarantine(*, message_id: UUID | str, reason: str) -> bool:
+    """Move a stored message to ``quarantined`` with its reason; the raw bytes stay."""
+    with transaction.atomic():
+        message = Message.objects.select_for_update().filter(pk=message_id, state=Message.State.STORED).first()
+        if message is None:
+            return False
+        message.state = Message.State.QUARANTINED
+        message.state_reason = reason[:500]
+        message.state_changed_at = timezone.now()
+        message.save(update_fields=["state", "state_reason", "state_changed_at"])
+        event_record(
+            tenant_id=message.tenant_id,
+            type="message.quarantined",
+            data={"reason": message.state_reason, "key": message.storage_key, "sha256": message.sha256},
+            trace_id=message.trace_id,
+            mailbox_id=message.mailbox_id,
+            message_id=message.pk,
+        )
+    PARSED.labels("quarantined").inc()
+    logger.warning("quarantined %s: %s", message_id, reason, extra={"trace_id": message.trace_id})
+    return True
+
+
+def _attachments_store(message: Message, parsed: ParsedMessage) -> list[Attachment]:
+    rows = []
+    for position, part in enumerate(parsed.attachments):
+        digest = part.sha256
+        key = blobs.attachment_key(message.tenant_id, digest)
+        blobs.blob_put(key, part.content)
+        rows.append(
+            Attachment(
+                tenant_id=message.tenant_id,
+                message_id=message.pk,
+                position=position,
+                filename=part.filename,
+                content_type=part.content_type,
+                size=len(part.content),
+                sha256=digest,
+                content_id=part.content_id,
+                is_inline=part.is_inline,
+                storage_key=key,
+            )
+        )
+    return rows
+
+
+def _recipients_text(parsed: ParsedMessage, rcpt: str) -> str:
+    entries = [f"{entry['name']} <{entry['address']}>" for entry in (*parsed.to, *parsed.cc)]
+    return " ".join([*entries, rcpt.lower()])[:20_000]
+
+
+def message_parse(*, message_id: UUID | str) -> str:
+    """Parse one stored message; returns the outcome ("parsed", "quarantined", "skipped").
+
+    Transient failures (blob storage or database down) raise, for the task to retry.
+    """
+    message = Message.objects.filter(pk=message_id).first()
+    if message is None or message.state != Message.State.STORED:
+        return "skipped"
+    started = time.perf_counter()
+    try:
+        raw = raw_read(message)
+    except RawMissing:
+        message_quarantine(message_id=message.pk, reason="raw object missing from blob storage")
+        return "quarantined"
+    try:
+        parsed = message_bytes_parse(raw)
+    except Unparseable as exc:
+        message_quarantine(message_id=message.pk, reason=str(exc))
+        return "quarantined"
+    attachments = _attachments_store(message, parsed)
+    with transaction.atomic():
+        claimed = Message.objects.select_for_update().filter(pk=message.pk, state=Message.State.STORED).first()
+        if claimed is None:
+            return "skipped"
+        now = timezone.now()
+        fields = {
+            "subject": parsed.subject,
+            "from_address": parsed.from_address,
+            "from_name": parsed.from_name,
+            "to": parsed.to,
+            "cc": parsed.cc,
+            "reply_to": parsed.reply_to,
+            "sender": parsed.sender,
+            "recipients_text": _recipients_text(parsed, claimed.rcpt),
+            "date": parsed.date,
+            "message_id": parsed.message_id,
+            "in_reply_to": parsed.in_reply_to,
+            "references": parsed.references,
+            "headers": parsed.headers,
+            "text": parsed.text,
+            "html": parsed.html,
+            "stripped_text": parsed.stripped_text,
+            "codes": parsed.codes,
+            "links": parsed.links,
+            "authentication_results": parsed.authentication_results,
+            "received_spf": parsed.received_spf,
+            "has_attachments": any(not row.is_inline for row in attachments),
+            "attachment_names": " ".join(row.filename for row in attachments)[:10_000],
+            "defects": parsed.defects,
+            "tags": sorted({*claimed.tags, *parsed.x_tags}),
+            "thread_id": thread_id_compute(
+                mailbox_id=claimed.mailbox_id,
+                message_pk=claimed.pk,
+                message_id=parsed.message_id,
+                in_reply_to=parsed.in_reply_to,
+                references=parsed.references,
+                subject=parsed.subject,
+            ),
+            "state": Message.State.PARSED,
+            "state_reason": "",
+            "state_changed_at": now,
+            "parsed_at": now,
+        }
+        for name, value in fields.items():
+            setattr(claimed, name, value)
+        claimed.save(update_fields=list(fields))
+        Attachment.objects.filter(message_id=claimed.pk).delete()  # a half-done earlier attempt
+        Attachment.objects.bulk_create(attachments)
+        message_id_text = str(claimed.pk)
+        transaction.on_commit(lambda: _index_enqueue(message_id_text), robust=True)
+    PARSED.labels("parsed").inc()
+    PARSE_SECONDS.observe(time.perf_counter() - started)
+    return "parsed"
+
+
+def _index_enqueue(message_id: str) -> None:
+    from mailboxes.tasks import message_index
+
+    message_index.delay(message_id)
+
+
+def search_vector_expression() -> SearchVector:
+    """The weighted document: A subject, B addresses, C body and attachment names."""
+    from django.db.models.functions import Left
+
+    return (
+        SearchVector("subject", weight="A", config=SEARCH_CONFIG)
+        + SearchVector("from_name", "from_address", "recipients_text", weight="B", config=SEARCH_CONFIG)
+        + SearchVector(Left("text", MAX_INDEXED_BODY), "attachment_names", weight="C", config=SEARCH_CONFIG)
+    )
+
+
+def message_index(*, message_id: UUID | str) -> bool:
+    """Index one parsed message (idempotent); wakes waiters when the transaction commits."""
+    with transaction.atomic():
+        message = Message.objects.select_for_update().filter(pk=message_id, state=Message.State.PARSED).first()
+        if message is None:
+            return False
+        now = timezone.now()
+        updates: dict[str, object] = {"state": Message.State.INDEXED, "state_changed_at": now, "indexed_at": now}
+        if connection.vendor == "postgresql":
+            updates["search_vector"] = search_vector_expression()
+        Message.objects.filter(pk=message.pk).update(**updates)
+        event_record(
+            tenant_id=message.tenant_id,
+            type="indexer.indexed",
+            data={"thread": message.thread_id, "codes": len(message.codes), "attachments": message.has_attachments},
+            trace_id=message.trace_id,
+            mailbox_id=message.mailbox_id,
+            message_id=message.pk,
+        )
+        # NOTIFY is transactional (PostgreSQL docs, NOTIFY): delivered exactly on commit.
+        wake_publish(tenant_id=message.tenant_id, mailbox_id=message.mailbox_id, message_id=message.pk)
+    INDEXED.inc()
+    return True
+
+
+def message_reindex(*, message_id: UUID | str) -> None:
+    """Recompute the search document of an indexed message (after tags change, say)."""
+    if connection.vendor == "postgresql":
+        Message.objects.filter(pk=message_id, state=Message.State.INDEXED).update(
+            search_vector=search_vector_expression()
+        )
+
+
+_ = Value  # re-exported for callers composing documents

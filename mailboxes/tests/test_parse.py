@@ -1,0 +1,149 @@
+"""The parse and index steps over a corpus of real-world shaped messages (PostgreSQL, S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+
+import pytest
+
+from audit.models import Event
+from mailboxes import pipeline
+from mailboxes.models import Message
+from mailboxes.parse import message_bytes_parse
+from mailboxes.tests.helpers import FIXTURES, fixture_bytes, message_deliver, message_store, simple_message
+
+CORPUS = sorted(path.name for path in FIXTURES.glob("*.eml"))
+QUARANTINED = {"garbage.eml", "deep_nesting.eml", "no_headers_text.eml"}
+
+
+def _download(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_it_ends_every_fixture_indexed_or_quarantined_with_identical_raw_bytes(world, name):
+    raw = fixture_bytes(name)
+    message = message_deliver(world.mailbox, raw)
+    expected = Message.State.QUARANTINED if name in QUARANTINED else Message.State.INDEXED
+    assert message.state == expected, message.state_reason
+    event_type = "message.quarantined" if expected == Message.State.QUARANTINED else "indexer.indexed"
+    assert Event.objects.filter(message_id=message.pk, type=event_type).count() == 1
+    if expected == Message.State.QUARANTINED:
+        assert message.state_reason
+    response = world.client(world.owner_key).get(f"/api/v1/messages/{message.pk}/raw/")
+    assert response.status_code == 200, response.content
+    downloaded = _download(response.json()["url"])
+    assert hashlib.sha256(downloaded).hexdigest() == hashlib.sha256(raw).hexdigest()
+
+
+def test_it_records_addresses_subject_dates_and_headers(world):
+    message = message_deliver(world.mailbox, fixture_bytes("multipart_alternative.eml"))
+    assert message.from_address == "alice@sender.example"
+    assert message.from_name == "Alice Example"
+    assert message.to == [{"name": "", "address": "inbox@acme.example.test"}]
+    assert message.date.isoformat() == "2025-07-01T10:00:00+00:00"
+    assert message.text.startswith("Plain body")
+    assert "Open it" in message.html
+    assert {"url": "https://example.com/html", "text": "Open it"} in message.links
+    assert ["Subject", "Alternative parts"] in message.headers
+
+
+def test_it_decodes_rfc2047_subjects_and_legacy_charsets():
+    parsed = message_bytes_parse(fixture_bytes("iso_2022_jp.eml"))
+    assert parsed.subject == "ですか"
+    assert "認証コード" in parsed.text
+    assert parsed.codes == ["583920"]
+    koi8 = message_bytes_parse(fixture_bytes("koi8_r.eml"))
+    assert koi8.subject == "Привет"
+    assert koi8.codes == ["319457"]
+    latin = message_bytes_parse(fixture_bytes("eight_bit.eml"))
+    assert "Grüße aus Köln" in latin.text
+    assert latin.codes == ["771204"]
+
+
+def test_it_keeps_all_five_thousand_headers():
+    parsed = message_bytes_parse(fixture_bytes("many_headers.eml"))
+    assert sum(1 for name, _ in parsed.headers if name.startswith("X-Filler-")) == 5000
+    assert parsed.text.strip() == "Body after many headers."
+
+
+def test_it_stores_each_attachment_as_its_own_object(world):
+    message = message_deliver(world.mailbox, fixture_bytes("nested_multipart.eml"))
+    attachments = {a.filename: a for a in message.attachments.all()}
+    assert set(attachments) == {"logo.png", "report.pdf"}
+    assert attachments["logo.png"].is_inline
+    assert attachments["logo.png"].content_id == "logo@x"
+    assert not attachments["report.pdf"].is_inline
+    assert message.has_attachments
+    pdf = attachments["report.pdf"]
+    url = world.client(world.owner_key).get(f"/api/v1/messages/{message.pk}/attachments/{pdf.pk}/").json()["url"]
+    assert _download(url) == b"%PDF-1.4 quarterly report"
+    assert pdf.sha256 == hashlib.sha256(b"%PDF-1.4 quarterly report").hexdigest()
+
+
+def test_it_reads_rfc2231_filenames_and_calendar_parts(world):
+    message = message_deliver(world.mailbox, fixture_bytes("rfc2231_filename.eml"))
+    assert [a.filename for a in message.attachments.all()] == ["été résumé.txt"]
+    invite = message_deliver(world.mailbox, fixture_bytes("calendar_tnef.eml"))
+    assert {a.filename for a in invite.attachments.all()} >= {"winmail.dat"}
+    types = {a.content_type for a in invite.attachments.all()}
+    assert "application/ms-tnef" in types
+
+
+def test_it_rewrites_cid_images_to_signed_attachment_urls_and_blocks_remote_images(world):
+    message = message_deliver(world.mailbox, fixture_bytes("inline_image.eml"))
+    client = world.client(world.owner_key)
+    html = client.get(f"/api/v1/messages/{message.pk}/").json()["html"]
+    assert "cid:" not in html
+    assert "X-Amz-Signature" in html or "Signature=" in html
+    assert ' src="https://tracker.example/pixel.gif"' not in html
+    assert 'data-remote-src="https://tracker.example/pixel.gif"' in html
+    opted_in = client.get(f"/api/v1/messages/{message.pk}/?remote_images=1").json()["html"]
+    assert ' src="https://tracker.example/pixel.gif"' in opted_in
+
+
+def test_it_makes_hostile_html_harmless():
+    html = message_bytes_parse(fixture_bytes("hostile_html.eml")).html.lower()
+    for needle in ("<script", "javascript:", "onload", "onerror", "expression(", "<svg", "<meta", "refresh",
+                   "<form", "<input", "<iframe", "<style", "evil.example"):  # fmt: skip
+        assert needle not in html, needle
+    assert 'href="https://ok.example/"' in html
+
+
+def test_it_strips_replies_threads_them_and_reads_x_tags(world):
+    root = message_deliver(world.mailbox, simple_message("Project plan", message_id="<root@sender.example>"))
+    reply = message_deliver(world.mailbox, fixture_bytes("reply.eml"), tags=["plus"])
+    assert reply.stripped_text == "Sounds good, ship it."
+    assert reply.thread_id == root.thread_id != ""
+    assert reply.tags == ["plus", "project", "urgent"]
+    no_refs = message_deliver(world.mailbox, simple_message("RE: project   PLAN", body="late reply"))
+    assert no_refs.thread_id == root.thread_id
+    other = message_deliver(world.mailbox, simple_message("Unrelated"))
+    assert other.thread_id != root.thread_id
+
+
+def test_it_extracts_codes_and_links():
+    parsed = message_bytes_parse(fixture_bytes("verification_code.eml"))
+    assert parsed.codes[0] == "482913"
+    assert {"url": "https://app.example/verify?t=abc", "text": ""} in parsed.links
+
+
+def test_it_quarantines_a_message_whose_raw_object_is_missing_and_never_drops_it(world):
+    message = message_store(world.mailbox, simple_message())
+    Message.objects.filter(pk=message.pk).update(storage_key="raw/missing/nothing.eml")
+    assert pipeline.message_parse(message_id=message.pk) == "quarantined"
+    message.refresh_from_db()
+    assert message.state == Message.State.QUARANTINED
+    assert "missing" in message.state_reason
+
+
+def test_it_is_idempotent_when_a_task_runs_twice(world):
+    message = message_store(world.mailbox, fixture_bytes("nested_multipart.eml"))
+    assert pipeline.message_parse(message_id=message.pk) == "parsed"
+    assert pipeline.message_parse(message_id=message.pk) == "skipped"
+    assert pipeline.message_index(message_id=message.pk) is True
+    assert pipeline.message_index(message_id=message.pk) is False
+    assert message.attachments.count() == 2
+    assert Event.objects.filter(message_id=message.pk, type="indexer.indexed").count() == 1
