@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
 
 app = Celery("mailplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.task_queues = [Queue(name) for name in ("ingest", "parse", "index", "webhooks", "maintenance")]
+# Each queue has its own exchange and routing key. A bare Queue(name) is bound to the default
+# exchange with the default routing key, so every task would land in all five queues.
+QUEUES = ("ingest", "parse", "index", "webhooks", "maintenance")
+app.conf.task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
 app.autodiscover_tasks()
 
 # Periodic tasks are registered here and only here; django-celery-beat stores them.
@@ -24,4 +27,6 @@ app.conf.beat_schedule = {
     "messages-retention-sweep": {"task": "mailboxes.tasks.messages_retention_sweep", "schedule": 300.0},
     # Domain DNS checks (verification, MX monitoring); each domain at most every DOMAIN_CHECK_INTERVAL.
     "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": 60.0},
+    # Sign-in links that expired or were used more than a day ago.
+    "login-tokens-purge": {"task": "webinbox.tasks.login_tokens_purge", "schedule": 3600.0},
 }

@@ -121,3 +121,31 @@ def test_it_routes_the_maintenance_task_to_the_maintenance_queue() -> None:
     route = app.amqp.router.route({}, login_tokens_purge_task.name)
     assert route["queue"].name == "maintenance"
     assert login_tokens_purge_task.acks_late is True
+
+
+def test_it_puts_each_task_in_exactly_one_queue() -> None:
+    """Publish one task per route through the app's own queues on Redis (a database of our
+    own, so no worker consumes them): each lands in its queue only, not in all five."""
+    routes = {
+        "maintenance": "webinbox.tasks.login_tokens_purge",
+        "parse": "mailboxes.tasks.message_parse",
+        "webhooks": "webhooks.tasks.deliveries_dispatch",
+    }
+    assert {name: (queue.exchange.name, queue.routing_key) for name, queue in app.amqp.queues.items()} == {
+        name: (name, name) for name in ("ingest", "parse", "index", "webhooks", "maintenance")
+    }
+    with app.connection_for_write(REDIS_URL) as conn:
+        channel = conn.default_channel
+        queues = {name: queue(channel) for name, queue in app.amqp.queues.items()}
+        try:
+            for queue in queues.values():
+                queue.declare()
+                queue.purge()
+            with conn.Producer() as producer:
+                for task_name in routes.values():
+                    app.send_task(task_name, producer=producer)
+            counts = {name: queue.queue_declare().message_count for name, queue in queues.items()}
+        finally:
+            for queue in queues.values():
+                queue.delete()
+    assert counts == {name: int(name in routes) for name in queues}
