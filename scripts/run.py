@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""`make run`: migrate, create the demo tenant, then run every process under one supervisor.
+
+Children: the web server (uvicorn on mailplatform.asgi), the Celery worker with embedded beat
+and, once the command exists, the SMTP server (runsmtp). Their output is prefixed with their
+name. Ctrl-C (or SIGTERM) stops them all; so does any one of them exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+QUEUES = "ingest,parse,index,webhooks,maintenance"
+COLORS = {"web": "36", "worker": "35", "smtp": "33"}
+
+
+def manage(*arguments: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "manage.py", *arguments],
+        cwd=ROOT,
+        check=False,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+    )
+
+
+def has_command(name: str) -> bool:
+    return manage("help", name, capture=True).returncode == 0
+
+
+class Child:
+    def __init__(self, name: str, arguments: list[str], color: bool) -> None:
+        self.name = name
+        prefix = f"{name:<6} | "
+        self.prefix = f"\033[{COLORS.get(name, '0')}m{prefix}\033[0m" if color else prefix
+        # A session of its own, so a Ctrl-C in the terminal reaches the supervisor only and
+        # the children stop in order, once.
+        self.process = subprocess.Popen(
+            arguments,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        self.reader = threading.Thread(target=self._pump, args=(self.process.stdout,), daemon=True)
+        self.reader.start()
+
+    def _pump(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        for line in stream:
+            sys.stdout.write(self.prefix + line if line.endswith("\n") else f"{self.prefix}{line}\n")
+            sys.stdout.flush()
+
+    def terminate(self) -> None:
+        # The child itself: a Celery or SMTP master stops its own workers in order.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        # The whole process group, so no grandchild outlives a child that had to be killed.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def stop_all(children: list[Child], grace: float = 10.0) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"{child.name} did not stop within {grace:.0f}s; killing it", flush=True)
+            child.kill()
+            child.process.wait()
+    for child in children:
+        child.kill()  # anything left in a group whose leader has gone
+        child.reader.join(timeout=2)
+
+
+def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
+    mailbox, key = demo["mailbox"], demo["api_key"]
+    lines = [
+        "",
+        "=" * 78,
+        " mailplatform is running (embedded defaults unless DATABASE_URL/CELERY_BROKER_URL/S3_* are set)",
+        "=" * 78,
+        f"  web          {web}/",
+        f"  SMTP         {smtp}" if smtp else "  SMTP         not started (no runsmtp command yet)",
+        f"  tenant       {demo['tenant']}",
+        f"  mailbox      {mailbox}   (id {demo['mailbox_id']})",
+        f"  API key      {key}   (shown once; `make run` mints a new one each time)",
+        f"  login link   {demo['login_url']}   (single use, 10 minutes)",
+        f"  admin        {web}/admin/   (.venv/bin/python manage.py createsuperuser)",
+        "",
+        "  Try it:",
+        f'    curl -H "Authorization: Bearer {key}" {web}/api/v1/mailboxes/',
+    ]
+    if smtp:
+        host, _, port = smtp.rpartition(":")
+        lines.append(f"    swaks --server {host} --port {port} --to {mailbox} --from you@example.com")
+        lines.append(f'    curl -H "Authorization: Bearer {key}" "{web}/api/v1/messages/?mailbox={demo["mailbox_id"]}"')
+    lines += ["", "  Ctrl-C stops everything.", "=" * 78, ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--smtp-port", type=int, default=2525)
+    parser.add_argument("--no-smtp", action="store_true", help="do not start the SMTP server")
+    options = parser.parse_args()
+
+    os.chdir(ROOT)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
+    os.environ.setdefault("LOG_FORMAT", "text")  # people read this terminal; production keeps JSON
+
+    print("== migrating the database", flush=True)
+    if manage("migrate", "--noinput", "--verbosity=0").returncode != 0:
+        return 1
+    print("== creating the demo tenant", flush=True)
+    result = manage("bootstrap_demo", "--json", capture=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        return 1
+    demo = json.loads(result.stdout.strip().splitlines()[-1])
+
+    smtp_enabled = not options.no_smtp and has_command("runsmtp")
+    web = f"http://{options.host}:{options.port}"
+    commands: list[tuple[str, list[str]]] = [
+        (
+            "web",
+            [
+                PYTHON,
+                "-m",
+                "uvicorn",
+                "mailplatform.asgi:application",
+                "--host",
+                options.host,
+                "--port",
+                str(options.port),
+            ],
+        ),
+        (
+            "worker",
+            [PYTHON, "-m", "celery", "-A", "mailplatform", "worker", "-B", "-Q", QUEUES, "-c", "2", "-l", "INFO"],
+        ),
+    ]
+    if smtp_enabled:
+        commands.append(
+            ("smtp", [PYTHON, "manage.py", "runsmtp", "--host", options.host, "--port", str(options.smtp_port)])
+        )
+
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    children: list[Child] = []
+    stopping = threading.Event()
+
+    def request_stop(number: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    for name, arguments in commands:
+        children.append(Child(name, arguments, color))
+    print(banner(demo, web, f"{options.host}:{options.smtp_port}" if smtp_enabled else None), flush=True)
+
+    exit_code = 0
+    while not stopping.wait(0.2):
+        ended = next((child for child in children if child.process.poll() is not None), None)
+        if ended is not None:
+            exit_code = ended.process.returncode if (ended.process.returncode or 0) > 0 else 1
+            print(f"== {ended.name} exited with {ended.process.returncode}; stopping the others", flush=True)
+            break
+    else:
+        print("== stopping", flush=True)
+    stop_all(children)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
