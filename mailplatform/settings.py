@@ -68,6 +68,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "webinbox.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "audit.middleware.RequestContextMiddleware",
     "tenants.middleware.StaffIpAllowlistMiddleware",
@@ -75,6 +76,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "webinbox.middleware.SessionGenerationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "allauth.account.middleware.AccountMiddleware",
@@ -326,6 +328,39 @@ ACCOUNT_UNIQUE_EMAIL = True
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/inbox/"
 LOGIN_LINK_TTL = 600
+# Sign-in link requests: per address and per client IP, in a window of LOGIN_RATE_WINDOW seconds.
+LOGIN_RATE_PER_ADDRESS = config.integer("LOGIN_RATE_PER_ADDRESS", 5, minimum=1)
+LOGIN_RATE_PER_IP = config.integer("LOGIN_RATE_PER_IP", 30, minimum=1)
+LOGIN_RATE_WINDOW = config.integer("LOGIN_RATE_WINDOW", 900, minimum=1)
+# Temporary inboxes (webinbox/): lifetime, "extend" (how many times, by how much), and how many
+# one client IP may create per hour (web and API together).
+TEMP_INBOX_TTL = config.integer("TEMP_INBOX_TTL", 24 * 3600, minimum=60)
+TEMP_INBOX_EXTENSIONS = config.integer("TEMP_INBOX_EXTENSIONS", 2, minimum=0, maximum=10)
+TEMP_INBOX_EXTENSION = config.integer("TEMP_INBOX_EXTENSION", 24 * 3600, minimum=60)
+TEMP_INBOX_RATE_PER_HOUR = config.integer("TEMP_INBOX_RATE_PER_HOUR", 10, minimum=1)
+
+# --- Cache (rate limits) ---------------------------------------------------------------
+# CACHE_URL: redis://host:port/db, locmem:// (one process only) or file:///path. Default:
+# Redis when the broker is Redis, else a file cache under DATA_DIR shared by every process.
+_cache_url = config.string("CACHE_URL", "")
+if not _cache_url and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    _cache_url = CELERY_BROKER_URL
+if _cache_url.startswith(("redis://", "rediss://")):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": _cache_url,
+            "KEY_PREFIX": "mp-cache",
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
+elif _cache_url.startswith("locmem://"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+elif not _cache_url or _cache_url.startswith("file://"):
+    _cache_dir = Path(_cache_url.removeprefix("file://") or DATA_DIR / "cache")
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(_cache_dir)}}
+else:
+    raise ImproperlyConfigured(f"CACHE_URL: expected redis://, rediss://, locmem:// or file://, got {_cache_url!r}")
 
 # --- Security --------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
@@ -340,6 +375,12 @@ X_FRAME_OPTIONS = "DENY"
 if _https and not DEBUG:
     SECURE_HSTS_SECONDS = 31536000
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = config.boolean("SECURE_HSTS_PRELOAD", True)
+    # Plain http is redirected, except the probes a load balancer sends inside the network.
+    SECURE_SSL_REDIRECT = config.boolean("SECURE_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    if TRUSTED_PROXIES:  # TLS ends at the proxy, which must overwrite X-Forwarded-Proto
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -20,6 +20,7 @@ api_v1 = [
     path("", include("mailboxes.api.urls")),
     path("", include("audit.api.urls")),
     path("", include("webhooks.api.urls")),
+    path("", include("webinbox.api.urls")),
 ]
 
 urlpatterns = [

@@ -39,6 +39,7 @@ class Route:
 ROUTES: dict[str, Route] = {
     "schema": Route(public=True),
     "docs": Route(public=True),
+    "temp-inbox-create": Route(public=True),  # no key: creates in the platform's temporary tenant
     "tenant": Route(body=lambda w: {"name": "Renamed"}),
     "domain-list": Route(body=lambda w: {"name": "new.example.test"}),
     "domain-detail": Route(kwargs=lambda w: {"pk": w.domain.pk}, body=lambda w: {"recipient_policy": "drop"}),

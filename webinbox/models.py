@@ -18,3 +18,31 @@ class LoginToken(models.Model):
 
     def __str__(self) -> str:
         return f"login link for {self.user}"
+
+
+class TempInbox(models.Model):
+    """The credential of a temporary inbox: only the SHA-256 of its link token is stored.
+
+    The mailbox (kind temporary, in the platform's temporary tenant) carries the expiry; when
+    the retention sweeper removes the mailbox, this row goes with it.
+    """
+
+    mailbox = models.OneToOneField("mailboxes.Mailbox", on_delete=models.CASCADE, related_name="temp_inbox")
+    token_hash = models.CharField(max_length=64, unique=True)
+    extensions = models.PositiveSmallIntegerField(default=0)
+    created_ip = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"temporary inbox {self.mailbox_id}"
+
+
+class SessionGeneration(models.Model):
+    """Per-user counter; "sign out everywhere" increments it (see webinbox.middleware)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    generation = models.PositiveIntegerField(default=0)
+    changed_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"session generation {self.generation} of {self.user_id}"

@@ -1,25 +1,39 @@
-"""Sign-in links."""
+"""Writes of the web side: sign-in links, sessions, temporary inboxes, member invitations."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
+import threading
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
 
-from tenants.models import User
-from webinbox.models import LoginToken
+from audit import context
+from audit.services import Actor, audit_entry_record
+from tenants.access import Permission, Principal
+from tenants.models import Domain, Membership, Tenant, User
+from tenants.services import require
+from webinbox import ratelimit
+from webinbox.models import LoginToken, SessionGeneration, TempInbox
+
+logger = logging.getLogger(__name__)
 
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# --- Sign-in links -------------------------------------------------------------------------
 def login_link_create(*, user: User) -> str:
     """A single-use sign-in URL on BASE_URL (never the request's Host), valid LOGIN_LINK_TTL."""
     token = secrets.token_urlsafe(32)
@@ -45,14 +59,268 @@ def login_link_consume(*, token: str) -> User | None:
     return user if user.is_active else None
 
 
+# Mail goes out on a thread, so the answer to /login/ takes the same time whether or not a
+# link was sent (SMTP relays are slow and uneven). Tests wait for it with outbound_flush().
+_outbound: list[threading.Thread] = []
+
+
+def _send_in_background(subject: str, body: str, recipient: str) -> None:
+    def send() -> None:
+        try:
+            send_mail(subject, body, None, [recipient])
+        except Exception as exc:  # never the link itself in a log line
+            logger.warning("sign-in mail could not be sent: %s", type(exc).__name__)
+
+    thread = threading.Thread(target=send, name="login-mail", daemon=True)
+    _outbound[:] = [pending for pending in _outbound if pending.is_alive()]
+    _outbound.append(thread)
+    thread.start()
+
+
+def outbound_flush(timeout: float = 10.0) -> None:
+    """Wait for sign-in mail being sent (tests, and a clean shutdown)."""
+    for thread in list(_outbound):
+        thread.join(timeout)
+
+
+def login_request(*, email: str, ip: str | None) -> None:
+    """Send a sign-in link if ``email`` is an active member and the rate limits allow.
+
+    Does the same work, and says nothing different, whether or not the address exists: the
+    caller always answers "check your inbox".
+    """
+    email = User.objects.normalize_email(email.strip()).lower()
+    allowed_address = ratelimit.hit(
+        "login-address", email, limit=settings.LOGIN_RATE_PER_ADDRESS, window=settings.LOGIN_RATE_WINDOW
+    )
+    allowed_ip = ratelimit.hit(
+        "login-ip", ip or "-", limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW
+    )
+    user = User.objects.filter(email__iexact=email, is_active=True, memberships__isnull=False).distinct().first()
+    if not (allowed_address and allowed_ip):
+        logger.info("sign-in link request rate-limited")
+        return
+    if user is None:
+        return
+    link = login_link_create(user=user)
+    minutes = settings.LOGIN_LINK_TTL // 60
+    body = (
+        f"Sign in to mailplatform:\n\n{link}\n\n"
+        f"The link works once, for {minutes} minutes. If you did not ask for it, ignore this message.\n"
+    )
+    _send_in_background("Your mailplatform sign-in link", body, user.email)
+
+
+def _tenant_ids_of(user: User) -> list[Any]:
+    return list(Membership.objects.filter(user=user).values_list("tenant_id", flat=True))
+
+
+def login_record(*, user: User, method: str = "link") -> None:
+    """Audit a sign-in (``auth.login``) in each of the user's tenants."""
+    actor = Actor(type="user", label=user.email, user_id=user.pk)
+    for tenant_id in _tenant_ids_of(user) or [None]:
+        audit_entry_record(
+            tenant_id=tenant_id, actor=actor, action="auth.login", resource_type="user", resource_id=user.pk,
+            after={"method": method},
+        )  # fmt: skip
+
+
+def login_failure_record(*, reason: str) -> None:
+    """Audit a refused sign-in (``auth.login_failed``); the link's owner is unknown by design."""
+    audit_entry_record(
+        tenant_id=None, actor=Actor(type="user", label="anonymous"), action="auth.login_failed",
+        resource_type="user", after={"reason": reason},
+    )  # fmt: skip
+
+
+# --- Sessions ---------------------------------------------------------------------------
+def session_generation_stamp(sender: Any, request: HttpRequest, user: User, **kwargs: Any) -> None:
+    """``user_logged_in`` receiver: the new session belongs to the user's current generation."""
+    from webinbox.middleware import SESSION_GENERATION_KEY
+    from webinbox.selectors import session_generation_of
+
+    if request is not None and hasattr(request, "session"):
+        request.session[SESSION_GENERATION_KEY] = session_generation_of(user)
+
+
+def sign_out_everywhere(*, user: User) -> int:
+    """End every session of ``user`` (all browsers) at their next request; returns the new generation."""
+    with transaction.atomic():
+        row, _ = SessionGeneration.objects.select_for_update().get_or_create(user=user)
+        row.generation = F("generation") + 1
+        row.save(update_fields=["generation", "changed_at"])
+        row.refresh_from_db()
+        actor = Actor(type="user", label=user.email, user_id=user.pk)
+        for tenant_id in _tenant_ids_of(user) or [None]:
+            audit_entry_record(
+                tenant_id=tenant_id, actor=actor, action="auth.logout_everywhere", resource_type="user",
+                resource_id=user.pk,
+            )  # fmt: skip
+    return row.generation
+
+
+# --- Temporary inboxes ------------------------------------------------------------------
+TEMP_TENANT_SLUG = "temporary-inboxes"
+
+
+def temp_tenant_get_or_create() -> tuple[Tenant, Domain]:
+    """The platform-owned tenant (plan temporary) and its verified TEMP_INBOX_DOMAIN; idempotent."""
+    from tenants.services import tenant_create
+
+    tenant = Tenant.objects.filter(slug=TEMP_TENANT_SLUG).first()
+    if tenant is None:
+        try:
+            with transaction.atomic():
+                tenant = tenant_create(
+                    name="Temporary inboxes", slug=TEMP_TENANT_SLUG, plan=Tenant.Plan.TEMPORARY,
+                    actor=Actor.system("temporary inboxes"),
+                )  # fmt: skip
+        except (IntegrityError, ValidationError):
+            tenant = Tenant.objects.get(slug=TEMP_TENANT_SLUG)
+        if tenant.slug != TEMP_TENANT_SLUG:  # another request won the race; tenant_create picked a new slug
+            Tenant.objects.filter(pk=tenant.pk).delete()
+            tenant = Tenant.objects.get(slug=TEMP_TENANT_SLUG)
+    domain = Domain.objects.filter(name=settings.TEMP_INBOX_DOMAIN).first()
+    if domain is None:
+        try:
+            with transaction.atomic():
+                domain = Domain.objects.create(
+                    tenant=tenant, name=settings.TEMP_INBOX_DOMAIN, state=Domain.State.VERIFIED,
+                    verified_at=timezone.now(),
+                )  # fmt: skip
+        except IntegrityError:
+            domain = Domain.objects.get(name=settings.TEMP_INBOX_DOMAIN)
+    if domain.tenant_id != tenant.pk:
+        raise RuntimeError(f"TEMP_INBOX_DOMAIN {domain.name} belongs to another tenant")
+    return tenant, domain
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many requests.")
+        self.retry_after = retry_after
+
+
+def temp_inbox_create(*, ip: str | None) -> tuple[TempInbox, str]:
+    """A new temporary inbox with a random address (80 bits) and its link token (256 bits).
+
+    Returns the inbox and the token, which is never available again (only its hash is kept).
+    Raises :class:`RateLimited` past TEMP_INBOX_RATE_PER_HOUR per client IP.
+    """
+    from mailboxes.models import Mailbox
+    from mailboxes.services import mailbox_create
+
+    if not ratelimit.hit("temp-inbox", ip or "-", limit=settings.TEMP_INBOX_RATE_PER_HOUR, window=3600):
+        raise RateLimited(ratelimit.seconds_left(3600))
+    tenant, domain = temp_tenant_get_or_create()
+    principal = Principal.system(tenant, "temporary inboxes")
+    token = secrets.token_urlsafe(32)
+    with transaction.atomic():
+        mailbox = mailbox_create(
+            principal=principal, domain=domain, kind=Mailbox.Kind.TEMPORARY, name="Temporary inbox",
+            expires_at=timezone.now() + timedelta(seconds=settings.TEMP_INBOX_TTL),
+        )  # fmt: skip
+        temp_inbox = TempInbox.objects.create(mailbox=mailbox, token_hash=_hash(token), created_ip=ip)
+    return temp_inbox, token
+
+
+def temp_inbox_extend(*, temp_inbox: TempInbox) -> TempInbox:
+    """Push the expiry back by TEMP_INBOX_EXTENSION, at most TEMP_INBOX_EXTENSIONS times."""
+    from mailboxes.services import mailbox_update
+
+    if temp_inbox.extensions >= settings.TEMP_INBOX_EXTENSIONS:
+        raise ValidationError("This inbox cannot be extended any more.", code="limit")
+    mailbox = temp_inbox.mailbox
+    principal = Principal.system(mailbox.tenant, "temporary inbox")
+    with transaction.atomic():
+        claimed = TempInbox.objects.filter(pk=temp_inbox.pk, extensions__lt=settings.TEMP_INBOX_EXTENSIONS).update(
+            extensions=F("extensions") + 1
+        )
+        if not claimed:
+            raise ValidationError("This inbox cannot be extended any more.", code="limit")
+        base = max(mailbox.expires_at or timezone.now(), timezone.now())
+        mailbox_update(
+            principal=principal, mailbox=mailbox, expires_at=base + timedelta(seconds=settings.TEMP_INBOX_EXTENSION)
+        )
+    temp_inbox.refresh_from_db()
+    return temp_inbox
+
+
+def temp_inbox_delete(*, temp_inbox: TempInbox) -> None:
+    """Delete now: the inbox expires at once, so its link stops working this instant, and the
+    retention sweeper removes its messages and blobs (``mailbox.expired``)."""
+    from mailboxes.services import mailbox_update
+
+    mailbox = temp_inbox.mailbox
+    principal = Principal.system(mailbox.tenant, "temporary inbox")
+    mailbox_update(principal=principal, mailbox=mailbox, expires_at=timezone.now() - timedelta(seconds=1))
+    try:
+        from mailboxes.retention import mailboxes_expire
+
+        mailboxes_expire(limit=5)
+    except Exception as exc:  # the sweeper will finish it
+        logger.warning("immediate removal of a temporary inbox failed: %s", type(exc).__name__)
+
+
+# --- Members ----------------------------------------------------------------------------
+def member_invite(*, principal: Principal, email: str, role: str) -> Membership:
+    """Add (or re-role) a member by e-mail and send them a sign-in link."""
+    from tenants.services import membership_set, user_get_or_create
+
+    require(principal, Permission.TENANT_MANAGE)
+    if role == Membership.Role.OWNER and principal.role not in (None, Membership.Role.OWNER):
+        raise PermissionDenied("Only an owner can make someone an owner.")
+    email = email.strip()
+    if not email or "@" not in email:
+        raise ValidationError({"email": "Enter an e-mail address."})
+    user = user_get_or_create(email=email)
+    existing = Membership.objects.filter(tenant=principal.tenant, user=user).first()
+    if existing is not None and existing.role == Membership.Role.OWNER and principal.role != Membership.Role.OWNER:
+        raise PermissionDenied("Only an owner can change an owner's role.")
+    if existing is not None and existing.role == Membership.Role.OWNER and role != Membership.Role.OWNER:
+        _last_owner_guard(principal.tenant, existing)
+    membership = membership_set(tenant=principal.tenant, user=user, role=role, actor=principal.actor)
+    if existing is None and user.is_active:
+        link = login_link_create(user=user)
+        body = (
+            f"{principal.actor.label} invited you to {principal.tenant.name} on mailplatform.\n\n"
+            f"Sign in: {link}\n\nThe link works once, for {settings.LOGIN_LINK_TTL // 60} minutes; "
+            f"later, ask for a new one at {settings.BASE_URL}/login/.\n"
+        )
+        transaction.on_commit(lambda: _send_in_background("You are invited to mailplatform", body, user.email))
+    return membership
+
+
+def _last_owner_guard(tenant: Tenant, membership: Membership) -> None:
+    owners = Membership.objects.filter(tenant=tenant, role=Membership.Role.OWNER).exclude(pk=membership.pk)
+    if not owners.exists():
+        raise ValidationError("A tenant needs at least one owner.", code="last_owner")
+
+
+def member_remove(*, principal: Principal, membership: Membership) -> None:
+    """Remove a member from the tenant (never the last owner)."""
+    require(principal, Permission.TENANT_MANAGE)
+    if membership.tenant_id != principal.tenant.pk:
+        raise PermissionDenied("Unknown member.")
+    if membership.role == Membership.Role.OWNER:
+        if principal.role != Membership.Role.OWNER:
+            raise PermissionDenied("Only an owner can remove an owner.")
+        _last_owner_guard(principal.tenant, membership)
+    with transaction.atomic():
+        audit_entry_record(
+            tenant_id=principal.tenant.pk, actor=principal.actor, action="membership.delete",
+            resource_type="membership", resource_id=membership.pk,
+            before={"user": membership.user.email, "role": membership.role},
+        )  # fmt: skip
+        membership.delete()
+
+
 def demo_bootstrap() -> dict[str, str]:
     """The demo tenant, member, verified domain and mailbox (created once), a new API key and
     a new sign-in link. Safe to run any number of times."""
-    from audit.services import Actor
     from mailboxes.models import Mailbox
     from mailboxes.services import mailbox_create
-    from tenants.access import ALL_PERMISSIONS, Principal
-    from tenants.models import Domain, Membership, Tenant
+    from tenants.access import ALL_PERMISSIONS
     from tenants.services import api_key_mint, membership_set, tenant_create, user_get_or_create
 
     actor = Actor.system("bootstrap_demo")
@@ -95,3 +363,8 @@ def login_tokens_purge(*, grace: timedelta = timedelta(days=1)) -> int:
     cutoff = timezone.now() - grace
     deleted, _ = LoginToken.objects.filter(Q(expires_at__lt=cutoff) | Q(used_at__lt=cutoff)).delete()
     return deleted
+
+
+def client_ip() -> str | None:
+    """The client address the request context resolved (TRUSTED_PROXIES-aware)."""
+    return context.current().ip

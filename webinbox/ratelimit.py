@@ -1,0 +1,30 @@
+"""Fixed-window counters in Django's cache (CACHES): a cheap limit per address, per IP."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from django.core.cache import cache
+
+
+def _key(scope: str, subject: str, window: int) -> str:
+    # Hashed, so an e-mail address or IP never appears in the cache as such.
+    digest = hashlib.sha256(f"{scope}:{subject}".encode()).hexdigest()[:32]
+    return f"rl:{scope}:{digest}:{int(time.time()) // window}"
+
+
+def hit(scope: str, subject: str, *, limit: int, window: int) -> bool:
+    """Count one use; False once ``subject`` has used ``scope`` more than ``limit`` times this window."""
+    key = _key(scope, subject, window)
+    cache.add(key, 0, timeout=window + 5)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, timeout=window + 5)
+        count = 1
+    return count <= limit
+
+
+def seconds_left(window: int) -> int:
+    return window - int(time.time()) % window

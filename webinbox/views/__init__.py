@@ -1,0 +1,1 @@
+"""Server-rendered pages: public (home, sign-in, temporary inboxes), the inbox and the console."""

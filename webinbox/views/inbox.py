@@ -1,0 +1,137 @@
+"""The signed-in inbox: every mailbox a member can see, live message lists, the message view."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from mailboxes.selectors import mailbox_get, mailbox_list, message_get
+from tenants.access import Permission, Principal
+from tenants.selectors import memberships_of
+from webinbox import services
+from webinbox.forms import TagsForm
+from webinbox.views import common
+from webinbox.views.public import _message_action
+
+
+def _principals(request: HttpRequest) -> list[Principal]:
+    """The member's principal in each tenant they may reach from this address."""
+    ip = services.client_ip()
+    principals = [Principal.for_member(membership) for membership in memberships_of(request.user)]  # type: ignore[arg-type]
+    return [principal for principal in principals if principal.allows_ip(ip)]
+
+
+def _principal_for(request: HttpRequest, tenant_slug: str) -> Principal:
+    for principal in _principals(request):
+        if principal.tenant.slug == tenant_slug:
+            return principal
+    raise Http404
+
+
+def _uuid(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise Http404 from None
+
+
+@login_required
+@require_GET
+def inbox(request: HttpRequest) -> HttpResponse:
+    """Every tenant's mailboxes; the first tenant's messages across its mailboxes."""
+    principals = _principals(request)
+    tenants = [{"principal": principal, "mailboxes": list(mailbox_list(principal)[:200])} for principal in principals]
+    context: dict[str, Any] = {"tenants": tenants}
+    if principals:
+        principal = principals[0]
+        context.update(
+            {
+                "current_tenant": principal.tenant,
+                "poll_url": reverse("webinbox:tenant-poll", kwargs={"tenant_slug": principal.tenant.slug}),
+                "message_base": f"/inbox/{principal.tenant.slug}/m/",
+                **common.list_context(principal, request, mailbox_id=None),
+            }
+        )
+    return common.render_list(request, "webinbox/inbox.html", context)
+
+
+@login_required
+@require_GET
+def tenant_inbox(request: HttpRequest, tenant_slug: str, mailbox_id: str | None = None) -> HttpResponse:
+    principal = _principal_for(request, tenant_slug)
+    mailbox = None
+    if mailbox_id is not None:
+        try:
+            mailbox = mailbox_get(principal, _uuid(mailbox_id))
+        except ObjectDoesNotExist:
+            raise Http404 from None
+    tenants = [{"principal": p, "mailboxes": list(mailbox_list(p)[:200])} for p in _principals(request)]
+    poll_kwargs = {"tenant_slug": tenant_slug, **({"mailbox_id": mailbox.pk} if mailbox else {})}
+    context = {
+        "tenants": tenants,
+        "current_tenant": principal.tenant,
+        "mailbox": mailbox,
+        "poll_url": reverse("webinbox:mailbox-poll" if mailbox else "webinbox:tenant-poll", kwargs=poll_kwargs),
+        "message_base": f"/inbox/{tenant_slug}/m/",
+        **common.list_context(principal, request, mailbox_id=mailbox.pk if mailbox else None),
+    }
+    return common.render_list(request, "webinbox/inbox.html", context)
+
+
+@login_required
+@require_GET
+def poll(request: HttpRequest, tenant_slug: str, mailbox_id: str | None = None) -> HttpResponse:
+    principal = _principal_for(request, tenant_slug)
+    mailbox_uuid = _uuid(mailbox_id) if mailbox_id else None
+    if mailbox_uuid is not None:
+        try:
+            mailbox_get(principal, mailbox_uuid)
+        except ObjectDoesNotExist:
+            raise Http404 from None
+    return common.poll_response(principal, request, mailbox_id=mailbox_uuid)
+
+
+def _message(request: HttpRequest, tenant_slug: str, message_id: str) -> tuple[Principal, Any]:
+    principal = _principal_for(request, tenant_slug)
+    try:
+        return principal, message_get(principal, _uuid(message_id))
+    except ObjectDoesNotExist:
+        raise Http404 from None
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def message(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResponse:
+    principal, found = _message(request, tenant_slug, message_id)
+    back = reverse("webinbox:mailbox", kwargs={"tenant_slug": tenant_slug, "mailbox_id": found.mailbox_id})
+    can_write = principal.has_perm(Permission.MESSAGES_WRITE)
+    if request.method == "POST":
+        if not can_write:
+            raise PermissionDenied
+        return _message_action(request, principal, found, back=back, here=request.path)
+    if can_write and not found.is_read:
+        from mailboxes.services import message_update
+
+        message_update(principal=principal, message=found, is_read=True)
+    context = {
+        "back_url": back,
+        "current_tenant": principal.tenant,
+        "can_write": can_write,
+        "tags_form": TagsForm(initial={"tags": ", ".join(found.tags)}),
+        **common.message_context(found, request, body_url=request.path + "body/"),
+    }
+    return render(request, "webinbox/message.html", context)
+
+
+@login_required
+@require_GET
+def message_body(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResponse:
+    _, found = _message(request, tenant_slug, message_id)
+    return common.message_body(request, found)
