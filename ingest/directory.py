@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.conf import settings
 from django.db import close_old_connections, connection
 from django.db.models import Count, Max
 from django.utils import timezone
@@ -59,6 +60,8 @@ class DomainEntry:
     tenant_active: bool
     policy: str
     max_message_size: int | None
+    # The tenant's plan lets it receive for domains not verified yet (UNVERIFIED_DOMAIN_PLANS).
+    unverified_allowed: bool = False
     mailboxes: dict[str, MailboxEntry] = field(default_factory=dict)
     catch_all: MailboxEntry | None = None
 
@@ -120,9 +123,10 @@ def snapshot_load(previous_fingerprint: tuple[object, ...] | None = None) -> Sna
     by_id: dict[str, DomainEntry] = {}
     largest: int | None = None
     rows = Domain.objects.values_list(
-        "pk", "name", "tenant_id", "state", "recipient_policy", "tenant__status", "tenant__max_message_size"
+        "pk", "name", "tenant_id", "state", "recipient_policy", "tenant__status", "tenant__max_message_size", "tenant__plan"
     )
-    for pk, name, tenant_id, state, policy, tenant_status, max_size in rows.iterator(chunk_size=2000):
+    unverified_plans = settings.UNVERIFIED_DOMAIN_PLANS
+    for pk, name, tenant_id, state, policy, tenant_status, max_size, plan in rows.iterator(chunk_size=2000):
         entry = DomainEntry(
             domain_id=str(pk),
             tenant_id=str(tenant_id),
@@ -130,6 +134,7 @@ def snapshot_load(previous_fingerprint: tuple[object, ...] | None = None) -> Sna
             tenant_active=tenant_status == Tenant.Status.ACTIVE,
             policy=policy,
             max_message_size=max_size,
+            unverified_allowed=plan in unverified_plans,
         )
         domains[name] = entry
         by_id[str(pk)] = entry
@@ -217,7 +222,7 @@ class RecipientDirectory:
         if domain is None:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)
         common = {"tenant_id": domain.tenant_id, "tags": tags, "max_message_size": domain.max_message_size}
-        if domain.state == "pending":
+        if domain.state == "pending" and not domain.unverified_allowed:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)
         if not domain.tenant_active or domain.state == "suspended":
             return Decision(SUSPENDED if trusted else DIRECTORY_DOWN)

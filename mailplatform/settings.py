@@ -316,6 +316,8 @@ API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most th
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
 # Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
 TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
+# Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo).
+SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
 # Who may reach the Django admin (CIDRs; empty: anywhere).
 STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])
 

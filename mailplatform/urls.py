@@ -31,6 +31,7 @@ urlpatterns = [
     # Signed, expiring downloads from the local blob folder (S3 serves presigned URLs itself).
     path("blobs/<str:token>/", blob_download, name="blob-download"),
     path("admin/", admin.site.urls),
+    path("login/sso/", include("tenants.urls")),
     path("", include("webinbox.urls")),
 ]
 

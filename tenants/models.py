@@ -216,3 +216,57 @@ class ApiKey(models.Model):
     @property
     def is_expired(self) -> bool:
         return self.expires_at is not None and self.expires_at <= timezone.now()
+
+
+class SsoProvider(models.Model):
+    """A tenant's own OpenID Connect provider (enterprise plan).
+
+    Addresses on its claimed e-mail domains (SsoDomain) sign in through it; with
+    ``require_sso`` they cannot use magic links. The client secret is stored encrypted (tenants.crypto). The discovery
+    document is cached with its fetch time.
+    """
+
+    class Role(models.TextChoices):
+        ADMIN = "admin", "Admin"
+        MEMBER = "member", "Member"
+        VIEWER = "viewer", "Viewer"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="sso_provider")
+    issuer = models.URLField(max_length=500)
+    client_id = models.CharField(max_length=255)
+    client_secret_encrypted = models.TextField(editable=False)
+    scopes = models.CharField(max_length=255, default="openid email profile")
+    default_role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    # Optional: the claim holding group names (e.g. "groups") and group -> role.
+    role_claim = models.CharField(max_length=100, blank=True)
+    role_mapping = models.JSONField(default=dict, blank=True)
+    require_sso = models.BooleanField(default=False)
+    enabled = models.BooleanField(default=True)
+    discovery = models.JSONField(default=dict, blank=True, editable=False)
+    discovery_fetched_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "SSO provider"
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.issuer}"
+
+    @property
+    def email_domains(self) -> list[str]:
+        return sorted(self.domains.values_list("name", flat=True))  # type: ignore[attr-defined]
+
+
+class SsoDomain(models.Model):
+    """An e-mail domain whose people sign in through one tenant's provider (one tenant each)."""
+
+    name = models.CharField(max_length=253, unique=True)
+    provider = models.ForeignKey(SsoProvider, on_delete=models.CASCADE, related_name="domains")
+
+    class Meta:
+        verbose_name = "SSO e-mail domain"
+
+    def __str__(self) -> str:
+        return self.name

@@ -7,7 +7,7 @@ from uuid import UUID
 from django.db.models import QuerySet
 
 from tenants.access import Principal
-from tenants.models import ApiKey, Domain, Membership, Tenant, User
+from tenants.models import ApiKey, Domain, Membership, SsoDomain, SsoProvider, Tenant, User
 
 
 def domain_list(principal: Principal, *, writable: bool = False) -> QuerySet[Domain]:
@@ -43,3 +43,16 @@ def memberships_of(user: User) -> QuerySet[Membership]:
 
 def tenant_of(principal: Principal) -> Tenant:
     return principal.tenant
+
+
+def sso_provider_for_email(email: str) -> SsoProvider | None:
+    """The enabled provider that signs in people at ``email``'s domain, if one claims it."""
+    domain = email.strip().lower().rpartition("@")[2]
+    if not domain:
+        return None
+    claim = SsoDomain.objects.select_related("provider__tenant").filter(name=domain, provider__enabled=True).first()
+    return claim.provider if claim is not None else None
+
+
+def sso_provider_of(principal: Principal) -> SsoProvider | None:
+    return SsoProvider.objects.filter(tenant=principal.tenant).prefetch_related("domains").first()

@@ -22,7 +22,7 @@ from audit.context import current as current_context
 from audit.services import Actor, audit_entry_record, event_record
 from tenants import keys
 from tenants.access import ALL_PERMISSIONS, TENANT_WIDE_PERMISSIONS, Permission, Principal, ip_in, networks
-from tenants.models import ApiKey, Domain, Membership, Tenant, User
+from tenants.models import ApiKey, Domain, Membership, SsoDomain, SsoProvider, Tenant, User
 
 logger = logging.getLogger(__name__)
 
@@ -557,3 +557,114 @@ def domains_due_for_check(*, now: datetime | None = None) -> list[UUID]:
     threshold = now - timedelta(seconds=settings.DOMAIN_CHECK_INTERVAL)
     due = Domain.objects.filter(Q(last_checked_at__isnull=True) | Q(last_checked_at__lt=threshold))
     return list(due.order_by("last_checked_at").values_list("pk", flat=True)[:5000])
+
+
+# --- Single sign-on ---------------------------------------------------------------------------
+_SSO_FIELDS = ("issuer", "client_id", "scopes", "default_role", "role_claim", "role_mapping", "require_sso", "enabled")
+
+
+def sso_provider_configure(
+    *,
+    principal: Principal,
+    issuer: str,
+    client_id: str,
+    email_domains: Iterable[str],
+    client_secret: str | None = None,
+    scopes: str = "openid email profile",
+    default_role: str = Membership.Role.MEMBER,
+    role_claim: str = "",
+    role_mapping: dict[str, str] | None = None,
+    require_sso: bool = False,
+    enabled: bool = True,
+) -> SsoProvider:
+    """Create or replace the tenant's OpenID provider (enterprise plan only).
+
+    The issuer's discovery document is fetched now, so a wrong issuer is a clear 400 and not
+    a broken sign-in later. The client secret is encrypted; omit it to keep the current one.
+    """
+    from tenants import crypto, sso
+
+    require(principal, Permission.TENANT_MANAGE)
+    tenant = principal.tenant
+    if tenant.plan != Tenant.Plan.ENTERPRISE:
+        raise PermissionDenied("Single sign-on is part of the enterprise plan.")
+    domains = sorted({domain_name_normalize(name) for name in email_domains})
+    if not domains:
+        raise ValidationError({"email_domains": "Name at least one e-mail domain your people use."})
+    taken = SsoDomain.objects.filter(name__in=domains).exclude(provider__tenant=tenant)
+    if taken.exists():
+        raise ValidationError({"email_domains": f"{taken.first()} is claimed by another tenant."})
+    roles = set(SsoProvider.Role.values)
+    if default_role not in roles or any(role not in roles for role in (role_mapping or {}).values()):
+        raise ValidationError({"role_mapping": f"Roles are {', '.join(sorted(roles))} (owners are never mapped)."})
+    if "openid" not in scopes.split():
+        raise ValidationError({"scopes": "The scopes must include openid."})
+    existing = SsoProvider.objects.filter(tenant=tenant).first()
+    if existing is None and not client_secret:
+        raise ValidationError({"client_secret": "The client secret is required."})
+    provider = existing or SsoProvider(tenant=tenant)
+    before = _summary(existing, _SSO_FIELDS) | {"email_domains": existing.email_domains} if existing else None
+    provider.issuer, provider.client_id, provider.scopes = issuer, client_id, scopes
+    provider.default_role, provider.role_claim, provider.role_mapping = default_role, role_claim, role_mapping or {}
+    provider.require_sso, provider.enabled = require_sso, enabled
+    if client_secret:
+        provider.client_secret_encrypted = crypto.encrypt(client_secret)
+    provider.full_clean(exclude=["client_secret_encrypted"])
+    try:
+        sso.discovery(provider, refresh=True)  # kept on the instance, saved below
+    except sso.SsoError as failure:
+        raise ValidationError({"issuer": f"The issuer's discovery document could not be used: {failure}"}) from None
+    with transaction.atomic():
+        provider.save()
+        provider.domains.exclude(name__in=domains).delete()  # type: ignore[attr-defined]
+        for name in domains:
+            SsoDomain.objects.get_or_create(name=name, provider=provider)
+        audit_entry_record(
+            tenant_id=tenant.pk,
+            actor=principal.actor,
+            action="sso.configure",
+            resource_type="sso_provider",
+            resource_id=provider.pk,
+            before=before,
+            after=_summary(provider, _SSO_FIELDS)
+            | {"email_domains": domains, "client_secret_changed": bool(client_secret)},
+        )
+    return provider
+
+
+def sso_provider_delete(*, principal: Principal) -> None:
+    require(principal, Permission.TENANT_MANAGE)
+    provider = SsoProvider.objects.filter(tenant=principal.tenant).first()
+    if provider is None:
+        return
+    with transaction.atomic():
+        audit_entry_record(
+            tenant_id=principal.tenant.pk,
+            actor=principal.actor,
+            action="sso.delete",
+            resource_type="sso_provider",
+            resource_id=provider.pk,
+            before=_summary(provider, _SSO_FIELDS) | {"email_domains": provider.email_domains},
+        )
+        provider.delete()
+
+
+def sso_sign_in(*, provider: SsoProvider, user: User, role: str) -> Membership:
+    """Just-in-time membership for someone the tenant's provider vouched for.
+
+    The provider's role mapping is authoritative on every sign-in, except that an owner is
+    never demoted by it.
+    """
+    actor = Actor(type="user", label=user.email, user_id=user.pk)
+    membership = Membership.objects.filter(tenant=provider.tenant, user=user).first()
+    if membership is None or (membership.role != role and membership.role != Membership.Role.OWNER):
+        membership = membership_set(tenant=provider.tenant, user=user, role=role, actor=actor)
+    audit_entry_record(
+        tenant_id=provider.tenant_id,
+        actor=actor,
+        action="auth.login",
+        resource_type="user",
+        resource_id=user.pk,
+        after={"method": "sso", "issuer": provider.issuer, "role": membership.role},
+    )
+    return membership

@@ -6,7 +6,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from tenants.access import ALL_PERMISSIONS
-from tenants.models import ApiKey, Domain, Tenant
+from tenants.models import ApiKey, Domain, SsoProvider, Tenant
 
 
 class TenantSerializer(serializers.ModelSerializer[Tenant]):
@@ -137,3 +137,47 @@ class DomainVerifySerializer(DomainSerializer):
 
     def get_check(self, domain: Domain) -> dict[str, Any]:
         return dict(self.context["check"])
+
+
+class SsoProviderSerializer(serializers.ModelSerializer[SsoProvider]):
+    email_domains = serializers.ListField(child=serializers.CharField(), read_only=True)
+    redirect_uri = serializers.SerializerMethodField(help_text="Register this callback with your provider")
+
+    class Meta:
+        model = SsoProvider
+        fields = [
+            "issuer",
+            "client_id",
+            "scopes",
+            "email_domains",
+            "default_role",
+            "role_claim",
+            "role_mapping",
+            "require_sso",
+            "enabled",
+            "redirect_uri",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_redirect_uri(self, provider: SsoProvider) -> str:
+        from tenants.sso import callback_url
+
+        return callback_url()
+
+
+class SsoConfigureSerializer(serializers.Serializer[Any]):
+    issuer = serializers.URLField(max_length=500)
+    client_id = serializers.CharField(max_length=255)
+    client_secret = serializers.CharField(
+        max_length=2000, required=False, write_only=True, help_text="Omit to keep the current secret"
+    )
+    email_domains = serializers.ListField(child=serializers.CharField(max_length=253), min_length=1, max_length=100)
+    scopes = serializers.CharField(max_length=255, required=False, default="openid email profile")
+    default_role = serializers.ChoiceField(choices=SsoProvider.Role.choices, required=False, default="member")
+    role_claim = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    role_mapping = serializers.DictField(
+        child=serializers.ChoiceField(choices=SsoProvider.Role.choices), required=False, default=dict
+    )
+    require_sso = serializers.BooleanField(required=False, default=False)
+    enabled = serializers.BooleanField(required=False, default=True)

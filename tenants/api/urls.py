@@ -7,4 +7,8 @@ router = SimpleRouter()
 router.register("domains", views.DomainViewSet, basename="domain")
 router.register("api-keys", views.ApiKeyViewSet, basename="api-key")
 
-urlpatterns = [path("tenant/", views.TenantView.as_view(), name="tenant"), *router.urls]
+urlpatterns = [
+    path("tenant/", views.TenantView.as_view(), name="tenant"),
+    path("sso/", views.SsoView.as_view(), name="sso"),
+    *router.urls,
+]

@@ -20,6 +20,8 @@ from tenants.api.serializers import (
     DomainSerializer,
     DomainUpdateSerializer,
     DomainVerifySerializer,
+    SsoConfigureSerializer,
+    SsoProviderSerializer,
     TenantSerializer,
     TenantUpdateSerializer,
 )
@@ -152,3 +154,32 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     def revoke(self, request: Request, pk: str) -> Response:
         api_key = services.api_key_revoke(principal=principal_of(request), api_key=self.get_object())
         return Response(ApiKeySerializer(api_key).data)
+
+
+class SsoView(APIView):
+    """The tenant's OpenID Connect provider for single sign-on (enterprise plan)."""
+
+    required_permissions = {
+        "get": Permission.TENANT_MANAGE,
+        "put": Permission.TENANT_MANAGE,
+        "delete": Permission.TENANT_MANAGE,
+    }
+
+    @extend_schema(responses=SsoProviderSerializer)
+    def get(self, request: Request) -> Response:
+        provider = selectors.sso_provider_of(principal_of(request))
+        if provider is None:
+            return Response(error_body("not_found", "Single sign-on is not set up."), status=status.HTTP_404_NOT_FOUND)
+        return Response(SsoProviderSerializer(provider).data)
+
+    @extend_schema(request=SsoConfigureSerializer, responses=SsoProviderSerializer)
+    def put(self, request: Request) -> Response:
+        serializer = SsoConfigureSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        provider = services.sso_provider_configure(principal=principal_of(request), **serializer.validated_data)
+        return Response(SsoProviderSerializer(provider).data)
+
+    @extend_schema(request=None, responses={204: None})
+    def delete(self, request: Request) -> Response:
+        services.sso_provider_delete(principal=principal_of(request))
+        return Response(status=status.HTTP_204_NO_CONTENT)
