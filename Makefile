@@ -8,13 +8,17 @@ RUN_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format services install install-dev clean
+.PHONY: run test test-tools lint format services install install-dev clean
 
 run: $(RUN_STAMP)
 	$(BIN)/python scripts/run.py
 
-test: $(DEV_STAMP) services
+test: $(DEV_STAMP) services test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO.
+test-tools:
+	bash scripts/install-oidc-provider.sh
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
