@@ -1,0 +1,212 @@
+"""`make run`'s path end to end: the embedded defaults (SQLite, local blobs, filesystem broker).
+
+Runs the real commands in a temporary DATA_DIR with DATABASE_URL, CELERY_BROKER_URL and
+S3_* removed, serves the ASGI app with uvicorn, and runs the maintenance task through a
+filesystem-broker Celery worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from mailplatform.testing import ChildProcess, free_port, start_celery_worker, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+REMOVED = ("DATABASE_URL", "CELERY_BROKER_URL", "SPOOL_DIR")
+
+
+def embedded_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in REMOVED and not name.startswith("S3_") and name != "DJANGO_SETTINGS_MODULE"
+    }
+    env.update(DATA_DIR=str(data_dir), LOG_FORMAT="text", LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    env.update(overrides)
+    return env
+
+
+def manage(env: dict[str, str], *arguments: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Embedded:
+    data_dir: Path
+    env: dict[str, str]
+    demo: dict[str, str]
+    base_url: str
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "mailplatform.sqlite3"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    data_dir = tmp_path_factory.mktemp("embedded") / "var"
+    env = embedded_env(data_dir)
+    migrated = manage(env, "migrate", "--noinput")
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    bootstrapped = manage(env, "bootstrap_demo", "--json")
+    assert bootstrapped.returncode == 0, bootstrapped.stderr[-3000:]
+    demo = json.loads(bootstrapped.stdout.strip().splitlines()[-1])
+
+    port = free_port()
+    web = ChildProcess(
+        [sys.executable, "-m", "uvicorn", "mailplatform.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        yield Embedded(data_dir=data_dir, env=env, demo=demo, base_url=f"http://127.0.0.1:{port}")
+    finally:
+        web.stop()
+
+
+def test_it_uses_only_embedded_storage(embedded: Embedded) -> None:
+    assert embedded.database.exists()
+    assert (embedded.data_dir / "broker" / "queue").is_dir()
+    assert (embedded.data_dir / "secrets" / "secret_key").exists()
+    assert oct((embedded.data_dir / "secrets" / "secret_key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_it_prints_the_demo_as_json_and_is_idempotent(embedded: Embedded) -> None:
+    demo = embedded.demo
+    for key in ("tenant", "domain", "mailbox", "mailbox_id", "api_key", "login_url"):
+        assert demo.get(key), key
+    assert demo["api_key"].startswith("mp_")
+    assert demo["mailbox"].endswith("@" + demo["domain"])
+    assert "/login/" in demo["login_url"]
+
+    again = manage(embedded.env, "bootstrap_demo", "--json")
+    assert again.returncode == 0, again.stderr
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (second["tenant"], second["mailbox"], second["mailbox_id"]) == (
+        demo["tenant"],
+        demo["mailbox"],
+        demo["mailbox_id"],
+    )
+    assert second["api_key"] != demo["api_key"]
+    with sqlite3.connect(embedded.database) as db:
+        assert db.execute("select count(*) from mailboxes_mailbox").fetchone() == (1,)
+        assert db.execute("select count(*) from tenants_tenant").fetchone() == (1,)
+
+
+def test_it_serves_healthz_and_readyz_on_embedded_services(embedded: Embedded) -> None:
+    assert requests.get(f"{embedded.base_url}/healthz", timeout=10).status_code == 200
+    response = requests.get(f"{embedded.base_url}/readyz", timeout=10)
+    assert response.status_code == 200, response.text
+    checks = response.json()["checks"]
+    assert {name: check["ok"] for name, check in checks.items()} == {"database": True, "broker": True, "blobs": True}
+
+
+def test_it_lists_the_demo_mailbox_with_the_printed_key(embedded: Embedded) -> None:
+    headers = {"Authorization": f"Bearer {embedded.demo['api_key']}"}
+    response = requests.get(f"{embedded.base_url}/api/v1/mailboxes/", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    rows = response.json()["results"]
+    assert [(row["id"], row["address"]) for row in rows] == [(embedded.demo["mailbox_id"], embedded.demo["mailbox"])]
+    assert requests.get(f"{embedded.base_url}/api/v1/mailboxes/", timeout=10).status_code == 401
+
+
+def test_it_serves_static_files_and_the_admin_login(embedded: Embedded) -> None:
+    page = requests.get(f"{embedded.base_url}/admin/login/", timeout=10)
+    assert page.status_code == 200
+    css = requests.get(f"{embedded.base_url}/static/admin/css/base.css", timeout=10)
+    assert css.status_code == 200
+    assert "text/css" in css.headers["Content-Type"]
+
+
+def test_it_runs_the_maintenance_task_through_the_filesystem_broker(embedded: Embedded) -> None:
+    queue = f"maintenance-embedded-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex + uuid.uuid4().hex
+    user = embedded.demo.get("user", "demo@mailplatform.localhost")
+    enqueue = "\n".join(
+        [
+            "from datetime import timedelta",
+            "from django.utils import timezone",
+            "from tenants.models import User",
+            "from webinbox.models import LoginToken",
+            "from webinbox.tasks import login_tokens_purge",
+            f"user = User.objects.get(email__iexact={user!r})",
+            f"LoginToken.objects.create(user=user, token_hash={marker!r}, expires_at=timezone.now()-timedelta(days=3))",
+            f"print(LoginToken.objects.filter(token_hash={marker!r}).count())",
+            f"login_tokens_purge.apply_async(queue={queue!r})",
+        ]
+    )
+
+    def stale_rows() -> int:
+        with sqlite3.connect(embedded.database) as db:
+            return int(
+                db.execute("select count(*) from webinbox_logintoken where token_hash = ?", [marker]).fetchone()[0]
+            )
+
+    worker = start_celery_worker(queue=queue, env=embedded.env, cwd=ROOT)
+    try:
+        sent = manage(embedded.env, "shell", "--verbosity=0", "-c", enqueue)
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        assert sent.stdout.strip().splitlines()[-1] == "1"  # the stale link existed before the task
+        deadline = time.monotonic() + 60
+        while stale_rows():
+            assert time.monotonic() < deadline, worker.output[-3000:]
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert "succeeded" in worker.output
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DEBUG", "maybe"),
+        ("DATABASE_URL", "mysql://user:pw@127.0.0.1/mailplatform"),
+        ("CELERY_BROKER_URL", "kafka://127.0.0.1:9092"),
+        ("SMTP_PORT", "99999"),
+    ],
+)
+def test_it_refuses_to_start_with_a_bad_setting_and_names_it(tmp_path: Path, name: str, value: str) -> None:
+    result = manage(embedded_env(tmp_path / "var", **{name: value}), "check", timeout=60)
+    assert result.returncode != 0
+    assert name in result.stderr
+    assert "pw@" not in result.stderr or name != "DATABASE_URL" or "mysql" in result.stderr
+
+
+def test_it_reads_secrets_from_file_variants(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("a-secret-key-from-a-file-0123456789-abcdefghijklmnopqrstuvwxyz\n")
+    env = embedded_env(tmp_path / "var", SECRET_KEY_FILE=str(secret_file))
+    env.pop("SECRET_KEY", None)
+    result = manage(
+        env, "shell", "--verbosity=0", "-c", "from django.conf import settings; print(settings.SECRET_KEY[:20])"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "a-secret-key-from-a-"
+    missing = embedded_env(tmp_path / "var", SECRET_KEY_FILE=str(tmp_path / "nope"))
+    missing.pop("SECRET_KEY", None)
+    result = manage(missing, "check", timeout=60)
+    assert result.returncode != 0
+    assert "SECRET_KEY_FILE" in result.stderr
