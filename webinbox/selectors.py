@@ -17,6 +17,7 @@ from mailboxes.models import Message
 from mailboxes.selectors import message_list
 from tenants.access import Permission, Principal
 from tenants.models import Membership, Tenant, User
+from tenants.selectors import sso_provider_for_email
 from webinbox.models import SessionGeneration, TempInbox
 
 
@@ -28,10 +29,17 @@ def session_generation_of(user: Any) -> int:
 def sso_tenant_for_email(email: str) -> Tenant | None:
     """The tenant whose own SSO signs this address in, if any.
 
-    The one place that decides "continue with your company's SSO" on /login/. Per-tenant
-    OIDC arrives with the enterprise work; until then nobody is sent to SSO.
+    The one place that decides "continue with your company's SSO" on /login/: an enabled
+    provider of an enterprise tenant claims the address's domain.
     """
-    return None
+    provider = sso_provider_for_email(email)
+    return provider.tenant if provider is not None else None
+
+
+def sso_required_for(email: str) -> bool:
+    """Whether magic links are off for this address (its tenant requires SSO)."""
+    provider = sso_provider_for_email(email)
+    return provider is not None and provider.require_sso
 
 
 # --- Temporary inboxes ------------------------------------------------------------------

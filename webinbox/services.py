@@ -25,6 +25,7 @@ from tenants.models import Domain, Membership, Tenant, User
 from tenants.services import require
 from webinbox import ratelimit
 from webinbox.models import LoginToken, SessionGeneration, TempInbox
+from webinbox.selectors import sso_required_for
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,13 @@ def login_link_consume(*, token: str) -> User | None:
             return None
         login_token = LoginToken.objects.select_related("user").get(token_hash=_hash(token))
     user = login_token.user
-    return user if user.is_active else None
+    # A link sent before the tenant turned on "require SSO" no longer signs in.
+    return user if user.is_active and not sso_required_for(user.email) else None
 
 
-# Mail goes out on a thread, so the answer to /login/ takes the same time whether or not a
-# link was sent (SMTP relays are slow and uneven). Tests wait for it with outbound_flush().
+# Sign-in requests are served off the request path: the answer to /login/ does the same work
+# (validate, count, hand over) whether or not the address exists, and an SMTP relay's
+# slowness never shows. Tests wait for the hand-over with outbound_flush().
 _outbound: list[threading.Thread] = []
 
 
@@ -100,8 +103,14 @@ def login_request(*, email: str, ip: str | None) -> None:
     if not (allowed_address and allowed_ip):
         logger.info("sign-in link request rate-limited")
         return
-    if user is None:
-        return
+    _in_background(lambda: login_link_send(email=email), "sign-in link")
+
+
+def login_link_send(*, email: str) -> bool:
+    """Mail a sign-in link to the active member with this address; False when there is none."""
+    user = User.objects.filter(email__iexact=email, is_active=True, memberships__isnull=False).distinct().first()
+    if user is None or sso_required_for(user.email):  # their company turned magic links off
+        return False
     link = login_link_create(user=user)
     minutes = settings.LOGIN_LINK_TTL // 60
     body = (

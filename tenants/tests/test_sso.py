@@ -216,3 +216,29 @@ def test_it_configures_sso_through_the_api_without_returning_the_secret(world, o
     assert crypto.decrypt(SsoProvider.objects.get().client_secret_encrypted) == oidc_provider.client_secret
     assert client.delete("/api/v1/sso/").status_code == 204
     assert client.get("/api/v1/sso/").status_code == 404
+
+
+def test_it_sends_addresses_on_a_claimed_domain_from_the_login_page_to_their_provider(client, enterprise):
+    response = client.post("/login/", {"email": "alice@corp.example.test"})
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/sso/start/?email=alice%40corp.example.test")
+    onward = client.get(response["Location"])
+    assert onward.status_code == 302
+    assert onward["Location"].startswith(f"{enterprise.issuer}/auth?")
+
+
+def test_it_turns_magic_links_off_when_the_tenant_requires_sso(world, enterprise, mailoutbox):
+    from tenants.services import membership_set, user_get_or_create
+    from webinbox.services import login_link_consume, login_link_create, login_link_send
+
+    alice = user_get_or_create(email="alice@corp.example.test")
+    membership_set(tenant=world.tenant, user=alice, role="member", actor=Principal.system(world.tenant).actor)
+    old_link = login_link_create(user=alice)
+    enterprise.require_sso = True
+    enterprise.save()
+    assert login_link_send(email="alice@corp.example.test") is False
+    assert mailoutbox == []
+    assert login_link_consume(token=old_link.rstrip("/").rsplit("/", 1)[-1]) is None
+    enterprise.require_sso = False
+    enterprise.save()
+    assert login_link_send(email="alice@corp.example.test") is True

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
@@ -45,9 +46,9 @@ def login_page(request: HttpRequest) -> HttpResponse:
     form = LoginForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         email = form.cleaned_data["email"]
-        sso_tenant = selectors.sso_tenant_for_email(email)
-        if sso_tenant is not None:  # the enterprise work adds the redirect to the tenant's provider
-            raise Http404
+        if selectors.sso_tenant_for_email(email) is not None:
+            # Continue with the company's own provider (a domain-level fact, not who exists).
+            return redirect(f"{reverse('tenants:sso-start')}?{urlencode({'email': email})}")
         services.login_request(email=email, ip=services.client_ip())
         response = render(request, "webinbox/login_sent.html", {"ttl_minutes": settings.LOGIN_LINK_TTL // 60})
     else:
