@@ -1,4 +1,4 @@
-"""Staff views of mailboxes (and, once ingest lands, their messages)."""
+"""Staff views of mailboxes, messages and attachments."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.admin import StaffAuditedAdmin
-from mailboxes.models import Mailbox
+from mailboxes.models import Attachment, Mailbox, Message
 
 
 class MailboxLiveFilter(admin.SimpleListFilter):
@@ -68,3 +68,103 @@ class MailboxAdmin(StaffAuditedAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Mail is written by the pipeline only; deleting goes through the retention services
+    (events, blob purge), never a bare row delete here."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class AttachmentInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = Attachment
+    extra = 0
+    fields = ("position", "filename", "content_type", "size", "is_inline", "sha256")
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Message)
+class MessageAdmin(ReadOnlyAdmin):
+    """Metadata for support (where is a message, why was it quarantined); the bodies are
+    left out of the admin on purpose."""
+
+    list_display = ("received_at", "mailbox", "mail_from", "subject", "state", "source", "size", "has_attachments")
+    list_filter = ("state", "source", "has_attachments", "is_read", "tls", "received_at")
+    list_select_related = ("mailbox",)
+    search_fields = (
+        "=id",
+        "=trace_id",
+        "=message_id",
+        "=sha256",
+        "mailbox__address",
+        "rcpt",
+        "mail_from",
+        "subject",
+        "tenant__slug",
+    )
+    date_hierarchy = "received_at"
+    show_full_result_count = False
+    fields = (
+        "id",
+        "tenant",
+        "mailbox",
+        "state",
+        "state_reason",
+        "state_changed_at",
+        "source",
+        "mail_from",
+        "rcpt",
+        "tags",
+        "remote_ip",
+        "helo",
+        "tls",
+        "trace_id",
+        "received_at",
+        "subject",
+        "from_address",
+        "from_name",
+        "date",
+        "message_id",
+        "thread_id",
+        "size",
+        "sha256",
+        "storage_key",
+        "has_attachments",
+        "defects",
+        "is_read",
+        "parsed_at",
+        "indexed_at",
+        "deleted_at",
+        "purged_at",
+        "created_at",
+    )
+    readonly_fields = fields
+    inlines = (AttachmentInline,)
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(ReadOnlyAdmin):
+    list_display = ("filename", "content_type", "size", "is_inline", "message", "tenant")
+    list_filter = ("is_inline", "content_type")
+    list_select_related = ("message", "tenant")
+    search_fields = ("filename", "=sha256", "=message__id", "tenant__slug")
+    fields = ("id", "tenant", "message", "position", "filename", "content_type", "size", "sha256", "content_id")
+    readonly_fields = fields

@@ -18,7 +18,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.admin import StaffAuditedAdmin, staff_actor
-from tenants.models import ApiKey, Domain, Membership, Tenant, User
+from tenants.models import ApiKey, Domain, Membership, SsoDomain, SsoProvider, Tenant, User
 from tenants.services import api_key_revoke, domain_name_normalize, tenant_set_status
 
 
@@ -130,6 +130,7 @@ class TenantAdmin(StaffAuditedAdmin):
         "status_reason",
         "max_message_size",
         "retention_days",
+        "ip_allowlist",
         "created_at",
         "updated_at",
     )
@@ -253,6 +254,7 @@ class ApiKeyAdmin(StaffAuditedAdmin):
         "allowed_domains",
         "allowed_mailboxes",
         "expires_at",
+        "ip_allowlist",
         "revoked_at",
         "last_used_at",
         "last_used_ip",
@@ -295,3 +297,60 @@ class ApiKeyAdmin(StaffAuditedAdmin):
             api_key_revoke(principal=None, api_key=api_key, actor=actor)
             revoked += 1
         self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
+
+
+# --- SSO --------------------------------------------------------------------------------
+class SsoDomainInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = SsoDomain
+    extra = 0
+    can_delete = False
+    fields = ("name",)
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(SsoProvider)
+class SsoProviderAdmin(StaffAuditedAdmin):
+    """A tenant's OIDC provider. Configured by the tenant (the client secret is encrypted
+    there and never shown); staff may switch it off, relax ``require_sso`` or fix roles."""
+
+    audit_resource_type = "sso_provider"
+    list_display = ("tenant", "issuer", "client_id", "enabled", "require_sso", "default_role", "updated_at")
+    list_filter = ("enabled", "require_sso", "default_role")
+    list_select_related = ("tenant",)
+    search_fields = ("tenant__name", "tenant__slug", "issuer", "client_id", "domains__name")
+    fields = (
+        "id",
+        "tenant",
+        "issuer",
+        "client_id",
+        "scopes",
+        "enabled",
+        "require_sso",
+        "default_role",
+        "role_claim",
+        "role_mapping",
+        "discovery_fetched_at",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = ("id", "tenant", "issuer", "client_id", "discovery_fetched_at", "created_at", "updated_at")
+    inlines = (SsoDomainInline,)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(SsoDomain)
+class SsoDomainAdmin(StaffAuditedAdmin):
+    audit_resource_type = "sso_domain"
+    list_display = ("name", "provider")
+    list_select_related = ("provider__tenant",)
+    search_fields = ("name", "provider__tenant__name", "provider__tenant__slug", "provider__issuer")
+    autocomplete_fields = ("provider",)
+
+    def audit_tenant_id(self, obj: Any) -> Any:
+        return obj.provider.tenant_id

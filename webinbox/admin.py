@@ -1,4 +1,7 @@
-"""Staff view of sign-in links. Only a hash of each token is stored, and it is never shown."""
+"""Staff views of sign-in links, temporary inboxes and session generations.
+
+Only hashes of link and inbox tokens are stored, and they are never shown.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.admin import StaffAuditedAdmin
-from webinbox.models import LoginToken
+from webinbox.models import LoginToken, SessionGeneration, TempInbox
 
 
 class LoginTokenStateFilter(admin.SimpleListFilter):
@@ -49,4 +52,50 @@ class LoginTokenAdmin(StaffAuditedAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(TempInbox)
+class TempInboxAdmin(StaffAuditedAdmin):
+    """Read-only; deleting one revokes its link (the mailbox and mail stay until the sweeper)."""
+
+    audit_resource_type = "temp_inbox"
+    list_display = ("mailbox", "created_at", "created_ip", "extensions", "expires_at")
+    list_filter = ("created_at",)
+    list_select_related = ("mailbox",)
+    search_fields = ("mailbox__address", "=created_ip")
+    fields = ("mailbox", "created_at", "created_ip", "extensions", "expires_at")
+    readonly_fields = fields
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="expires")
+    def expires_at(self, obj: TempInbox) -> Any:
+        return obj.mailbox.expires_at
+
+    def audit_tenant_id(self, obj: Any) -> Any:
+        return obj.mailbox.tenant_id
+
+
+@admin.register(SessionGeneration)
+class SessionGenerationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """How many times each user signed out everywhere; written only by that service."""
+
+    list_display = ("user", "generation", "changed_at")
+    list_select_related = ("user",)
+    search_fields = ("user__email",)
+    readonly_fields = ("user", "generation", "changed_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -34,8 +34,37 @@ def staff_client(staff: User) -> Client:
 @pytest.fixture
 def populated(world: Any) -> Any:
     """The shared world plus one of every other object the admin lists."""
+    from mailboxes.models import Attachment, Message
+    from tenants.models import SsoDomain, SsoProvider
+    from webinbox.models import SessionGeneration, TempInbox
+
     login_link_create(user=world.owner)
     event_record(tenant_id=world.tenant.pk, type="mailbox.created", mailbox_id=world.mailbox.pk)
+    message = Message.objects.create(
+        tenant=world.tenant,
+        mailbox=world.mailbox,
+        rcpt=world.mailbox.address,
+        mail_from="sender@example.test",
+        subject="Your code",
+        text="BODY-NEVER-IN-ADMIN 123456",
+        size=120,
+        sha256="e" * 64,
+        storage_key=f"raw/{world.tenant.pk}/x.eml",
+        trace_id="Q1234567",
+        received_at=timezone.now(),
+    )
+    Attachment.objects.create(
+        tenant=world.tenant, message=message, filename="a.pdf", size=3, sha256="f" * 64, storage_key="att/x"
+    )
+    TempInbox.objects.create(mailbox=world.sibling, token_hash="7" * 64, created_ip="127.0.0.1")
+    provider = SsoProvider.objects.create(
+        tenant=world.tenant,
+        issuer="https://idp.example.test",
+        client_id="client",
+        client_secret_encrypted="gAAAAA-ENCRYPTED-CLIENT-SECRET",
+    )
+    SsoDomain.objects.create(name="acme-people.example.test", provider=provider)
+    SessionGeneration.objects.create(user=world.owner, generation=1)
     return world
 
 
@@ -48,7 +77,7 @@ def _staff_entries(action: str) -> list[AuditEntry]:
 
 
 def test_it_renders_every_changelist_and_change_page(staff_client: Client, populated: Any) -> None:
-    assert len(admin.site._registry) >= 8
+    assert len(admin.site._registry) >= 14
     for model, model_admin in admin.site._registry.items():
         response = staff_client.get(_url(model, "changelist"))
         assert response.status_code == 200, (model, response.status_code)
@@ -242,9 +271,14 @@ def test_it_keeps_events_and_audit_entries_append_only(staff_client: Client, pop
 
 
 def test_it_never_shows_a_key_hash_or_login_token_hash(staff_client: Client, populated: Any) -> None:
+    from tenants.models import SsoProvider
+    from webinbox.models import TempInbox
+
     hashes = [key.secret_hash for key in ApiKey.objects.all()] + [t.token_hash for t in LoginToken.objects.all()]
-    secrets = [populated.owner_key, populated.outsider_key]
-    assert len(hashes) >= 3
+    hashes += [inbox.token_hash for inbox in TempInbox.objects.all()]
+    hashes += [provider.client_secret_encrypted for provider in SsoProvider.objects.all()]
+    secrets = [populated.owner_key, populated.outsider_key, "BODY-NEVER-IN-ADMIN"]
+    assert len(hashes) >= 5
     pages = []
     for model in admin.site._registry:
         pages.append(_url(model, "changelist"))
