@@ -12,6 +12,7 @@ from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -83,7 +84,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     assert isinstance(exc, exceptions.APIException)
 
     if isinstance(exc, exceptions.ValidationError):
-        details = exc.detail
+        details: Any = exc.detail
         if isinstance(details, dict):
             # {"non_field_errors": [...]} alone reads better as the message itself.
             non_field = details.get("non_field_errors")
@@ -106,3 +107,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 
 def json_error_response(request: HttpRequest, status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse(error_body(code, message), status=status)
+
+
+class BoundedJSONParser(JSONParser):
+    """JSON nested deeper than the decoder's recursion limit answers 400, not 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
+

@@ -10,7 +10,7 @@ from drf_spectacular.openapi import AutoSchema
 class PermissionAutoSchema(AutoSchema):
     """Adds the key permission each operation needs to its description and as an extension."""
 
-    def get_description(self) -> str:
+    def get_description(self) -> str:  # type: ignore[override]
         from tenants.api.permissions import describe_permission
 
         base = super().get_description()

@@ -116,8 +116,7 @@ else:
     _database["ENGINE"] = "django_prometheus.db.backends.postgresql"
     _database["CONN_MAX_AGE"] = config.integer("DATABASE_CONN_MAX_AGE", 60, minimum=0)
     _database["CONN_HEALTH_CHECKS"] = True
-    _database.setdefault("OPTIONS", {})
-    _database["OPTIONS"].setdefault("connect_timeout", 5)  # type: ignore[union-attr]
+    _database["OPTIONS"] = {"connect_timeout": 5, **dict(_database.get("OPTIONS") or {})}  # type: ignore[call-overload]
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -240,7 +239,7 @@ SMTP_PROXY_PROTOCOL = config.boolean("SMTP_PROXY_PROTOCOL", False)
 _email = config.email("EMAIL_URL", "consolemail://")
 EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
 EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")
-EMAIL_PORT = int(_email.get("EMAIL_PORT") or 25)
+EMAIL_PORT = int(str(_email.get("EMAIL_PORT") or 25))
 EMAIL_HOST_USER = str(_email.get("EMAIL_HOST_USER") or "")
 EMAIL_HOST_PASSWORD = str(_email.get("EMAIL_HOST_PASSWORD") or "")
 EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS"))
@@ -287,7 +286,7 @@ WEBHOOK_REPLAY_MAX = config.integer("WEBHOOK_REPLAY_MAX", 10000, minimum=1)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.api.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["tenants.api.permissions.KeyPermission"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["mailplatform.api.BoundedJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "mailplatform.pagination.CreatedCursorPagination",
     "DEFAULT_SCHEMA_CLASS": "mailplatform.schema.PermissionAutoSchema",
@@ -360,7 +359,9 @@ elif _cache_url.startswith("locmem://"):
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 elif not _cache_url or _cache_url.startswith("file://"):
     _cache_dir = Path(_cache_url.removeprefix("file://") or DATA_DIR / "cache")
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(_cache_dir)}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(_cache_dir)}
+    }
 else:
     raise ImproperlyConfigured(f"CACHE_URL: expected redis://, rediss://, locmem:// or file://, got {_cache_url!r}")
 

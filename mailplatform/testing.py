@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 
 def free_port() -> int:
@@ -99,7 +100,8 @@ def start_seaweedfs(bucket: str = "mailplatform-test") -> S3Server:
         ]
     }
     (directory / "s3.json").write_text(json.dumps(config))
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "iceberg", "admin", "metrics")}
+    # Every listener gets a free port, so concurrent test sessions never collide.
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "iceberg", "lance", "admin", "metrics")}
     grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     arguments = [
         weed_binary(),
@@ -116,6 +118,7 @@ def start_seaweedfs(bucket: str = "mailplatform-test") -> S3Server:
         f"-s3.port={ports['s3']}",
         f"-s3.port.grpc={grpc['s3']}",
         f"-s3.port.iceberg={ports['iceberg']}",
+        f"-s3.port.lance={ports['lance']}",
         f"-admin.port={ports['admin']}",
         f"-metricsPort={ports['metrics']}",
         "-admin.ui=false",
@@ -303,7 +306,7 @@ class Zone:
             if rtype == "TXT":
                 reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(str(value)), ttl=1))
             elif rtype == "MX":
-                priority, host = value  # type: ignore[misc]
+                priority, host = cast(tuple[int, str], value)
                 reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX(host, priority), ttl=1))
         return reply
 

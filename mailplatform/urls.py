@@ -1,12 +1,12 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import AllowAny
 
 from mailboxes.views import blob_download
 from mailplatform import ops
 
-api_v1 = [
+api_v1: list[URLPattern | URLResolver] = [
     # The API's description is public, like its documentation.
     path(
         "schema/", SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[AllowAny]), name="schema"

@@ -422,7 +422,7 @@ class DomainCheck:
         return {"txt": self.txt_ok, "mx": self.mx_ok, "error": self.error or None, "state": self.state}
 
 
-_TRANSITION_EVENTS = {
+_TRANSITION_EVENTS: dict[str, str] = {
     Domain.State.VERIFIED: "domain.verified",
     Domain.State.MX_LOST: "domain.mx_lost",
     Domain.State.SUSPENDED: "domain.suspended",

@@ -198,8 +198,8 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
 
     def role_for(self, claims: dict[str, Any]) -> str:
         """The mapped role: the strongest role any of the user's groups maps to, else the default."""
-        order = [Membership.Role.VIEWER, Membership.Role.MEMBER, Membership.Role.ADMIN]
-        role = self.provider.default_role
+        order: list[str] = [Membership.Role.VIEWER, Membership.Role.MEMBER, Membership.Role.ADMIN]
+        role: str = self.provider.default_role
         if self.provider.role_claim:
             groups = claims.get(self.provider.role_claim) or []
             groups = [groups] if isinstance(groups, str) else list(groups)

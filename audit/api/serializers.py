@@ -15,7 +15,10 @@ class EventSerializer(serializers.Serializer[Event]):
     timestamp = serializers.DateTimeField()
     tenant = serializers.CharField(source="tenant_id")
     trace_id = serializers.CharField()
-    data = serializers.DictField()
+
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        # A field named "data" cannot be a class attribute: it would hide Serializer.data.
+        return {**super().get_fields(), "data": serializers.DictField()}
 
     def to_representation(self, instance: Event) -> dict[str, Any]:
         return instance.as_json()

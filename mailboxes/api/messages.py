@@ -14,7 +14,6 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.pagination import CursorPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -30,16 +29,6 @@ from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError
 from tenants.access import Permission
 from tenants.api.views import principal_of
-
-
-class BoundedJSONParser(JSONParser):
-    """JSON whose nesting exhausts the decoder's recursion answers 400, not 500."""
-
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        try:
-            return super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
 
 
 class NewestFirstPagination(CursorPagination):
@@ -82,7 +71,6 @@ class MessageViewSet(
 
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
     pagination_class = NewestFirstPagination
-    parser_classes = [BoundedJSONParser]
     required_permissions = {
         "list": Permission.MESSAGES_READ,
         "retrieve": Permission.MESSAGES_READ,

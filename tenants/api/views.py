@@ -123,7 +123,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         domains = list(selectors.domain_list(principal).filter(pk__in=data["domains"]))
         mailbox_model = ApiKey._meta.get_field("allowed_mailboxes").related_model
         mailboxes = list(
-            principal.scope(mailbox_model.objects.all(), domain_field="domain", mailbox_field="pk").filter(
+            principal.scope(mailbox_model._default_manager.all(), domain_field="domain", mailbox_field="pk").filter(
                 pk__in=data["mailboxes"]
             )
         )
