@@ -6,18 +6,23 @@ this file refuses to run against a missing one with a message saying which.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from django.conf import settings
 from django.test.utils import override_settings
+from jwt.algorithms import RSAAlgorithm
 
-from mailplatform.testing import S3Server, start_seaweedfs, storages_setting
+from mailplatform.testing import S3Server, free_port, start_seaweedfs, storages_setting, wait_for_port
 
 
 def _reachable(url: str, default_port: int) -> tuple[bool, str]:
@@ -182,3 +187,54 @@ def dns_zone(_dns_zone: Any, settings: Any) -> Any:
     settings.DNS_TIMEOUT = 2
     settings.MX_HOSTS = ["mx1.mailplatform.test", "mx2.mailplatform.test"]
     return _dns_zone
+
+
+# --- A real OpenID provider (Node's oidc-provider) on loopback, for single sign-on ------------
+PROVIDER_DIR = Path(__file__).resolve().parent / "scripts" / "oidc-provider"
+ACCOUNTS = {
+    "alice@corp.example.test": {"name": "Alice", "groups": ["mail-admins"]},
+    "bob@corp.example.test": {"name": "Bob", "groups": []},
+    "eve@corp.example.test": {"email": "eve@elsewhere.example.test"},
+    "unverified@corp.example.test": {"email_verified": False},
+}
+
+
+@dataclass
+class OidcProvider:
+    issuer: str
+    client_id: str
+    client_secret: str
+    private_key: Any
+    kid: str
+
+
+@pytest.fixture(scope="session")
+def oidc_provider() -> Iterator[OidcProvider]:
+    if not (PROVIDER_DIR / "node_modules" / "oidc-provider").exists():
+        pytest.fail("the test OpenID provider is not installed: run scripts/install-oidc-provider.sh (make test does)")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key))
+    jwk.update({"kid": "test-key-1", "alg": "RS256", "use": "sig"})
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    provider = OidcProvider(issuer, "mailplatform-test", "client-secret-for-tests", key, "test-key-1")
+    env = {
+        **os.environ,
+        "ISSUER": issuer,
+        "PORT": str(port),
+        "CLIENT_ID": provider.client_id,
+        "CLIENT_SECRET": provider.client_secret,
+        "REDIRECT_URI": "http://testserver/login/sso/callback/",
+        "JWKS": json.dumps({"keys": [jwk]}),
+        "ACCOUNTS": json.dumps(ACCOUNTS),
+        "NODE_ENV": "test",
+    }
+    process = subprocess.Popen(
+        ["node", "provider.mjs"], cwd=PROVIDER_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+        yield provider
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -123,7 +123,14 @@ def snapshot_load(previous_fingerprint: tuple[object, ...] | None = None) -> Sna
     by_id: dict[str, DomainEntry] = {}
     largest: int | None = None
     rows = Domain.objects.values_list(
-        "pk", "name", "tenant_id", "state", "recipient_policy", "tenant__status", "tenant__max_message_size", "tenant__plan"
+        "pk",
+        "name",
+        "tenant_id",
+        "state",
+        "recipient_policy",
+        "tenant__status",
+        "tenant__max_message_size",
+        "tenant__plan",
     )
     unverified_plans = settings.UNVERIFIED_DOMAIN_PLANS
     for pk, name, tenant_id, state, policy, tenant_status, max_size, plan in rows.iterator(chunk_size=2000):

@@ -20,10 +20,12 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
 
-from audit.services import event_record
+from audit.services import audit_entry_record, event_record
 from ingest import metrics
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
 from mailboxes.models import Mailbox, Message
+from tenants.access import Permission, Principal
+from tenants.services import require
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +206,31 @@ def spool_drain(spool: Spool, *, limit: int | None = None, storage: Storage | No
             logger.warning("drain of %s failed, will retry: %s", queue_id, type(exc).__name__)
     metrics.SPOOL_DEPTH.set(spool.depth())
     return dict(counts)
+
+
+def message_upload(
+    *, principal: Principal, mailbox: Mailbox, content: bytes, mail_from: str = "", remote_ip: str | None, tls: bool
+) -> str:
+    """A raw RFC 5322 message handed in through the API: the same spool and pipeline as SMTP.
+
+    Audited (``message.upload``), unlike mail that arrives from the outside world.
+    """
+    require(principal, Permission.MESSAGES_WRITE)
+    queue_id = accept(
+        content=content,
+        mail_from=mail_from,
+        recipients=[Recipient(address=mailbox.address, mailbox_id=str(mailbox.pk), tenant_id=str(mailbox.tenant_id))],
+        remote_ip=remote_ip,
+        helo="api",
+        tls=tls,
+        source=Message.Source.API,
+    )
+    audit_entry_record(
+        tenant_id=mailbox.tenant_id,
+        actor=principal.actor,
+        action="message.upload",
+        resource_type="mailbox",
+        resource_id=mailbox.pk,
+        after={"queue_id": queue_id, "size": len(content)},
+    )
+    return queue_id

@@ -164,7 +164,16 @@ def message_update(*, principal: Principal, message: Message, **changes: Any) ->
     if changes:
         raise ValidationError({name: "This field cannot be changed." for name in changes})
     if fields:
-        message.save(update_fields=fields)
+        with transaction.atomic():
+            message.save(update_fields=fields)
+            audit_entry_record(
+                tenant_id=message.tenant_id,
+                actor=principal.actor,
+                action="message.update",
+                resource_type="message",
+                resource_id=message.pk,
+                after={field: getattr(message, field) for field in fields},
+            )
     return message
 
 
@@ -173,4 +182,13 @@ def message_delete(*, principal: Principal, message: Message) -> None:
     from mailboxes.retention import message_soft_delete
 
     require(principal, Permission.MESSAGES_WRITE)
-    message_soft_delete(message, reason="deleted through the API")
+    with transaction.atomic():
+        if message_soft_delete(message, reason="deleted through the API"):
+            audit_entry_record(
+                tenant_id=message.tenant_id,
+                actor=principal.actor,
+                action="message.delete",
+                resource_type="message",
+                resource_id=message.pk,
+                before={"mailbox": message.mailbox_id, "trace_id": message.trace_id},
+            )

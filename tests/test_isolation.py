@@ -72,6 +72,9 @@ ROUTES: dict[str, Route] = {
         kwargs=lambda w: {"pk": w.message.pk, "attachment_id": w.attachment_id},
         sibling_kwargs=lambda w: {"pk": w.sibling_message.pk, "attachment_id": w.sibling_attachment_id},
     ),
+    "mailbox-messages-upload": Route(
+        kwargs=lambda w: {"pk": w.mailbox.pk}, sibling_kwargs=lambda w: {"pk": w.sibling.pk}
+    ),
     "mailbox-code-latest": Route(kwargs=lambda w: {"pk": w.mailbox.pk}, sibling_kwargs=lambda w: {"pk": w.sibling.pk}),
     "event-list": Route(),
     "event-detail": Route(

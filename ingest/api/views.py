@@ -19,10 +19,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ingest.services import accept
-from ingest.spool import Recipient, is_disk_full
+from audit.middleware import client_ip
+from ingest.services import message_upload
+from ingest.spool import is_disk_full
 from mailboxes import selectors
-from mailboxes.models import Mailbox, Message
+from mailboxes.models import Mailbox
 from tenants.access import Permission
 from tenants.api.views import principal_of
 
@@ -103,16 +104,13 @@ class MessageUploadView(APIView):
             raise MessageTooLarge()
         mail_from = request.query_params.get("mail_from", "")[:320]
         try:
-            queue_id = accept(
+            queue_id = message_upload(
+                principal=principal,
+                mailbox=mailbox,
                 content=content,
                 mail_from=mail_from,
-                recipients=[
-                    Recipient(address=mailbox.address, mailbox_id=str(mailbox.pk), tenant_id=str(mailbox.tenant_id))
-                ],
-                remote_ip=request.META.get("REMOTE_ADDR"),
-                helo="api",
+                remote_ip=client_ip(request),
                 tls=request.is_secure(),
-                source=Message.Source.API,
             )
         except OSError as exc:
             raise SpoolUnavailable("The spool is full; try again later." if is_disk_full(exc) else None) from None

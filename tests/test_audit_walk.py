@@ -1,0 +1,150 @@
+"""Every write endpoint of the API leaves exactly one audit entry, and no entry holds a secret.
+
+WRITES says how to make each write succeed; a write route missing from it fails the walk,
+so a new endpoint cannot skip the audit trail unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.urls import reverse
+
+from audit.models import AuditEntry
+from tests.test_isolation import ENDPOINTS
+
+Setup = Callable[[Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Write:
+    kwargs: Setup = field(default=lambda w: {})
+    body: Callable[[Any], Any] = field(default=lambda w: {})
+    content_type: str = "application/json"
+    action: str = ""  # the audit action expected
+
+
+def _empty_domain(world: Any) -> dict[str, Any]:
+    from tenants.models import Domain
+
+    return {"pk": Domain.objects.create(tenant=world.tenant, name="empty.example.test").pk}
+
+
+def _victim_key(world: Any) -> dict[str, Any]:
+    return {"pk": world.victim_key_id}
+
+
+def _enterprise(world: Any) -> dict[str, Any]:
+    from tenants.models import Tenant
+
+    Tenant.objects.filter(pk=world.tenant.pk).update(plan=Tenant.Plan.ENTERPRISE)
+    return {}
+
+
+def _sso_body(world: Any) -> dict[str, Any]:
+    provider = world.oidc
+    return {
+        "issuer": provider.issuer,
+        "client_id": provider.client_id,
+        "client_secret": provider.client_secret,
+        "email_domains": ["corp.example.test"],
+    }
+
+
+def _configured_sso(world: Any) -> dict[str, Any]:
+    from tenants.access import Principal
+    from tenants.services import sso_provider_configure
+
+    _enterprise(world)
+    world.tenant.refresh_from_db()
+    sso_provider_configure(principal=Principal.system(world.tenant), **_sso_body(world))
+    return {}
+
+
+RAW = b"From: a@example.org\r\nTo: inbox@acme.example.test\r\nSubject: upload\r\n\r\nhello\r\n"
+
+WRITES: dict[tuple[str, str], Write] = {
+    ("tenant", "PATCH"): Write(body=lambda w: {"name": "Renamed"}, action="tenant.update"),
+    ("sso", "PUT"): Write(kwargs=lambda w: _enterprise(w) or {}, body=_sso_body, action="sso.configure"),
+    ("sso", "DELETE"): Write(kwargs=_configured_sso, action="sso.delete"),
+    ("domain-list", "POST"): Write(body=lambda w: {"name": "new.example.test"}, action="domain.create"),
+    ("domain-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": w.domain.pk}, body=lambda w: {"recipient_policy": "drop"}, action="domain.update"
+    ),
+    ("domain-detail", "DELETE"): Write(kwargs=_empty_domain, action="domain.delete"),
+    ("domain-verify", "POST"): Write(kwargs=lambda w: {"pk": w.domain.pk}, action="domain.verify"),
+    ("api-key-list", "POST"): Write(
+        body=lambda w: {"name": "k", "permissions": ["messages:read"]}, action="api_key.create"
+    ),
+    ("api-key-detail", "DELETE"): Write(kwargs=_victim_key, action="api_key.revoke"),
+    ("api-key-revoke", "POST"): Write(kwargs=_victim_key, action="api_key.revoke"),
+    ("mailbox-list", "POST"): Write(body=lambda w: {"address": "fresh@acme.example.test"}, action="mailbox.create"),
+    ("mailbox-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": w.mailbox.pk}, body=lambda w: {"name": "x"}, action="mailbox.update"
+    ),
+    ("mailbox-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.sibling.pk}, action="mailbox.delete"),
+    ("mailbox-messages-upload", "POST"): Write(
+        kwargs=lambda w: {"pk": w.mailbox.pk},
+        body=lambda w: RAW,
+        content_type="message/rfc822",
+        action="message.upload",
+    ),
+    ("message-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": w.message.pk}, body=lambda w: {"is_read": True}, action="message.update"
+    ),
+    ("message-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.message.pk}, action="message.delete"),
+}
+
+API_WRITES = [
+    endpoint
+    for endpoint in ENDPOINTS
+    if endpoint.method in {"POST", "PUT", "PATCH", "DELETE"} and not endpoint.route.public
+]
+
+
+def test_it_knows_how_to_exercise_every_write_endpoint():
+    missing = sorted({(e.name, e.method) for e in API_WRITES} - set(WRITES))
+    assert not missing, f"write endpoints missing from WRITES (add how to make them succeed): {missing}"
+
+
+def _publish_dns(world: Any, zone: Any) -> None:
+    # The domain stays verified through the check, so the only entry is the request's own.
+    zone.set(world.domain.name, "TXT", [world.domain.verification_record])
+    zone.set(world.domain.name, "MX", [(10, "mx1.mailplatform.test.")])
+
+
+@pytest.mark.parametrize(
+    "endpoint", [e for e in API_WRITES if (e.name, e.method) in WRITES], ids=lambda e: f"{e.method} {e.name}"
+)
+def test_it_audits_each_write_exactly_once_without_secrets(cast, endpoint, dns_zone, request):
+    write = WRITES[(endpoint.name, endpoint.method)]
+    if endpoint.name == "sso":
+        cast.oidc = request.getfixturevalue("oidc_provider")
+    _publish_dns(cast, dns_zone)
+    kwargs = write.kwargs(cast)
+    client = cast.client(cast.owner_key)
+    client.get("/api/v1/tenant/")  # the key's first use from this address is audited on its own
+    before = set(AuditEntry.objects.values_list("pk", flat=True))
+    body = write.body(cast)
+    payload = body if isinstance(body, bytes) else json.dumps(body)
+    response = client.generic(
+        endpoint.method, reverse(endpoint.name, kwargs=kwargs or None), payload, write.content_type
+    )
+    assert response.status_code < 300, response.content[:500]
+    new = list(AuditEntry.objects.exclude(pk__in=before))
+    assert [entry.action for entry in new] == [write.action]
+    entry = new[0]
+    assert entry.actor_type == "api_key"
+    assert entry.correlation_id
+    recorded = json.dumps([entry.before, entry.after, entry.actor_label], default=str)
+    secrets = [cast.owner_key, cast.owner_key[3:], "client-secret-for-tests"]
+    if response.get("Content-Type", "").startswith("application/json") and response.content:
+        returned = response.json()
+        if isinstance(returned, dict) and isinstance(returned.get("key"), str):
+            secrets.append(returned["key"])
+    for secret in secrets:
+        assert secret not in recorded
