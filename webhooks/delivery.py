@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,6 +165,21 @@ def _attempt(delivery: Delivery, active_secrets: list[str]) -> Outcome:
     )
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+HTTP_THREADS = 64
+
+
+def _http_pool() -> ThreadPoolExecutor:
+    """Threads for the HTTP requests only (no database work), shared by the process's tasks
+    so a batch does not pay for starting threads."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=HTTP_THREADS, thread_name_prefix="webhook-http")
+        return _pool
+
+
 def deliveries_claim(delivery_ids: list[str]) -> str | None:
     """Claim those of ``delivery_ids`` that are due (one conditional update); the claim token."""
     now = clock.now()
@@ -204,11 +220,7 @@ def deliveries_send(delivery_ids: list[str], claim: str | None = None) -> list[D
             return Outcome(False, None, "abandoned: the worker was lost during every attempt", "", None, 0)
         return _attempt(delivery, secrets_by_endpoint[delivery.endpoint_id])
 
-    if len(deliveries) == 1:
-        outcomes = [attempt(deliveries[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=len(deliveries), thread_name_prefix="webhook-send") as pool:
-            outcomes = list(pool.map(attempt, deliveries))
+    outcomes = [attempt(deliveries[0])] if len(deliveries) == 1 else list(_http_pool().map(attempt, deliveries))
     _record(deliveries, claim, outcomes)
     return deliveries
 
@@ -221,7 +233,7 @@ def delivery_send(delivery_id: UUID | str, claim: str | None = None) -> Delivery
 
 def _record(deliveries: list[Delivery], claim: str, outcomes: list[Outcome]) -> None:
     now = clock.now()
-    with transaction.atomic():
+    with transaction.atomic(), services.endpoints_cached():
         Attempt.objects.bulk_create(
             Attempt(
                 delivery=delivery,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -311,16 +313,35 @@ def endpoint_matches(endpoint: Endpoint, event: Event, *, mailbox_domain_id: UUI
     return True
 
 
+_endpoint_cache: ContextVar[dict[UUID, list[Endpoint]] | None] = ContextVar("webhook_endpoint_cache", default=None)
+
+
+@contextmanager
+def endpoints_cached() -> Iterator[None]:
+    """Within the block, fan-out reads each tenant's endpoints once (for batches of events
+    recorded in one short transaction, such as the outcomes of a batch of deliveries)."""
+    token = _endpoint_cache.set({})
+    try:
+        yield
+    finally:
+        _endpoint_cache.reset(token)
+
+
 def event_fan_out(event: Event) -> list[Delivery]:
     """Create the event's deliveries inside the recording transaction; send after commit.
 
     Registered with ``audit.services.event_listener_register``.
     """
-    endpoints = list(
-        Endpoint.objects.filter(tenant_id=event.tenant_id, enabled=True).only(
-            "id", "tenant_id", "event_types", "domain_ids", "mailbox_ids"
+    cache = _endpoint_cache.get()
+    endpoints = cache.get(event.tenant_id) if cache is not None else None
+    if endpoints is None:
+        endpoints = list(
+            Endpoint.objects.filter(tenant_id=event.tenant_id, enabled=True).only(
+                "id", "tenant_id", "event_types", "domain_ids", "mailbox_ids"
+            )
         )
-    )
+        if cache is not None:
+            cache[event.tenant_id] = endpoints
     if not endpoints:
         return []
     mailbox_domain_id = None
@@ -335,9 +356,37 @@ def event_fan_out(event: Event) -> list[Delivery]:
     if not deliveries:
         return []
     Delivery.objects.bulk_create(deliveries)
-    ids = [str(delivery.pk) for delivery in deliveries]
-    transaction.on_commit(lambda: _enqueue(ids), robust=True)
+    _enqueue_on_commit([str(delivery.pk) for delivery in deliveries])
     return deliveries
+
+
+class _CommitBatch:
+    """The deliveries created in one transaction, enqueued together once it commits."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def flush(self) -> None:
+        _enqueue(self.ids)
+
+
+def _enqueue_on_commit(delivery_ids: list[str]) -> None:
+    """Enqueue after commit, in batches per transaction rather than one task per event.
+
+    If a savepoint rollback discards the batch's callback, a new batch starts; an id whose
+    row was rolled back is harmless (the task claims nothing), and anything missed is picked
+    up by the beat dispatcher.
+    """
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        _enqueue(delivery_ids)
+        return
+    batch: _CommitBatch | None = getattr(connection, "_webhook_commit_batch", None)
+    if batch is None or not any(entry[1] == batch.flush for entry in connection.run_on_commit):
+        batch = _CommitBatch()
+        connection._webhook_commit_batch = batch  # type: ignore[attr-defined]
+        transaction.on_commit(batch.flush, robust=True)
+    batch.ids.extend(delivery_ids)
 
 
 def _enqueue(delivery_ids: list[str]) -> None:
