@@ -310,7 +310,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
-    "ENUM_NAME_OVERRIDES": {},
+    # Three models have a "state" field; name each enum after its model.
+    "ENUM_NAME_OVERRIDES": {
+        "DomainStateEnum": "tenants.models.Domain.State",
+        "MessageStateEnum": "mailboxes.models.Message.State",
+        "DeliveryStateEnum": "webhooks.models.Delivery.State",
+    },
 }
 API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most this often
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")

@@ -6,13 +6,14 @@ import hashlib
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.mail import send_mail
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q
 from django.http import HttpRequest
 from django.urls import reverse
@@ -67,21 +68,27 @@ def login_link_consume(*, token: str) -> User | None:
 _outbound: list[threading.Thread] = []
 
 
-def _send_in_background(subject: str, body: str, recipient: str) -> None:
-    def send() -> None:
+def _in_background(work: Callable[[], None], name: str) -> None:
+    def run() -> None:
         try:
-            send_mail(subject, body, None, [recipient])
+            work()
         except Exception as exc:  # never the link itself in a log line
-            logger.warning("sign-in mail could not be sent: %s", type(exc).__name__)
+            logger.warning("%s failed: %s", name, type(exc).__name__)
+        finally:
+            connections.close_all()
 
-    thread = threading.Thread(target=send, name="login-mail", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     _outbound[:] = [pending for pending in _outbound if pending.is_alive()]
     _outbound.append(thread)
     thread.start()
 
 
+def _send_in_background(subject: str, body: str, recipient: str) -> None:
+    _in_background(lambda: send_mail(subject, body, None, [recipient]), "sign-in mail")
+
+
 def outbound_flush(timeout: float = 10.0) -> None:
-    """Wait for sign-in mail being sent (tests, and a clean shutdown)."""
+    """Wait for sign-in work handed to the background (tests, and a clean shutdown)."""
     for thread in list(_outbound):
         thread.join(timeout)
 
@@ -89,8 +96,9 @@ def outbound_flush(timeout: float = 10.0) -> None:
 def login_request(*, email: str, ip: str | None) -> None:
     """Send a sign-in link if ``email`` is an active member and the rate limits allow.
 
-    Does the same work, and says nothing different, whether or not the address exists: the
-    caller always answers "check your inbox".
+    Only the rate limits are counted here; looking the address up, making the link and
+    mailing it happen in the background, so the caller answers "check your inbox" in the
+    same time whether or not the address exists.
     """
     email = User.objects.normalize_email(email.strip()).lower()
     allowed_address = ratelimit.hit(
@@ -99,7 +107,6 @@ def login_request(*, email: str, ip: str | None) -> None:
     allowed_ip = ratelimit.hit(
         "login-ip", ip or "-", limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW
     )
-    user = User.objects.filter(email__iexact=email, is_active=True, memberships__isnull=False).distinct().first()
     if not (allowed_address and allowed_ip):
         logger.info("sign-in link request rate-limited")
         return
@@ -117,7 +124,8 @@ def login_link_send(*, email: str) -> bool:
         f"Sign in to mailplatform:\n\n{link}\n\n"
         f"The link works once, for {minutes} minutes. If you did not ask for it, ignore this message.\n"
     )
-    _send_in_background("Your mailplatform sign-in link", body, user.email)
+    send_mail("Your mailplatform sign-in link", body, None, [user.email])
+    return True
 
 
 def _tenant_ids_of(user: User) -> list[Any]:

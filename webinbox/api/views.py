@@ -23,8 +23,8 @@ class TempInboxCreateView(APIView):
     @extend_schema(
         summary="Create a temporary inbox",
         description=(
-            "No key needed; at most TEMP_INBOX_RATE_PER_HOUR per client IP (429 beyond). The token "
-            "in the answer is the inbox's only credential and is never shown again: open "
+            "**Permission:** none, no key needed. At most TEMP_INBOX_RATE_PER_HOUR per client IP "
+            "(429 beyond). The token in the answer is the inbox's only credential and is never shown again: open "
             "`inbox_url` in a browser, or keep the token to come back."
         ),
         request=None,

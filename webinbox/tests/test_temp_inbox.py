@@ -83,7 +83,7 @@ def test_it_rate_limits_creation_per_ip_across_web_and_api(settings: Any) -> Non
 def test_it_answers_the_same_404_bytes_for_wrong_expired_and_deleted_tokens() -> None:
     expired, expired_token = temp_inbox_create(ip="127.0.0.1")
     Mailbox.objects.filter(pk=expired.mailbox_id).update(expires_at=timezone.now() - timedelta(seconds=1))
-    deleted, deleted_token = temp_inbox_create(ip="127.0.0.1")
+    _, deleted_token = temp_inbox_create(ip="127.0.0.1")
     client = Client()
     assert client.post(f"/t/{deleted_token}/delete/").status_code == 200
     answers = [

@@ -1,0 +1,62 @@
+"""Security headers on every page, and a production configuration that passes check --deploy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from django.conf import settings as django_settings
+from django.test import Client
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize("path", ["/", "/login/", "/inbox/", "/console/", "/t/nope/", "/no/such/page/", "/healthz"])
+def test_it_sends_a_strict_content_security_policy_on_every_page(world: Any, signed_in: Any, path: str) -> None:
+    for client in (Client(), signed_in("owner")):
+        response = client.get(path)
+        policy = response["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+        assert "'unsafe-inline'" not in policy.split("script-src", 1)[1].split(";")[0]
+        assert response["X-Frame-Options"] == "DENY"
+        assert response["X-Content-Type-Options"] == "nosniff"
+
+
+def test_it_keeps_session_and_csrf_cookies_http_only(world: Any) -> None:
+    assert django_settings.SESSION_COOKIE_HTTPONLY and django_settings.CSRF_COOKIE_HTTPONLY
+    from webinbox.services import login_link_create
+
+    client = Client()
+    client.post(login_link_create(user=world.owner).split("testserver", 1)[1])
+    assert client.cookies["sessionid"]["httponly"]
+
+
+def test_it_passes_check_deploy_with_production_settings(tmp_path: Any) -> None:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_", "S3_")) and key not in {"BASE_URL", "ALLOWED_HOSTS"}
+    }
+    env.update(
+        {
+            "DEBUG": "false",
+            "BASE_URL": "https://mail.example.com",
+            "SECRET_KEY": "k" * 20 + "Z9%q!x" * 10,
+            "API_KEY_PEPPER": "p" * 20 + "Y8%w?z" * 10,
+            "DATA_DIR": str(tmp_path),
+            "EMAIL_URL": "smtp://relay.example.com:587",
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=django_settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
