@@ -16,9 +16,10 @@ run: $(RUN_STAMP)
 test: $(DEV_STAMP) services test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO.
+# Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO, Debian's Chromium for the browser tests.
 test-tools:
 	bash scripts/install-oidc-provider.sh
+	bash scripts/install-browser.sh
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ urlpatterns = [
     path("", public.home, name="home"),
     # Sign-in
     path("login/", public.login_page, name="login"),
+    path("login/link/confirm/", public.login_confirm, name="login-confirm"),
     path("login/link/<str:token>/", public.login_link, name="login-link"),
     path("logout/", public.logout_view, name="logout"),
     path("logout/everywhere/", public.logout_everywhere, name="logout-everywhere"),

@@ -45,7 +45,7 @@ def test_it_creates_a_temporary_inbox_from_the_home_page(settings: Any) -> None:
     assert len(token) >= 22
     assert temp.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert token not in str(TempInbox.objects.values().get())
-    assert page["Referrer-Policy"] == "no-referrer"
+    assert page["Referrer-Policy"] == "same-origin"
     assert "no-store" in page["Cache-Control"]
 
 

@@ -33,9 +33,7 @@ def home(request: HttpRequest) -> HttpResponse:
             response = render(request, "webinbox/home.html", {"rate_limited": True}, status=429)
             return response
         return redirect("webinbox:temp-inbox", token=token)
-    response = render(request, "webinbox/home.html", {"ttl_hours": settings.TEMP_INBOX_TTL // 3600})
-    response["Referrer-Policy"] = "no-referrer"
-    return response
+    return render(request, "webinbox/home.html", {"ttl_hours": settings.TEMP_INBOX_TTL // 3600})
 
 
 # --- Sign-in ---------------------------------------------------------------------------
@@ -53,26 +51,48 @@ def login_page(request: HttpRequest) -> HttpResponse:
         response = render(request, "webinbox/login_sent.html", {"ttl_minutes": settings.LOGIN_LINK_TTL // 60})
     else:
         response = render(request, "webinbox/login.html", {"form": form}, status=400 if form.errors else 200)
-    response["Referrer-Policy"] = "no-referrer"
     return response
+
+
+_PENDING_LINK = "_mp_login_link"
 
 
 @never_cache
 @require_http_methods(["GET", "POST"])
 def login_link(request: HttpRequest, token: str) -> HttpResponse:
-    """The landing page of a sign-in link. GET only shows a button, so a mail scanner that
-    fetches links cannot use up the link; POST signs in."""
+    """The landing page of a sign-in link (``Referrer-Policy: no-referrer``).
+
+    GET moves the token out of the URL into the session and shows a "Sign in" button, so a
+    mail scanner that fetches links cannot use the link up (and a no-referrer page, whose
+    form posts would carry ``Origin: null``, never hosts the form). POST, from a script,
+    signs in directly.
+    """
     if request.method == "GET":
-        response = render(request, "webinbox/login_confirm.html")
-    else:
-        user = services.login_link_consume(token=token[:200])
-        if user is None:
+        request.session[_PENDING_LINK] = token[:200]
+        response = redirect("webinbox:login-confirm")
+        response["Referrer-Policy"] = "no-referrer"
+        return response
+    return _sign_in(request, token[:200])
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def login_confirm(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        return render(request, "webinbox/login_confirm.html", {"pending": _PENDING_LINK in request.session})
+    return _sign_in(request, str(request.session.pop(_PENDING_LINK, "")))
+
+
+def _sign_in(request: HttpRequest, token: str) -> HttpResponse:
+    user = services.login_link_consume(token=token) if token else None
+    if user is None:
+        if token:
             services.login_failure_record(reason="invalid, used or expired link")
-            response = render(request, "webinbox/login_link_invalid.html", status=404)
-        else:
-            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-            services.login_record(user=user, method="link")
-            response = redirect("webinbox:inbox")
+        response = render(request, "webinbox/login_link_invalid.html", status=404)
+    else:
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        services.login_record(user=user, method="link")
+        response = redirect("webinbox:inbox")
     response["Referrer-Policy"] = "no-referrer"
     return response
 
@@ -105,8 +125,10 @@ def _open(token: str) -> TempInbox | None:
 
 
 def _private(response: HttpResponse) -> HttpResponse:
-    # The token in the URL is the credential: never send it on as a Referer, never cache.
-    response["Referrer-Policy"] = "no-referrer"
+    # The token in the URL is the credential: never send it to another site as a Referer
+    # (same-origin, not no-referrer: a no-referrer page's forms post "Origin: null", which
+    # CSRF protection rightly refuses), and never cache it.
+    response["Referrer-Policy"] = "same-origin"
     response["Cache-Control"] = "no-store"
     response["X-Robots-Tag"] = "noindex"
     return response
