@@ -36,6 +36,13 @@ def _link_from_outbox() -> str:
     return match.group(0)
 
 
+def _trimmed_mean(samples: list[float]) -> float:
+    """The mean without the slowest and fastest tenth: the machine is shared, a stray pause is noise."""
+    ordered = sorted(samples)
+    cut = len(ordered) // 10
+    return statistics.mean(ordered[cut : len(ordered) - cut])
+
+
 def test_it_answers_the_same_bytes_for_a_member_and_an_unknown_address(world: Any) -> None:
     client = Client()
     known = _ask(client, world.owner.email)
@@ -60,7 +67,7 @@ def test_it_takes_the_same_time_for_a_member_and_an_unknown_address(world: Any, 
             client.post("/login/", {"email": email})
             timings[name].append(time.perf_counter() - started)
             outbound_flush()  # the background work must not land on the next timed request
-    difference = abs(statistics.mean(timings["known"]) - statistics.mean(timings["unknown"]))
+    difference = abs(_trimmed_mean(timings["known"]) - _trimmed_mean(timings["unknown"]))
     assert difference < 0.003, (statistics.mean(timings["known"]), statistics.mean(timings["unknown"]))
 
 

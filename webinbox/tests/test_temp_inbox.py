@@ -27,6 +27,13 @@ def _token(response: Any) -> str:
     return location.split("/")[2]
 
 
+def _trimmed_mean(samples: list[float]) -> float:
+    """The mean without the slowest and fastest tenth: the machine is shared, a stray pause is noise."""
+    ordered = sorted(samples)
+    cut = len(ordered) // 10
+    return statistics.mean(ordered[cut : len(ordered) - cut])
+
+
 def test_it_creates_a_temporary_inbox_from_the_home_page(settings: Any) -> None:
     client = Client()
     token = _token(client.post("/"))
@@ -110,7 +117,7 @@ def test_it_takes_the_same_time_for_an_expired_and_a_missing_token() -> None:
             started = time.perf_counter()
             assert client.get(f"/t/{token}/").status_code == 404
             timings[name].append(time.perf_counter() - started)
-    difference = abs(statistics.mean(timings["expired"]) - statistics.mean(timings["missing"]))
+    difference = abs(_trimmed_mean(timings["expired"]) - _trimmed_mean(timings["missing"]))
     assert difference < 0.003, timings
 
 
