@@ -68,7 +68,7 @@ def login_link_consume(*, token: str) -> User | None:
 _outbound: list[threading.Thread] = []
 
 
-def _in_background(work: Callable[[], None], name: str) -> None:
+def _in_background(work: Callable[[], object], name: str) -> None:
     def run() -> None:
         try:
             work()
