@@ -220,9 +220,23 @@ def deliveries_send(delivery_ids: list[str], claim: str | None = None) -> list[D
             return Outcome(False, None, "abandoned: the worker was lost during every attempt", "", None, 0)
         return _attempt(delivery, secrets_by_endpoint[delivery.endpoint_id])
 
-    outcomes = [attempt(deliveries[0])] if len(deliveries) == 1 else list(_http_pool().map(attempt, deliveries))
-    _record(deliveries, claim, outcomes)
-    return deliveries
+    # Deliveries to one endpoint about one message go one after the other, in log order
+    # (ingest.received before objectstore.uploaded); everything else in parallel.
+    deliveries.sort(key=lambda d: d.event_id)
+    chains: dict[tuple[UUID, object], list[Delivery]] = {}
+    for delivery in deliveries:
+        chains.setdefault((delivery.endpoint_id, delivery.event.message_id or delivery.pk), []).append(delivery)
+
+    def send_chain(chain: list[Delivery]) -> list[Outcome]:
+        return [attempt(delivery) for delivery in chain]
+
+    ordered = [delivery for chain in chains.values() for delivery in chain]
+    if len(chains) == 1:
+        outcomes = send_chain(ordered)
+    else:
+        outcomes = [outcome for chain in _http_pool().map(send_chain, chains.values()) for outcome in chain]
+    _record(ordered, claim, outcomes)
+    return ordered
 
 
 def delivery_send(delivery_id: UUID | str, claim: str | None = None) -> Delivery | None:

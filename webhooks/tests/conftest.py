@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -41,7 +42,7 @@ class Scripted:
 class Receiver:
     """A threaded HTTP server that records every request and answers from a script."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self.script: deque[Scripted] = deque()
         self.condition = threading.Condition()
@@ -83,13 +84,16 @@ class Receiver:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.server = Server((host, 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path: str = "/hook", host: str | None = None) -> str:
         host = host or self.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}{path}"
+        return f"{self.scheme}://{'[' + host + ']' if ':' in host else host}:{self.port}{path}"
 
     def respond(self, *answers: Scripted) -> None:
         with self.condition:
@@ -150,3 +154,39 @@ def record(world: Any, type: str = "ingest.received", *, mailbox: Any = None, **
         domain_id=mailbox.domain_id,
         mailbox_id=mailbox.pk,
     )
+
+
+def self_signed_certificate(directory: Any, name: str = "localhost") -> tuple[str, str]:
+    """A certificate for ``name`` only (no IP address in it) and its key, as PEM files."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = f"{directory}/cert.pem", f"{directory}/key.pem"
+    with open(cert_path, "wb") as handle:
+        handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path
