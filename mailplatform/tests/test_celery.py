@@ -74,6 +74,20 @@ def worker_on(transactional_db: Any, tmp_path: Path) -> Iterator[Any]:
                 channel.exchange_delete(queue)
             except Exception:  # noqa: S110 - already gone is fine
                 pass
+        if broker_url.startswith("redis://"):
+            _redis_forget(broker_url, queue)
+
+
+def _redis_forget(broker_url: str, name: str) -> None:
+    """Kombu's Redis transport keeps binding keys after a queue is deleted; drop ours."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        for key in client.scan_iter(match=f"*{name}*"):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 def _send_and_wait(broker_url: str, queue: str, worker: ChildProcess, stale: LoginToken) -> float:
@@ -152,4 +166,6 @@ def test_it_puts_each_task_in_exactly_one_queue() -> None:
         finally:
             for queue in queues.values():
                 queue.delete()
+    for name in declared:
+        _redis_forget(REDIS_URL, name)
     assert counts == {name: int(name in routes) for name in queues}
