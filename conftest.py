@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,13 @@ def _blob_storage_on_s3(s3_server: S3Server) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _waiting_queries_in_the_test_thread() -> Iterator[None]:
+    """The in-process client must see the test's transaction (child processes keep the pool)."""
+    with override_settings(WAITING_DB_THREADS=0):
+        yield
 
 
 # --- The shared cast: one tenant with an owner, a member and a viewer, and an outsider ---
@@ -150,14 +158,21 @@ def cast(world: Any, dns_zone: Any) -> Any:
     from audit.services import event_record
     from tenants.models import ApiKey
 
+    from tenants.access import Principal
+    from webhooks.models import Delivery
+    from webhooks.services import endpoint_create
+
     world.key(["messages:read"], name="victim")
     world.victim_key_id = ApiKey.objects.get(tenant=world.tenant, name="victim").pk
+    webhook, _ = endpoint_create(principal=Principal.system(world.tenant), url="http://127.0.0.1:9/hook")
+    world.webhook_id = webhook.pk
     world.mailbox_event_id = event_record(
         tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.mailbox.pk, domain_id=world.domain.pk
     ).public_id
     world.sibling_event_id = event_record(
         tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.sibling.pk, domain_id=world.domain.pk
     ).public_id
+    world.webhook_delivery_id = Delivery.objects.get(endpoint=webhook, event__public_id=world.mailbox_event_id).pk
     # A parsed, indexed message with a code and an attachment in each mailbox (messages routes).
     from mailboxes.tests.helpers import fixture_bytes, message_deliver
 
@@ -238,3 +253,73 @@ def oidc_provider() -> Iterator[OidcProvider]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- Real processes against the test database (end-to-end tests) -------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _children_gone_before_the_database_is_dropped(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """A stopped child's backends end asynchronously; the test database is dropped only after."""
+    yield
+    from mailplatform.testing import database_sessions_wait_gone
+
+    with django_db_blocker.unblock():
+        try:
+            database_sessions_wait_gone()
+        except TimeoutError as error:
+            warnings.warn(str(error), stacklevel=1)
+
+
+@pytest.fixture
+def live_env(transactional_db: Any) -> dict[str, str]:
+    """The environment a child process needs to share this test's database, broker and S3."""
+    from django.db import connection
+
+    from mailplatform.testing import database_url_of, env_with
+
+    return env_with(DATABASE_URL=database_url_of(connection.settings_dict), LOG_LEVEL="WARNING")
+
+
+@pytest.fixture
+def web_server(live_env: dict[str, str]) -> Iterator[str]:
+    """uvicorn serving mailplatform.asgi (one process) on the test database; yields its URL."""
+    from mailplatform.testing import start_uvicorn
+
+    server = start_uvicorn(env=live_env)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def celery_worker(live_env: dict[str, str]) -> Iterator[Any]:
+    """A real Celery worker on every queue (the broker of CELERY_BROKER_URL), on the test database."""
+    from mailplatform.testing import ALL_QUEUES, start_celery_worker
+
+    worker = start_celery_worker(queue=ALL_QUEUES, name="all", env=live_env)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def runsmtp(live_env: dict[str, str], tmp_path: Any) -> Iterator[Any]:
+    """A factory of ``manage.py runsmtp`` processes on the test database: ``runsmtp(**env).start()``."""
+    from mailplatform.testing import RunsmtpProcess, free_port
+
+    made: list[RunsmtpProcess] = []
+
+    def make(**extra_env: str) -> RunsmtpProcess:
+        env = {
+            **live_env,
+            "SPOOL_DIR": str(tmp_path / "spool"),
+            "INGEST_WORKERS": "1",
+            "INGEST_DIRECTORY_REFRESH": "1",
+            "INGEST_METRICS_PORT": "0",
+            "LOG_LEVEL": "INFO",
+            **extra_env,
+        }
+        process = RunsmtpProcess(port=free_port(), spool_dir=tmp_path / "spool", env=env)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.stop()

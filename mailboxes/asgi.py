@@ -22,6 +22,15 @@ def is_waiting_path(path: str) -> bool:
 
 
 class MiddlewareFreeASGIHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        # Django wraps each request in a ThreadSensitiveContext, which gives it a thread of its
+        # own for synchronous code (here only the request signals and response.close()):
+        # a thousand waiters would hold a thousand idle threads. These views run their
+        # database work in mailboxes.waiting's pool, so the signals share Django's one thread.
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        await self.handle(scope, receive, send)
+
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []  # type: ignore[var-annotated]
         self._template_response_middleware = []  # type: ignore[var-annotated]

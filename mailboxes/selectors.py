@@ -66,21 +66,27 @@ def message_get(principal: Principal, message_id: UUID) -> Message:
     return message_scope(principal).prefetch_related("attachments").get(pk=message_id)
 
 
-def message_ready_find(
+def message_ready_newest(
     principal: Principal,
     *,
     mailbox_id: UUID | None,
-    after: datetime | None,
     query: str = "",
     with_code: bool = False,
-) -> Message | None:
-    """The newest indexed message matching a waiter, or None (used by mailboxes.waiting)."""
-    queryset = message_list(principal, mailbox_id=mailbox_id, query=query, after=after).filter(
-        state=Message.State.INDEXED
-    )
+    message_id: UUID | None = None,
+) -> tuple[UUID, datetime] | None:
+    """(id, received_at) of the newest indexed message matching a waiter, or None.
+
+    With ``message_id``: that message, if it matches. Used by :mod:`mailboxes.waiting`,
+    which compares ``received_at`` with the waiter's ``after`` itself so that waiters asking
+    the same question share one query.
+    """
+    queryset = message_list(principal, mailbox_id=mailbox_id, query=query).filter(state=Message.State.INDEXED)
     if with_code:
         queryset = queryset.exclude(codes=[])
-    return queryset.first()
+    if message_id is not None:
+        queryset = queryset.filter(pk=message_id)
+    row = queryset.values_list("pk", "received_at").first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def message_after_resolve(principal: Principal, value: str) -> datetime:

@@ -318,6 +318,9 @@ SPECTACULAR_SETTINGS = {
     },
 }
 API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most this often
+# Threads (each with one database connection) doing the long-poll waiters' queries, per web
+# process (mailboxes/waiting.py); 0 uses Django's one thread-sensitive thread (in-process tests).
+WAITING_DB_THREADS = config.integer("WAITING_DB_THREADS", 4, minimum=0, maximum=32)
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
 # Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
 TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])

@@ -1,6 +1,8 @@
-"""Test support that starts real services: an S3 server (SeaweedFS) on free loopback ports.
+"""Test support that starts real services and processes on free loopback ports.
 
-Used by the root conftest.py; importable from benchmarks too.
+An S3 server (SeaweedFS), Celery workers, uvicorn, runsmtp, a DNS zone. The root conftest.py
+turns them into fixtures (``s3_server``, ``celery_worker``, ``web_server``, ``runsmtp``);
+benchmarks import them directly.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 
 def free_port() -> int:
@@ -238,8 +240,14 @@ class ChildProcess:
         self._reader.join(timeout=2)
 
 
-def start_celery_worker(*, queue: str, env: dict[str, str], cwd: Path | str | None = None) -> ChildProcess:
-    """A real ``celery -A mailplatform worker`` consuming ``queue`` only, once it is ready."""
+ROOT = Path(__file__).resolve().parent.parent
+ALL_QUEUES = "ingest,parse,index,webhooks,maintenance"
+
+
+def start_celery_worker(
+    *, queue: str, env: dict[str, str], cwd: Path | str | None = None, name: str | None = None
+) -> ChildProcess:
+    """A real ``celery -A mailplatform worker`` consuming ``queue`` (comma-separated), once ready."""
     worker = ChildProcess(
         [
             sys.executable,
@@ -252,13 +260,13 @@ def start_celery_worker(*, queue: str, env: dict[str, str], cwd: Path | str | No
             "--concurrency=1",
             "--loglevel=INFO",
             f"--queues={queue}",
-            f"--hostname={queue}@%h",
+            f"--hostname={name or queue}@%h",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
         ],
         env=env,
-        cwd=cwd or Path(__file__).resolve().parent.parent,
+        cwd=cwd or ROOT,
     )
     try:
         worker.wait_for_line(" ready.", timeout=120)
@@ -266,6 +274,108 @@ def start_celery_worker(*, queue: str, env: dict[str, str], cwd: Path | str | No
         worker.stop()
         raise
     return worker
+
+
+def database_url_of(settings_dict: dict[str, Any]) -> str:
+    """A Django database's settings as a ``DATABASE_URL`` for a subprocess (PostgreSQL)."""
+    user = settings_dict.get("USER") or "postgres"
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+def database_sessions_wait_gone(timeout: float = 10.0) -> None:
+    """Until no other session uses Django's default database (call after stopping children).
+
+    A stopped child's backends end asynchronously; pytest-django drops the test database at
+    the end of the session and fails if one is still there.
+    """
+    from django.db import connection
+
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(
+                "SELECT pid, application_name, state, left(query, 80) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+            rows = cursor.fetchall()
+            if not rows:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sessions still on the test database after {timeout} s: {rows}")
+            time.sleep(0.1)
+
+
+@dataclass
+class WebServer:
+    url: str
+    child: ChildProcess
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def start_uvicorn(*, env: dict[str, str], cwd: Path | str | None = None) -> WebServer:
+    """``uvicorn mailplatform.asgi:application`` (one process) on a free loopback port, once it listens."""
+    port = free_port()
+    child = ChildProcess(
+        [sys.executable, "-m", "uvicorn", "mailplatform.asgi:application", "--port", str(port), "--lifespan", "off"],
+        env=env,
+        cwd=cwd or ROOT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+    except BaseException:
+        child.stop()
+        raise
+    return WebServer(url=f"http://127.0.0.1:{port}", child=child)
+
+
+@dataclass
+class RunsmtpProcess:
+    """``manage.py runsmtp`` as a process group (so kill -9 reaches its workers), logging to files."""
+
+    port: int
+    spool_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self, *args: str) -> None:
+        log = self.spool_dir.parent / f"runsmtp-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "runsmtp", "--port", str(self.port), "--metrics-port", "0", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill -9 reaches the workers too
+        )
+        wait_for_port("127.0.0.1", self.port, timeout=30)
+
+    def kill9(self) -> None:
+        import signal
+
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
 
 
 class Zone:

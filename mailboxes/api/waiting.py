@@ -2,28 +2,29 @@
 
 These are plain async Django views, not DRF (whose views are synchronous): they
 authenticate with the same API keys (``tenants.services.api_key_authenticate``), check the
-same permission (``messages:read``), scope every query through the principal, and answer
-the API's error shape. A waiter costs a coroutine and an asyncio event, not a thread: it
-is woken by :mod:`mailboxes.waiting` when a message of its mailbox (or tenant) is indexed.
+same rules (tenant active, IP allowlist, ``messages:read``), scope every query through the
+principal, and answer the API's error shape. A waiter costs a coroutine and an asyncio
+event, not a thread or a connection: its database work runs in the small pool of
+:mod:`mailboxes.waiting` (one job to authenticate and check, then shared reads), and it is
+woken by a notification when a message of its mailbox (or tenant) is indexed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
 from django.views import View
 
 from audit import context
 from audit.middleware import client_ip
-from mailboxes import selectors
+from mailboxes import selectors, waiting
 from mailboxes.api.message_serializers import MessageDetailSerializer
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError, query_parse
-from mailboxes.waiting import wait_for
 from mailplatform.api import error_body
 from tenants.access import Permission, Principal
 from tenants.services import KeyRejected, api_key_authenticate
@@ -51,14 +52,17 @@ def _authenticate(request: HttpRequest) -> Principal:
         raise ApiError(401, "not_authenticated", "Send an API key as 'Authorization: Bearer mp_...'.")
     if len(parts) != 2 or parts[0].lower() != "bearer":
         raise ApiError(401, "invalid_authorization_header", "Send the key as 'Authorization: Bearer mp_...'.")
+    ip = client_ip(request)
     try:
-        api_key = api_key_authenticate(secret=parts[1], ip=client_ip(request))
+        api_key = api_key_authenticate(secret=parts[1], ip=ip)
     except KeyRejected as rejected:
         raise ApiError(401, rejected.code, str(rejected)) from None
     context.set_tenant(str(api_key.tenant_id))
     principal = Principal.for_api_key(api_key)
     if not principal.tenant.is_active:
         raise ApiError(403, "tenant_suspended", "This tenant is suspended.")
+    if not principal.allows_ip(ip):
+        raise ApiError(403, "ip_not_allowed", "This API key may not be used from your address (IP allowlist).")
     if not principal.has_perm(Permission.MESSAGES_READ):
         raise ApiError(403, "missing_permission", f"This API key lacks the {Permission.MESSAGES_READ} permission.")
     return principal
@@ -85,25 +89,79 @@ def _uuid(value: str | None, name: str) -> UUID | None:
         raise ApiError(400, "validation_error", f"{name}: must be an id.") from None
 
 
-def _mailbox_check(principal: Principal, mailbox_id: UUID) -> None:
-    if not selectors.mailbox_list(principal).filter(pk=mailbox_id).exists():
+@dataclass(frozen=True)
+class _Start:
+    principal: Principal
+    after: datetime | None
+
+
+def _start(request: HttpRequest, *, mailbox_id: UUID | None, after: str | None) -> _Start:
+    """Everything a waiter needs from the database before it waits, in one pool job."""
+    principal = _authenticate(request)
+    if mailbox_id is not None and not selectors.mailbox_list(principal).filter(pk=mailbox_id).exists():
         raise ApiError(404, "not_found", "Not found.")
+    resolved = None
+    if after:
+        try:
+            resolved = selectors.message_after_resolve(principal, after)
+        except ValueError as error:
+            raise ApiError(400, "validation_error", str(error)) from None
+    return _Start(principal=principal, after=resolved)
 
 
-def _after(principal: Principal, value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return selectors.message_after_resolve(principal, value)
-    except ValueError as error:
-        raise ApiError(400, "validation_error", str(error)) from None
+def _question(
+    principal: Principal, *, mailbox_id: UUID | None, after: datetime | None, query: str = "", with_code: bool = False
+) -> waiting.Question:
+    def find() -> waiting.Candidate | None:
+        row = selectors.message_ready_newest(principal, mailbox_id=mailbox_id, query=query, with_code=with_code)
+        return waiting.Candidate(*row) if row else None
 
+    def check(message_id: UUID) -> waiting.Candidate | None:
+        row = selectors.message_ready_newest(
+            principal, mailbox_id=mailbox_id, query=query, with_code=with_code, message_id=message_id
+        )
+        return waiting.Candidate(*row) if row else None
 
-def _detail(message: Message) -> dict[str, Any]:
-    message = (
-        selectors.message_scope(Principal.system(message.tenant)).prefetch_related("attachments").get(pk=message.pk)
+    # Waiters with the same scope and question share their reads (mailboxes.waiting.shared).
+    scope = (principal.tenant_id, principal.granted_domain_ids, principal.granted_mailbox_ids)
+    return waiting.Question(
+        key=(scope, mailbox_id, query, with_code),
+        tenant_id=principal.tenant_id,
+        mailbox_id=mailbox_id,
+        after=after,
+        find=find,
+        check=check,
     )
-    return dict(MessageDetailSerializer(message).data)
+
+
+def _detail(message_id: UUID) -> dict[str, Any] | None:
+    # The waiter's principal already saw this message; the body is the same for everyone.
+    message = Message.objects.filter(pk=message_id, deleted_at__isnull=True).prefetch_related("attachments").first()
+    return dict(MessageDetailSerializer(message).data) if message is not None else None
+
+
+def _code_body(message_id: UUID) -> dict[str, Any] | None:
+    message = Message.objects.filter(pk=message_id, deleted_at__isnull=True).first()
+    if message is None or not message.codes:
+        return None
+    return {
+        "code": message.codes[0],
+        "codes": message.codes,
+        "message": str(message.pk),
+        "mailbox": str(message.mailbox_id),
+        "subject": message.subject,
+        "from": message.from_address,
+        "received_at": message.received_at.isoformat(),
+        "links": message.links,
+    }
+
+
+async def _answer_body(kind: str, message_id: UUID) -> dict[str, Any]:
+    build = _detail if kind == "detail" else _code_body
+    body = await waiting.shared((kind, message_id), lambda: waiting.db(build, message_id), ttl=waiting.ANSWER_TTL)
+    if body is None:
+        raise ApiError(404, "not_found", "The message was deleted before it could be sent.")
+    return body
 
 
 class WaitingView(View):
@@ -121,6 +179,7 @@ class WaitingView(View):
                 response = error.response()
         response["X-Request-ID"] = correlation
         response["Cache-Control"] = "no-store"
+        response["Content-Length"] = str(len(response.content))  # no middleware here sets it
         return response
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:  # pragma: no cover
@@ -136,7 +195,6 @@ class MessageWaitView(WaitingView):
     """
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
-        principal = await sync_to_async(_authenticate)(request)
         params = request.GET
         timeout = _timeout(params.get("timeout"), DEFAULT_TIMEOUT)
         mailbox_id = _uuid(params.get("mailbox"), "mailbox")
@@ -145,19 +203,13 @@ class MessageWaitView(WaitingView):
             query_parse(query)
         except QuerySyntaxError as error:
             raise ApiError(400, "invalid_query", f"q: {error}") from None
-        if mailbox_id is not None:
-            await sync_to_async(_mailbox_check)(principal, mailbox_id)
-        after = await sync_to_async(_after)(principal, params.get("after"))
-
-        async def find() -> Message | None:
-            return await sync_to_async(selectors.message_ready_find)(
-                principal, mailbox_id=mailbox_id, after=after, query=query
-            )
-
-        found = await wait_for(find, tenant_id=principal.tenant_id, mailbox_id=mailbox_id, timeout=timeout)
+        start = await waiting.db(_start, request, mailbox_id=mailbox_id, after=params.get("after"))
+        context.set_tenant(str(start.principal.tenant_id))
+        question = _question(start.principal, mailbox_id=mailbox_id, after=start.after, query=query)
+        found = await waiting.wait_for(question, timeout=timeout)
         if found is None:
             raise ApiError(408, "timeout", f"No matching message arrived within {timeout:g} seconds.")
-        return JsonResponse(await sync_to_async(_detail)(found))
+        return JsonResponse(await _answer_body("detail", found))
 
 
 class CodeLatestView(WaitingView):
@@ -170,34 +222,14 @@ class CodeLatestView(WaitingView):
     """
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
-        principal = await sync_to_async(_authenticate)(request)
         mailbox_id = _uuid(str(kwargs["pk"]), "mailbox")
-        assert mailbox_id is not None
-        await sync_to_async(_mailbox_check)(principal, mailbox_id)
         wait = _timeout(request.GET.get("wait"), 0.0)
-        after = await sync_to_async(_after)(principal, request.GET.get("after"))
-
-        async def find() -> Message | None:
-            return await sync_to_async(selectors.message_ready_find)(
-                principal, mailbox_id=mailbox_id, after=after, with_code=True
-            )
-
-        found = await wait_for(find, tenant_id=principal.tenant_id, mailbox_id=mailbox_id, timeout=wait)
+        start = await waiting.db(_start, request, mailbox_id=mailbox_id, after=request.GET.get("after"))
+        context.set_tenant(str(start.principal.tenant_id))
+        question = _question(start.principal, mailbox_id=mailbox_id, after=start.after, with_code=True)
+        found = await waiting.wait_for(question, timeout=wait)
         if found is None:
             if wait:
                 raise ApiError(408, "timeout", f"No code arrived within {wait:g} seconds.")
             raise ApiError(404, "no_code", "No message with a code in this mailbox yet.")
-        return JsonResponse(await sync_to_async(_code_body)(found))
-
-
-def _code_body(message: Message) -> dict[str, Any]:
-    return {
-        "code": message.codes[0],
-        "codes": message.codes,
-        "message": str(message.pk),
-        "mailbox": str(message.mailbox_id),
-        "subject": message.subject,
-        "from": message.from_address,
-        "received_at": message.received_at.isoformat(),
-        "links": Message.objects.values_list("links", flat=True).get(pk=message.pk),
-    }
+        return JsonResponse(await _answer_body("code", found))
