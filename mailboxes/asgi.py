@@ -36,7 +36,7 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         self._template_response_middleware = []  # type: ignore[var-annotated]
         self._exception_middleware = []  # type: ignore[var-annotated]
         self._middleware_chain = convert_exception_to_response(
-            self._get_response_async if is_async else self._get_response  # type: ignore[arg-type]
+            self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
         )
 
 

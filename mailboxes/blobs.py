@@ -66,7 +66,7 @@ def blob_signed_url(key: str, *, filename: str, content_type: str, inline: bool 
     safe_type = safe_type or ("message/rfc822" if key.endswith(".eml") else "application/octet-stream")
     if hasattr(storage, "bucket_name"):
         return str(
-            storage.url(
+            storage.url(  # type: ignore[call-arg]  # S3Storage.url takes these; Storage.url does not
                 key,
                 parameters={"ResponseContentDisposition": disposition, "ResponseContentType": safe_type},
                 expire=settings.SIGNED_URL_TTL,

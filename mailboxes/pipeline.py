@@ -17,6 +17,7 @@ from uuid import UUID
 from django.contrib.postgres.search import SearchVector
 from django.db import connection, transaction
 from django.db.models import Value
+from django.db.models.expressions import CombinedExpression
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
@@ -184,7 +185,7 @@ def _index_enqueue(message_id: str) -> None:
     message_index.delay(message_id)
 
 
-def search_vector_expression() -> SearchVector:
+def search_vector_expression() -> CombinedExpression:
     """The weighted document: A subject, B addresses, C body and attachment names."""
     from django.db.models.functions import Left
 

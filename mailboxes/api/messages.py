@@ -97,7 +97,7 @@ class MessageViewSet(
             raise exceptions.ParseError(f"q: {error}", code="invalid_query") from None
 
     def get_serializer_context(self) -> dict[str, Any]:
-        context = super().get_serializer_context()
+        context = dict(super().get_serializer_context())
         context["remote_images"] = self.request.query_params.get("remote_images") in {"1", "true", "yes"}
         return context
 
