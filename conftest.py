@@ -156,9 +156,8 @@ def world(db: Any) -> World:
 def cast(world: Any, dns_zone: Any) -> Any:
     """The world plus a key to be a victim and events pinned to each mailbox (for route walks)."""
     from audit.services import event_record
-    from tenants.models import ApiKey
-
     from tenants.access import Principal
+    from tenants.models import ApiKey
     from webhooks.models import Delivery
     from webhooks.services import endpoint_create
 

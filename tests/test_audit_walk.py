@@ -97,6 +97,18 @@ WRITES: dict[tuple[str, str], Write] = {
         kwargs=lambda w: {"pk": w.message.pk}, body=lambda w: {"is_read": True}, action="message.update"
     ),
     ("message-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.message.pk}, action="message.delete"),
+    ("webhook-list", "POST"): Write(body=lambda w: {"url": "http://127.0.0.1:9/new"}, action="webhook.create"),
+    ("webhook-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": w.webhook_id}, body=lambda w: {"description": "x"}, action="webhook.update"
+    ),
+    ("webhook-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.webhook_id}, action="webhook.delete"),
+    ("webhook-rotate-secret", "POST"): Write(kwargs=lambda w: {"pk": w.webhook_id}, action="webhook.rotate_secret"),
+    ("webhook-replay", "POST"): Write(
+        kwargs=lambda w: {"pk": w.webhook_id}, body=lambda w: {"after": w.mailbox_event_id}, action="webhook.replay"
+    ),
+    ("webhook-delivery-retry", "POST"): Write(
+        kwargs=lambda w: {"endpoint_id": w.webhook_id, "pk": w.webhook_delivery_id}, action="webhook.retry"
+    ),
 }
 
 API_WRITES = [
