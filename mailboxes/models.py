@@ -80,7 +80,9 @@ class Message(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="messages")
-    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
+    # SET_NULL, not CASCADE: deleting a mailbox soft-deletes its mail, and the rows must outlive
+    # the mailbox until the purge sweeper has removed their blobs (mailboxes/retention.py).
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.SET_NULL, null=True, related_name="messages")
     state = models.CharField(max_length=16, choices=State.choices, default=State.STORED)
     state_changed_at = models.DateTimeField(default=timezone.now)
     state_reason = models.CharField(max_length=500, blank=True)

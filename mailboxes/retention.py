@@ -7,7 +7,9 @@ several beats instead of one task running past its time limit.
 Deleting a message is two steps: a soft delete (``deleted_at``, state ``deleted``, event
 ``message.deleted``) that hides it at once, then :func:`messages_purge` removing its blobs
 (raw and attachments, unless another live message still references the same
-content-addressed object) and wiping its content, leaving a tombstone row.
+content-addressed object) and wiping its content, leaving a tombstone row. Deleting a
+mailbox takes the same path (:func:`mailbox_messages_soft_delete`; the rows outlive the
+mailbox with ``mailbox`` NULL until they are purged), so no blob is ever orphaned.
 """
 
 from __future__ import annotations
@@ -90,6 +92,18 @@ def message_soft_delete(message: Message, *, reason: str) -> bool:
     return bool(updated)
 
 
+def mailbox_messages_soft_delete(*, mailbox_id: UUID, reason: str) -> int:
+    """Hide every live message of a mailbox in one UPDATE (the mailbox is going away).
+
+    One ``mailbox.deleted`` event stands for them (no ``message.deleted`` per message, which
+    could be a hundred thousand); their blobs go with the next purge like any deleted message.
+    """
+    now = timezone.now()
+    return Message.objects.filter(mailbox_id=mailbox_id, deleted_at__isnull=True).update(
+        deleted_at=now, state=Message.State.DELETED, state_changed_at=now, state_reason=reason[:500]
+    )
+
+
 def messages_retention_apply(*, limit: int = BATCH) -> int:
     """Soft-delete messages older than their mailbox's, else their tenant's, retention."""
     now = timezone.now()
@@ -118,6 +132,8 @@ def mailboxes_expire(*, limit: int = 50) -> int:
         for message_id in messages:
             _message_purge(message_id)
         with transaction.atomic():
+            # Purged above: nothing of them is left to keep (messages no longer cascade).
+            Message.objects.filter(mailbox=mailbox).delete()
             event_record(
                 tenant_id=mailbox.tenant_id,
                 type="mailbox.expired",

@@ -129,13 +129,20 @@ def mailbox_update(*, principal: Principal, mailbox: Mailbox, **changes: Any) ->
 
 
 def mailbox_delete(*, principal: Principal, mailbox: Mailbox) -> None:
-    """Delete a mailbox and, with it, its mail."""
+    """Delete a mailbox and, with it, its mail.
+
+    The mail is soft-deleted in the same transaction (hidden at once) and purged with its
+    blobs by the retention sweeper, enqueued on commit (mailboxes/retention.py).
+    """
+    from mailboxes.retention import mailbox_messages_soft_delete
+
     require(principal, Permission.MAILBOXES_MANAGE)
     with transaction.atomic():
+        hidden = mailbox_messages_soft_delete(mailbox_id=mailbox.pk, reason="mailbox deleted")
         event_record(
             tenant_id=mailbox.tenant_id,
             type="mailbox.deleted",
-            data={"address": mailbox.address},
+            data={"address": mailbox.address, "messages": hidden},
             domain_id=mailbox.domain_id,
             mailbox_id=mailbox.pk,
         )
@@ -148,6 +155,13 @@ def mailbox_delete(*, principal: Principal, mailbox: Mailbox) -> None:
             before=_summary(mailbox),
         )
         mailbox.delete()
+        transaction.on_commit(_purge_enqueue, robust=True)
+
+
+def _purge_enqueue() -> None:
+    from mailboxes.tasks import messages_retention_sweep
+
+    messages_retention_sweep.delay()  # the beat runs it anyway; this only makes it sooner
 
 
 # --- Messages --------------------------------------------------------------------------

@@ -92,3 +92,33 @@ def test_it_lets_a_domain_scoped_key_create_only_on_its_domain(world):
     assert client.post("/api/v1/mailboxes/", {"address": "ok@acme.example.test"}, format="json").status_code == 201
     refused = client.post("/api/v1/mailboxes/", {"domain": str(other.pk)}, format="json")
     assert refused.status_code == 400
+
+
+def test_it_deletes_a_mailbox_through_soft_delete_and_purge_leaving_no_blob_behind(world, monkeypatch):
+    from mailboxes import blobs, retention
+    from mailboxes.models import Attachment, Message
+    from mailboxes.tests.helpers import fixture_bytes, message_deliver, simple_message
+
+    own = message_deliver(world.mailbox, fixture_bytes("cast_message.eml"))  # with an attachment
+    shared_raw = simple_message("Sent to both")
+    doomed_copy = message_deliver(world.mailbox, shared_raw)
+    kept_copy = message_deliver(world.sibling, shared_raw, received_at=doomed_copy.received_at)
+    attachment_keys = list(Attachment.objects.filter(message=own).values_list("storage_key", flat=True))
+    assert attachment_keys and doomed_copy.storage_key == kept_copy.storage_key
+    client = world.client(world.owner_key)
+
+    assert client.delete(f"/api/v1/mailboxes/{world.mailbox.pk}/").status_code == 204
+    assert not Mailbox.objects.filter(pk=world.mailbox.pk).exists()
+    assert client.get(f"/api/v1/messages/{own.pk}/").status_code == 404
+    assert Event.objects.get(type="mailbox.deleted", mailbox_id=world.mailbox.pk).data["messages"] == 2
+    hidden = Message.objects.filter(pk__in=[own.pk, doomed_copy.pk])
+    assert {(row.mailbox_id, row.state) for row in hidden} == {(None, Message.State.DELETED)}
+    assert blobs.blob_exists(own.storage_key)  # hidden at once, removed by the sweeper
+
+    monkeypatch.setattr(retention, "RECENT_BLOB", retention.timedelta(0))
+    assert retention.messages_purge() == 2
+    assert not blobs.blob_exists(own.storage_key)
+    assert not any(blobs.blob_exists(key) for key in attachment_keys)
+    assert blobs.blob_exists(kept_copy.storage_key)  # still the sibling's
+    assert client.get(f"/api/v1/messages/{kept_copy.pk}/raw/").status_code == 200
+    assert all(row.purged_at is not None for row in hidden.all())
