@@ -172,17 +172,9 @@ def message_parse(*, message_id: UUID | str) -> str:
         claimed.save(update_fields=list(fields))
         Attachment.objects.filter(message_id=claimed.pk).delete()  # a half-done earlier attempt
         Attachment.objects.bulk_create(attachments)
-        message_id_text = str(claimed.pk)
-        transaction.on_commit(lambda: _index_enqueue(message_id_text), robust=True)
     PARSED.labels("parsed").inc()
     PARSE_SECONDS.observe(time.perf_counter() - started)
     return "parsed"
-
-
-def _index_enqueue(message_id: str) -> None:
-    from mailboxes.tasks import message_index
-
-    message_index.delay(message_id)
 
 
 def search_vector_expression() -> CombinedExpression:
@@ -199,7 +191,12 @@ def search_vector_expression() -> CombinedExpression:
 def message_index(*, message_id: UUID | str) -> bool:
     """Index one parsed message (idempotent); wakes waiters when the transaction commits."""
     with transaction.atomic():
-        message = Message.objects.select_for_update().filter(pk=message_id, state=Message.State.PARSED).first()
+        message = (
+            Message.objects.select_for_update()
+            .filter(pk=message_id, state=Message.State.PARSED)
+            .only("pk", "tenant_id", "mailbox_id", "thread_id", "codes", "has_attachments", "trace_id")
+            .first()
+        )
         if message is None:
             return False
         now = timezone.now()
