@@ -107,6 +107,7 @@ def start_seaweedfs(bucket: str = "mailplatform-test") -> S3Server:
     grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     arguments = [
         weed_binary(),
+        f"-logdir={directory}",  # keep its logs (and nothing else) out of /tmp
         "mini",
         f"-dir={directory / 'data'}",
         "-ip=127.0.0.1",
@@ -124,6 +125,8 @@ def start_seaweedfs(bucket: str = "mailplatform-test") -> S3Server:
         f"-admin.port={ports['admin']}",
         f"-metricsPort={ports['metrics']}",
         "-admin.ui=false",
+        f"-s3.localSocket={directory / 's3.sock'}",
+        f"-filer.localSocket={directory / 'filer.sock'}",
         "-webdav=false",
         f"-s3.config={directory / 's3.json'}",
         f"-bucket={bucket}",
