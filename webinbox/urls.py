@@ -42,4 +42,5 @@ urlpatterns = [
     path("console/<slug:tenant_slug>/webhooks/<str:endpoint_id>/", console.webhook_detail, name="console-webhook"),
     path("console/<slug:tenant_slug>/events/", console.events, name="console-events"),
     path("console/<slug:tenant_slug>/audit/", console.audit_log, name="console-audit"),
+    path("console/<slug:tenant_slug>/audit/export/", console.audit_export, name="console-audit-export"),
 ]

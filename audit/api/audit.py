@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Iterator
 from typing import Any
 
 from django.http import StreamingHttpResponse
@@ -17,24 +13,10 @@ from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from audit import selectors
+from audit.exports import FIELDS, FORMATS, audit_export_response
 from audit.models import AuditEntry
 
 AUDIT_READ = "audit:read"  # tenants.access.Permission.AUDIT_READ; audit cannot import it
-EXPORT_MAX_ROWS = 100_000
-_FIELDS = [
-    "id",
-    "created_at",
-    "actor_type",
-    "actor",
-    "ip",
-    "user_agent",
-    "action",
-    "resource_type",
-    "resource_id",
-    "before",
-    "after",
-    "correlation_id",
-]
 
 
 class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
@@ -42,7 +24,7 @@ class AuditEntrySerializer(serializers.ModelSerializer[AuditEntry]):
 
     class Meta:
         model = AuditEntry
-        fields = _FIELDS
+        fields = FIELDS
         read_only_fields = fields
 
 
@@ -103,29 +85,6 @@ class AuditExportView(APIView):
     )
     def get(self, request: Request) -> StreamingHttpResponse:
         kind = request.query_params.get("format", "csv")
-        if kind not in {"csv", "json"}:
+        if kind not in FORMATS:
             raise exceptions.ValidationError({"format": ["Use csv or json."]})
-        rows = (AuditEntrySerializer(entry).data for entry in _filtered(request)[:EXPORT_MAX_ROWS].iterator(2000))
-        stream, content_type = (_csv(rows), "text/csv") if kind == "csv" else (_json(rows), "application/json")
-        response = StreamingHttpResponse(stream, content_type=f"{content_type}; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="audit.{kind}"'
-        return response
-
-
-def _csv(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_FIELDS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: json.dumps(value) if isinstance(value, dict) else value for key, value in row.items()})
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _json(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
-    yield "["
-    for index, row in enumerate(rows):
-        yield ("," if index else "") + json.dumps(row, default=str)
-    yield "]"
+        return audit_export_response(_filtered(request), kind)

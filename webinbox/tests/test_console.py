@@ -246,3 +246,24 @@ def test_it_rejects_console_writes_without_the_csrf_token(world: Any, signed_in:
 def test_it_redirects_a_single_tenant_member_to_their_console(world: Any, signed_in: Any) -> None:
     response = signed_in("viewer").get("/console/")
     assert response.status_code == 302 and response["Location"] == _base(world)
+
+
+def test_it_exports_the_filtered_audit_trail_to_admins_only(world: Any, signed_in: Any) -> None:
+    import csv
+    import io
+    import json
+
+    from tenants.access import Principal
+    from tenants.services import domain_create
+
+    domain_create(principal=Principal.system(world.tenant), name="exported.example.test")
+    owner = signed_in("owner")
+    exported = owner.get(f"{_base(world)}audit/export/", {"format": "csv", "action": "domain.*"})
+    assert exported.status_code == 200
+    assert exported["Content-Disposition"] == 'attachment; filename="audit.csv"'
+    rows = list(csv.DictReader(io.StringIO(b"".join(exported.streaming_content).decode())))
+    assert [row["action"] for row in rows] == ["domain.create"]
+    as_json = owner.get(f"{_base(world)}audit/export/", {"format": "json"})
+    assert "domain.create" in {row["action"] for row in json.loads(b"".join(as_json.streaming_content))}
+    assert signed_in("member").get(f"{_base(world)}audit/export/").status_code == 403
+    assert signed_in("outsider").get(f"{_base(world)}audit/export/").status_code == 404

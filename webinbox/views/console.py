@@ -23,6 +23,8 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from audit import selectors as audit_selectors
+from audit.exports import FORMATS as EXPORT_FORMATS
+from audit.exports import audit_export_response
 from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
 from tenants import selectors as tenant_selectors
@@ -411,11 +413,24 @@ def events(request: HttpRequest, principal: Principal) -> HttpResponse:
     )  # fmt: skip
 
 
+def _audit_entries(request: HttpRequest, principal: Principal) -> tuple[Any, str, str]:
+    tenant_services.require(principal, Permission.AUDIT_READ)
+    action = request.GET.get("action", "").replace("\x00", "").strip()[:100]
+    actor = request.GET.get("actor", "").replace("\x00", "").strip()[:200]
+    return audit_selectors.audit_entry_list(principal, action=action or None, actor=actor or None), action, actor
+
+
 @console_view
 @require_GET
 def audit_log(request: HttpRequest, principal: Principal) -> HttpResponse:
-    tenant_services.require(principal, Permission.AUDIT_READ)
-    action = request.GET.get("action", "").strip()[:100]
-    actor = request.GET.get("actor", "").strip()[:200]
-    entries = audit_selectors.audit_entry_list(principal, action=action or None, actor=actor or None)[:100]
-    return _page(request, principal, "audit.html", "audit", entries=entries, action=action, actor=actor)
+    entries, action, actor = _audit_entries(request, principal)
+    return _page(request, principal, "audit.html", "audit", entries=entries[:100], action=action, actor=actor)
+
+
+@console_view
+@require_GET
+def audit_export(request: HttpRequest, principal: Principal) -> HttpResponse:
+    """The filtered audit trail as a CSV or JSON file."""
+    entries, _, _ = _audit_entries(request, principal)
+    kind = request.GET.get("format", "csv")
+    return audit_export_response(entries, kind if kind in EXPORT_FORMATS else "csv")
