@@ -203,7 +203,8 @@ def _params(tenant_ids: list[str], mailbox_ids: list[str], big: str, big_rows: i
 
 
 # One row per g: tenant g % 10 (tenant 0 for the first big_rows rows, all in the big mailbox),
-# received_at spread over the past year with g increasing with time; words from bench_words
+# received_at spread over the past year with g increasing with time (tags, attachments and codes
+# follow g / 10, so every tenant has its share); words from bench_words
 # with a skewed index (floor(2000 * random()^3)), so a few words are very common.
 GENERATE_SQL = """
 WITH vocabulary AS (SELECT array_agg(word ORDER BY id) AS words FROM bench_words),
@@ -233,19 +234,20 @@ SELECT
     CASE WHEN g < %(big_rows)s THEN %(big)s::uuid
          ELSE (%(mailboxes)s::uuid[])[1 + tenant_number * %(per_tenant)s + (g / %(ntenants)s) %% %(per_tenant)s] END,
     'indexed', now(), '', 'smtp', sender || '@sender.example', 'box@bench.example.test',
-    CASE WHEN g %% 20 = 0 THEN '["promo"]'::jsonb ELSE '[]'::jsonb END,
+    CASE WHEN (g / 10) %% 20 = 0 THEN '["promo"]'::jsonb ELSE '[]'::jsonb END,
     NULL, 'sender.example', true, 2000 + (g::bigint * 104729 %% 200000), md5(g::text) || md5(g::text),
     'raw/bench/' || g, 'q' || g, now() - make_interval(secs => (%(total)s - g)::bigint * 31), now(),
     subject, sender || '@sender.example', initcap(sender), '[]'::jsonb, '[]'::jsonb, '[]'::jsonb, '',
     'box@bench.example.test', NULL, '<' || g || '@sender.example>', '', '[]'::jsonb, md5(g::text), '[]'::jsonb,
     body, '', body,
-    CASE WHEN g %% 10 = 3 THEN jsonb_build_array(lpad((g %% 1000000)::text, 6, '0')) ELSE '[]'::jsonb END,
-    '[]'::jsonb, '', '', g %% 10 = 5, CASE WHEN g %% 10 = 5 THEN 'contract.pdf' ELSE '' END, '[]'::jsonb,
+    CASE WHEN (g / 10) %% 10 = 3 THEN jsonb_build_array(lpad((g %% 1000000)::text, 6, '0')) ELSE '[]'::jsonb END,
+    '[]'::jsonb, '', '', (g / 10) %% 10 = 5, CASE WHEN (g / 10) %% 10 = 5 THEN 'contract.pdf' ELSE '' END, '[]'::jsonb,
     r < 0.5, now(), now(), NULL, NULL,
     setweight(to_tsvector('simple', subject), 'A')
         || setweight(to_tsvector('simple', initcap(sender) || ' ' || sender || '@sender.example'
            || ' box@bench.example.test'), 'B')
-        || setweight(to_tsvector('simple', body || ' ' || CASE WHEN g %% 10 = 5 THEN 'contract.pdf' ELSE '' END), 'C')
+        || setweight(to_tsvector('simple', body || ' '
+           || CASE WHEN (g / 10) %% 10 = 5 THEN 'contract.pdf' ELSE '' END), 'C')
 FROM rows
 """
 

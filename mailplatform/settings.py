@@ -116,7 +116,13 @@ else:
     _database["ENGINE"] = "django_prometheus.db.backends.postgresql"
     _database["CONN_MAX_AGE"] = config.integer("DATABASE_CONN_MAX_AGE", 60, minimum=0)
     _database["CONN_HEALTH_CHECKS"] = True
-    _database["OPTIONS"] = {"connect_timeout": 5, **dict(_database.get("OPTIONS") or {})}  # type: ignore[call-overload]
+    _database["OPTIONS"] = {
+        "connect_timeout": 5,
+        # JIT compilation costs 150-250 ms on exactly the large search plans it fires for
+        # (bench/search.py) and pays off only for long analytic queries, which we do not run.
+        "options": "-c jit=off",
+        **dict(_database.get("OPTIONS") or {}),  # type: ignore[call-overload]
+    }
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
