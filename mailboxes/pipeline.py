@@ -126,7 +126,7 @@ def message_parse(*, message_id: UUID | str) -> str:
     attachments = _attachments_store(message, parsed)
     with transaction.atomic():
         claimed = Message.objects.select_for_update().filter(pk=message.pk, state=Message.State.STORED).first()
-        if claimed is None:
+        if claimed is None or claimed.mailbox_id is None:  # gone, or its mailbox was deleted
             return "skipped"
         now = timezone.now()
         fields = {
@@ -197,7 +197,7 @@ def message_index(*, message_id: UUID | str) -> bool:
             .only("pk", "tenant_id", "mailbox_id", "thread_id", "codes", "has_attachments", "trace_id")
             .first()
         )
-        if message is None:
+        if message is None or message.mailbox_id is None:
             return False
         now = timezone.now()
         updates: dict[str, object] = {"state": Message.State.INDEXED, "state_changed_at": now, "indexed_at": now}

@@ -11,7 +11,7 @@ from mailplatform.api import json_error_response
 
 
 @require_GET
-def blob_download(request: HttpRequest, token: str) -> HttpResponse:
+def blob_download(request: HttpRequest, token: str) -> HttpResponse | FileResponse:
     """Serve the object a token names, while the token is valid (``SIGNED_URL_TTL``)."""
     try:
         payload = blobs.blob_token_read(token)

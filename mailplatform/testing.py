@@ -288,7 +288,7 @@ def database_url_of(settings_dict: dict[str, Any]) -> str:
     return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
 
 
-def database_sessions_wait_gone(timeout: float = 10.0) -> None:
+def database_sessions_wait_gone(timeout: float = 5.0) -> None:
     """Until no other session uses Django's default database (call after stopping children).
 
     A stopped child's backends end asynchronously; pytest-django drops the test database at
