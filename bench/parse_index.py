@@ -5,11 +5,10 @@
 Builds a scratch PostgreSQL database (migrated; one tenant and mailbox), writes the messages
 the way the drainer leaves them (raw object in the local blob folder, a ``stored`` row;
 not timed), then runs exactly what a worker process runs for each one, in one process and
-one thread: ``pipeline.message_parse`` (read the raw object, mail-parser, sanitize the
-HTML, extract codes and links, thread, store each attachment as its own object, save, and
-enqueue the index task on commit to ``CELERY_BROKER_URL``, default redis db 7, whose
-``index`` queue is emptied at the end) and ``pipeline.message_index`` (the weighted tsvector,
-``indexer.indexed`` event and NOTIFY in one transaction). Celery's own dispatch overhead
+one thread, as the ``parse`` task does: ``pipeline.message_parse(index=True)`` (read the raw
+object, mail-parser, sanitize the HTML, extract codes and links, thread, store each
+attachment as its own object, then one transaction: the parsed row with its weighted
+tsvector, the ``indexer.indexed`` event and NOTIFY). Celery's own dispatch overhead
 is left out, so the figure is the work itself.
 
 Each message is multipart/mixed: a text part and an HTML part (multipart/alternative) with a
@@ -106,13 +105,11 @@ def main() -> None:
         for size in (int(value) for value in options.sizes.split(",")):
             ids = [message_store(mailbox, message_bytes(size, n)).pk for n in range(options.messages)]
             for warm in ids[:5]:  # imports, caches, connection
-                pipeline.message_parse(message_id=warm)
-                pipeline.message_index(message_id=warm)
+                pipeline.message_parse(message_id=warm, index=True)
             timed = ids[5:]
             cpu_before, wall_before = time.process_time(), time.perf_counter()
             for message_id in timed:
-                pipeline.message_parse(message_id=message_id)
-                pipeline.message_index(message_id=message_id)
+                pipeline.message_parse(message_id=message_id, index=True)
             wall = time.perf_counter() - wall_before
             cpu = time.process_time() - cpu_before
             states = set(Message.objects.filter(pk__in=timed).values_list("state", flat=True))

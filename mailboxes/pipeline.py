@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from uuid import UUID
 
 from django.contrib.postgres.search import SearchVector
 from django.db import connection, transaction
-from django.db.models import Value
+from django.db.models import TextField, Value
 from django.db.models.expressions import CombinedExpression
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
@@ -104,9 +105,12 @@ def _recipients_text(parsed: ParsedMessage, rcpt: str) -> str:
     return " ".join([*entries, rcpt.lower()])[:20_000]
 
 
-def message_parse(*, message_id: UUID | str) -> str:
-    """Parse one stored message; returns the outcome ("parsed", "quarantined", "skipped").
+def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
+    """Parse one stored message; returns the outcome ("parsed", "indexed", "quarantined", "skipped").
 
+    With ``index``, the message is indexed in the same transaction and the same UPDATE (its
+    search document built from the parsed values), so each message costs one row version and
+    one commit instead of two: the row's many indexes make every version expensive.
     Transient failures (blob storage or database down) raise, for the task to retry.
     """
     message = Message.objects.filter(pk=message_id).first()
@@ -162,19 +166,83 @@ def message_parse(*, message_id: UUID | str) -> str:
                 references=parsed.references,
                 subject=parsed.subject,
             ),
-            "state": Message.State.PARSED,
+            "state": Message.State.INDEXED if index else Message.State.PARSED,
             "state_reason": "",
             "state_changed_at": now,
             "parsed_at": now,
         }
-        for name, value in fields.items():
-            setattr(claimed, name, value)
-        claimed.save(update_fields=list(fields))
+        updates: dict[str, object] = dict(fields)
+        if index:
+            updates["indexed_at"] = now
+            if connection.vendor == "postgresql":
+                updates["search_vector"] = search_vector_of(fields)
+        Message.objects.filter(pk=claimed.pk).update(**updates)
         Attachment.objects.filter(message_id=claimed.pk).delete()  # a half-done earlier attempt
         Attachment.objects.bulk_create(attachments)
+        if index:
+            _indexed_record(
+                tenant_id=claimed.tenant_id,
+                mailbox_id=claimed.mailbox_id,
+                message_id=claimed.pk,
+                trace_id=claimed.trace_id,
+                thread_id=str(fields["thread_id"]),
+                codes=len(parsed.codes),
+                attachments=bool(fields["has_attachments"]),
+            )
     PARSED.labels("parsed").inc()
     PARSE_SECONDS.observe(time.perf_counter() - started)
+    if index:
+        INDEXED.inc()
+        return "indexed"
     return "parsed"
+
+
+def _indexed_record(
+    *,
+    tenant_id: UUID,
+    mailbox_id: UUID,
+    message_id: UUID,
+    trace_id: str,
+    thread_id: str,
+    codes: int,
+    attachments: bool,
+) -> None:
+    """The ``indexer.indexed`` event, and a NOTIFY for waiters, inside the indexing transaction."""
+    event_record(
+        tenant_id=tenant_id,
+        type="indexer.indexed",
+        data={"thread": thread_id, "codes": codes, "attachments": attachments},
+        trace_id=trace_id,
+        mailbox_id=mailbox_id,
+        message_id=message_id,
+    )
+    # NOTIFY is transactional (PostgreSQL docs, NOTIFY): delivered exactly on commit.
+    wake_publish(tenant_id=tenant_id, mailbox_id=mailbox_id, message_id=message_id)
+
+
+def search_vector_of(fields: dict[str, Any]) -> CombinedExpression:
+    """The weighted document of :func:`search_vector_expression`, from values about to be written.
+
+    Within one UPDATE, column references read the row as it was, so a document written in
+    the same statement as the parsed fields must be built from the values themselves.
+    """
+
+    def text(*names: str, limit: int | None = None) -> Value:
+        joined = " ".join(str(fields.get(name) or "") for name in names)
+        return Value(joined[:limit] if limit else joined, output_field=TextField())
+
+    return (
+        SearchVector(text("subject"), weight="A", config=SEARCH_CONFIG)
+        + SearchVector(text("from_name", "from_address", "recipients_text"), weight="B", config=SEARCH_CONFIG)
+        + SearchVector(
+            Value(
+                f"{str(fields.get('text') or '')[:MAX_INDEXED_BODY]} {fields.get('attachment_names') or ''}",
+                output_field=TextField(),
+            ),
+            weight="C",
+            config=SEARCH_CONFIG,
+        )
+    )
 
 
 def search_vector_expression() -> CombinedExpression:
@@ -204,16 +272,15 @@ def message_index(*, message_id: UUID | str) -> bool:
         if connection.vendor == "postgresql":
             updates["search_vector"] = search_vector_expression()
         Message.objects.filter(pk=message.pk).update(**updates)
-        event_record(
+        _indexed_record(
             tenant_id=message.tenant_id,
-            type="indexer.indexed",
-            data={"thread": message.thread_id, "codes": len(message.codes), "attachments": message.has_attachments},
-            trace_id=message.trace_id,
             mailbox_id=message.mailbox_id,
             message_id=message.pk,
+            trace_id=message.trace_id,
+            thread_id=message.thread_id,
+            codes=len(message.codes),
+            attachments=message.has_attachments,
         )
-        # NOTIFY is transactional (PostgreSQL docs, NOTIFY): delivered exactly on commit.
-        wake_publish(tenant_id=message.tenant_id, mailbox_id=message.mailbox_id, message_id=message.pk)
     INDEXED.inc()
     return True
 

@@ -147,3 +147,28 @@ def test_it_is_idempotent_when_a_task_runs_twice(world):
     assert pipeline.message_index(message_id=message.pk) is False
     assert message.attachments.count() == 2
     assert Event.objects.filter(message_id=message.pk, type="indexer.indexed").count() == 1
+
+
+def test_it_parses_and_indexes_in_one_transaction_like_the_two_steps(world):
+    """The task's one-step path writes the same searchable document as parse then index."""
+    from audit.models import Event
+    from mailboxes import pipeline
+    from mailboxes.selectors import message_list
+    from mailboxes.tests.helpers import message_deliver, message_store, simple_message
+    from tenants.access import Principal
+
+    raw = simple_message(
+        "Quarterly zephyr report", "the aurora numbers", sender="Björn <bjorn@north.example>", message_id="<one@x>"
+    )
+    one_step = message_store(world.mailbox, raw)
+    assert pipeline.message_parse(message_id=one_step.pk, index=True) == "indexed"
+    one_step.refresh_from_db()
+    two_steps = message_deliver(world.mailbox, raw)
+    assert one_step.state == two_steps.state == "indexed"
+    assert one_step.indexed_at is not None
+    assert str(one_step.search_vector) == str(two_steps.search_vector)
+    principal = Principal.system(world.tenant)
+    for query in ("zephyr", "aurora", "from:bjorn@north.example", "subject:quarterly"):
+        found = set(message_list(principal, query=query).values_list("pk", flat=True))
+        assert found == {one_step.pk, two_steps.pk}, query
+    assert Event.objects.filter(type="indexer.indexed", message_id=one_step.pk).count() == 1
