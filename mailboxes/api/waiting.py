@@ -11,6 +11,7 @@ woken by a notification when a message of its mailbox (or tenant) is indexed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -182,8 +183,8 @@ class WaitingView(View):
         response["Content-Length"] = str(len(response.content))  # no middleware here sets it
         return response
 
-    async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:  # pragma: no cover
-        raise NotImplementedError
+    # Each waiting endpoint answers with its own coroutine: async def answer(self, request, **kwargs).
+    answer: Callable[..., Awaitable[JsonResponse]]
 
 
 class MessageWaitView(WaitingView):
