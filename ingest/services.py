@@ -13,6 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from functools import partial
 from uuid import UUID
 
 from django.conf import settings
@@ -169,24 +170,22 @@ def _messages_create(envelope: Envelope, keys: dict[str, str], wanted: set[UUID]
                 received_at=received_at,
             )
             message.save(force_insert=True)
-            common = {"tenant_id": tenant_id, "trace_id": envelope.queue_id, "mailbox_id": mailbox_id}
-            event_record(
-                type="ingest.received",
-                data={"queue_id": envelope.queue_id, "size": envelope.size, "source": envelope.source},
-                message_id=message.pk,
-                **common,
-            )
-            event_record(
-                type="objectstore.uploaded",
-                data={"key": message.storage_key, "size": envelope.size, "sha256": envelope.sha256},
-                message_id=message.pk,
-                **common,
-            )
+            received = {"queue_id": envelope.queue_id, "size": envelope.size, "source": envelope.source}
+            uploaded = {"key": message.storage_key, "size": envelope.size, "sha256": envelope.sha256}
+            for event_type, data in (("ingest.received", received), ("objectstore.uploaded", uploaded)):
+                event_record(
+                    tenant_id=message.tenant_id,
+                    type=event_type,
+                    data=data,
+                    trace_id=envelope.queue_id,
+                    mailbox_id=message.mailbox_id,
+                    message_id=message.pk,
+                )
             created.append(message)
             message_id = str(message.pk)
             # robust: a broker outage must not undo a committed message; the sweeper
             # re-enqueues whatever stays "stored" (the database says what is pending).
-            transaction.on_commit(lambda message_id=message_id: message_parse.delay(message_id), robust=True)
+            transaction.on_commit(partial(message_parse.delay, message_id), robust=True)
     return created
 
 

@@ -240,7 +240,7 @@ class IngestSMTP(SMTP):
     def _say_and_close(self, reply: str) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(reply.encode("ascii") + b"\r\n")
+            transport.write(reply.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
             metrics.REPLIES.labels(self._command, reply[:3]).inc()
             transport.close()
 

@@ -45,7 +45,7 @@ class RawMessageParser(BaseParser):
 
     media_type = "message/rfc822"
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> bytes:
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> bytes:  # type: ignore[override]
         limit = settings.INGEST_MAX_MESSAGE_SIZE
         if parser_context is not None:
             limit = parser_context.get("max_size", limit)

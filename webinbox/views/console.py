@@ -17,7 +17,8 @@ from django.conf import settings
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied, ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -46,7 +47,7 @@ from webinbox.forms import (
     WebhookForm,
 )
 
-View = Callable[..., HttpResponse]
+View = Callable[..., HttpResponseBase]
 
 
 def _uuid(value: str) -> UUID:
@@ -71,7 +72,7 @@ def console_view(view: View) -> View:
 
     @login_required
     @wraps(view)
-    def wrapper(request: HttpRequest, tenant_slug: str, *args: Any, **kwargs: Any) -> HttpResponse:
+    def wrapper(request: HttpRequest, tenant_slug: str, *args: Any, **kwargs: Any) -> HttpResponseBase:
         try:
             membership = selectors.console_membership(request.user, tenant_slug)  # type: ignore[arg-type]
         except Membership.DoesNotExist:
@@ -429,7 +430,7 @@ def audit_log(request: HttpRequest, principal: Principal) -> HttpResponse:
 
 @console_view
 @require_GET
-def audit_export(request: HttpRequest, principal: Principal) -> HttpResponse:
+def audit_export(request: HttpRequest, principal: Principal) -> StreamingHttpResponse:
     """The filtered audit trail as a CSV or JSON file."""
     entries, _, _ = _audit_entries(request, principal)
     kind = request.GET.get("format", "csv")
