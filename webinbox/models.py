@@ -12,6 +12,9 @@ class LoginToken(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     token_hash = models.CharField(max_length=64, unique=True)
+    # SHA-256 of the cookie set on the browser that asked for the link; empty for links the
+    # platform mints itself (bootstrap_demo, invitations), which any browser may open once.
+    binding_hash = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)

@@ -36,23 +36,32 @@ def _hash(token: str) -> str:
 
 
 # --- Sign-in links -------------------------------------------------------------------------
-def login_link_create(*, user: User) -> str:
-    """A single-use sign-in URL on BASE_URL (never the request's Host), valid LOGIN_LINK_TTL."""
+def login_link_create(*, user: User, binding: str = "") -> str:
+    """A single-use sign-in URL on BASE_URL (never the request's Host), valid LOGIN_LINK_TTL.
+
+    With ``binding`` (the secret of a cookie set on the browser that asked), only that
+    browser can use the link: a forwarded or intercepted link signs nobody in.
+    """
     token = secrets.token_urlsafe(32)
     LoginToken.objects.create(
         user=user,
         token_hash=_hash(token),
+        binding_hash=_hash(binding) if binding else "",
         expires_at=timezone.now() + timedelta(seconds=settings.LOGIN_LINK_TTL),
     )
     return settings.BASE_URL + reverse("webinbox:login-link", args=[token])
 
 
-def login_link_consume(*, token: str) -> User | None:
-    """The user the link signs in, once; None for a used, expired or unknown link."""
+def login_link_consume(*, token: str, binding: str = "") -> User | None:
+    """The user the link signs in, once; None for a used, expired or unknown link, or a bound
+    link opened without its browser's cookie (which leaves the link usable by that browser)."""
     now = timezone.now()
+    bound_here = Q(binding_hash="") | Q(binding_hash=_hash(binding)) if binding else Q(binding_hash="")
     with transaction.atomic():
-        claimed = LoginToken.objects.filter(token_hash=_hash(token), used_at__isnull=True, expires_at__gt=now).update(
-            used_at=now
+        claimed = (
+            LoginToken.objects.filter(token_hash=_hash(token), used_at__isnull=True, expires_at__gt=now)
+            .filter(bound_here)
+            .update(used_at=now)
         )
         if not claimed:
             return None
@@ -93,7 +102,7 @@ def outbound_flush(timeout: float = 10.0) -> None:
         thread.join(timeout)
 
 
-def login_request(*, email: str, ip: str | None) -> None:
+def login_request(*, email: str, ip: str | None, binding: str = "") -> None:
     """Send a sign-in link if ``email`` is an active member and the rate limits allow.
 
     Only the rate limits are counted here; looking the address up, making the link and
@@ -110,15 +119,15 @@ def login_request(*, email: str, ip: str | None) -> None:
     if not (allowed_address and allowed_ip):
         logger.info("sign-in link request rate-limited")
         return
-    _in_background(lambda: login_link_send(email=email), "sign-in link")
+    _in_background(lambda: login_link_send(email=email, binding=binding), "sign-in link")
 
 
-def login_link_send(*, email: str) -> bool:
+def login_link_send(*, email: str, binding: str = "") -> bool:
     """Mail a sign-in link to the active member with this address; False when there is none."""
     user = User.objects.filter(email__iexact=email, is_active=True, memberships__isnull=False).distinct().first()
     if user is None or sso_required_for(user.email):  # their company turned magic links off
         return False
-    link = login_link_create(user=user)
+    link = login_link_create(user=user, binding=binding)
     minutes = settings.LOGIN_LINK_TTL // 60
     body = (
         f"Sign in to mailplatform:\n\n{link}\n\n"

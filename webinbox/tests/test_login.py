@@ -84,9 +84,9 @@ def test_it_builds_the_link_on_base_url_never_the_host_header(world: Any, settin
 
 
 def test_it_signs_in_once_with_the_link_and_audits_it(world: Any) -> None:
-    _ask(Client(), world.owner.email)
-    path = _link_from_outbox().split("testserver", 1)[1]
     browser = Client()
+    _ask(browser, world.owner.email)
+    path = _link_from_outbox().split("testserver", 1)[1]
     # GET only shows a button, so a link scanner cannot use the link up.
     landing = browser.get(path)
     assert landing.status_code == 302 and landing["Location"] == "/login/link/confirm/"
@@ -141,7 +141,7 @@ def test_it_never_fails_on_bad_input() -> None:
 def test_it_signs_out_everywhere(world: Any) -> None:
     laptop, phone = Client(), Client()
     for browser in (laptop, phone):
-        _ask(Client(), world.owner.email)
+        _ask(browser, world.owner.email)
         browser.post(_link_from_outbox().split("testserver", 1)[1])
         assert browser.get("/inbox/").status_code == 200
     assert laptop.post("/logout/everywhere/").status_code == 302
@@ -149,7 +149,7 @@ def test_it_signs_out_everywhere(world: Any) -> None:
     assert laptop.get("/inbox/").status_code == 302
     assert AuditEntry.objects.filter(action="auth.logout_everywhere", tenant=world.tenant).count() == 1
     # A new sign-in works again afterwards.
-    _ask(Client(), world.owner.email)
+    _ask(phone, world.owner.email)
     phone.post(_link_from_outbox().split("testserver", 1)[1])
     assert phone.get("/inbox/").status_code == 200
 
@@ -158,3 +158,29 @@ def test_it_keeps_the_sso_decision_in_one_function(world: Any) -> None:
     from webinbox.selectors import sso_tenant_for_email
 
     assert sso_tenant_for_email(world.owner.email) is None
+
+
+def test_it_binds_a_requested_link_to_the_browser_that_asked(world: Any) -> None:
+    asking = Client()
+    _ask(asking, world.owner.email)
+    link = _link_from_outbox().split("testserver", 1)[1]
+    assert "mp_login_binding" in asking.cookies
+    # The link forwarded to (or intercepted by) another browser signs nobody in...
+    elsewhere = Client()
+    response = elsewhere.post(link)
+    assert response.status_code == 404
+    assert "_auth_user_id" not in elsewhere.session
+    # ...and is not used up by that attempt: the browser that asked still signs in with it.
+    response = asking.post(link)
+    assert response.status_code == 302
+    assert int(asking.session["_auth_user_id"]) == world.owner.pk
+
+
+def test_it_sets_the_binding_cookie_whatever_the_address(world: Any) -> None:
+    known, unknown = Client(), Client()
+    _ask(known, world.owner.email)
+    _ask(unknown, "nobody@nowhere.example")
+    assert "mp_login_binding" in known.cookies
+    assert "mp_login_binding" in unknown.cookies
+    assert known.cookies["mp_login_binding"]["httponly"]
+    assert known.cookies["mp_login_binding"].value != unknown.cookies["mp_login_binding"].value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 from urllib.parse import urlencode
 
@@ -47,14 +48,27 @@ def login_page(request: HttpRequest) -> HttpResponse:
         if selectors.sso_tenant_for_email(email) is not None:
             # Continue with the company's own provider (a domain-level fact, not who exists).
             return redirect(f"{reverse('tenants:sso-start')}?{urlencode({'email': email})}")
-        services.login_request(email=email, ip=services.client_ip())
+        # The link will work only in this browser: it carries this cookie's secret (every
+        # answer sets one, so the answer does not tell whether the address exists).
+        binding = secrets.token_urlsafe(24)
+        services.login_request(email=email, ip=services.client_ip(), binding=binding)
         response = render(request, "webinbox/login_sent.html", {"ttl_minutes": settings.LOGIN_LINK_TTL // 60})
+        response.set_cookie(
+            LOGIN_BINDING_COOKIE,
+            binding,
+            max_age=settings.LOGIN_LINK_TTL,
+            path="/login/",
+            secure=settings.SESSION_COOKIE_SECURE,
+            httponly=True,
+            samesite="Lax",
+        )
     else:
         response = render(request, "webinbox/login.html", {"form": form}, status=400 if form.errors else 200)
     return response
 
 
 _PENDING_LINK = "_mp_login_link"
+LOGIN_BINDING_COOKIE = "mp_login_binding"
 
 
 @never_cache
@@ -84,7 +98,8 @@ def login_confirm(request: HttpRequest) -> HttpResponse:
 
 
 def _sign_in(request: HttpRequest, token: str) -> HttpResponse:
-    user = services.login_link_consume(token=token) if token else None
+    binding = request.COOKIES.get(LOGIN_BINDING_COOKIE, "")[:100]
+    user = services.login_link_consume(token=token, binding=binding) if token else None
     if user is None:
         if token:
             services.login_failure_record(reason="invalid, used or expired link")
