@@ -259,8 +259,10 @@ def oidc_provider() -> Iterator[OidcProvider]:
 def _children_gone_before_the_database_is_dropped(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
     """A stopped child's backends end asynchronously; the test database is dropped only after."""
     yield
+    from mailboxes.waiting import pool_close
     from mailplatform.testing import database_sessions_wait_gone
 
+    pool_close()  # in-process waiters keep pooled connections open between requests
     with django_db_blocker.unblock():
         try:
             database_sessions_wait_gone()

@@ -75,6 +75,27 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
+def pool_close() -> None:
+    """Close every pool thread's database connection and stop the pool (at shutdown, and
+    before a test database is dropped). A barrier makes each thread take exactly one job."""
+    global _executor
+    with _executor_lock:
+        executor, _executor = _executor, None
+    if executor is None:
+        return
+    workers = list(executor._threads)  # the threads that exist; idle ones never connected
+    if workers:
+        barrier = threading.Barrier(len(workers))
+
+        def close_own_connection() -> None:
+            barrier.wait(timeout=10)
+            connections.close_all()
+
+        for done in [executor.submit(close_own_connection) for _ in workers]:
+            done.result(timeout=15)
+    executor.shutdown(wait=True)
+
+
 def _job(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
     # Each pool thread keeps its connection between jobs (a request would reconnect); check it
     # now and then, and at once after an error, the way Django does between requests.
