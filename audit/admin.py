@@ -141,8 +141,8 @@ class StaffAuditedAdmin(admin.ModelAdmin):
             super().delete_queryset(request, queryset)
 
 
-class AppendOnlyAdmin(admin.ModelAdmin):
-    """Read-only for everyone, superusers included: the log is append-only."""
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """No add, change or delete for anyone, superusers included: rows written elsewhere only."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -152,6 +152,10 @@ class AppendOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class AppendOnlyAdmin(ReadOnlyAdmin):
+    """Read-only for everyone, superusers included: the log is append-only."""
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return [field.name for field in self.model._meta.concrete_fields]

@@ -9,7 +9,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from audit.admin import StaffAuditedAdmin
+from audit.admin import ReadOnlyAdmin, StaffAuditedAdmin
 from mailboxes.models import Attachment, Mailbox, Message
 
 
@@ -70,20 +70,8 @@ class MailboxAdmin(StaffAuditedAdmin):
         return False
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """Mail is written by the pipeline only; deleting goes through the retention services
-    (events, blob purge), never a bare row delete here."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
+# Mail is written by the pipeline only, and deleting goes through the retention services
+# (events, blob purge), never a bare row delete: messages and attachments are read-only here.
 class AttachmentInline(admin.TabularInline):  # type: ignore[type-arg]
     model = Attachment
     extra = 0

@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from audit.admin import StaffAuditedAdmin
+from audit.admin import ReadOnlyAdmin, StaffAuditedAdmin
 from webinbox.models import LoginToken, SessionGeneration, TempInbox
 
 
@@ -83,19 +83,10 @@ class TempInboxAdmin(StaffAuditedAdmin):
 
 
 @admin.register(SessionGeneration)
-class SessionGenerationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class SessionGenerationAdmin(ReadOnlyAdmin):
     """How many times each user signed out everywhere; written only by that service."""
 
     list_display = ("user", "generation", "changed_at")
     list_select_related = ("user",)
     search_fields = ("user__email",)
     readonly_fields = ("user", "generation", "changed_at")
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
