@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
@@ -30,3 +32,14 @@ app.conf.beat_schedule = {
     # Sign-in links that expired or were used more than a day ago.
     "login-tokens-purge": {"task": "webinbox.tasks.login_tokens_purge", "schedule": 3600.0},
 }
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _connections_recycle(**kwargs: Any) -> None:
+    """Around each task, what Django does around each request: drop a connection that is
+    broken or older than CONN_MAX_AGE and re-arm its health check (CONN_HEALTH_CHECKS); a
+    healthy one is reused by the thread's next task."""
+    from django.db import close_old_connections
+
+    close_old_connections()

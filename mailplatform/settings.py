@@ -213,6 +213,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = 60
 CELERY_TASK_TIME_LIMIT = 90
 CELERY_TASK_DEFAULT_QUEUE = "maintenance"
+# Celery's Django fixup closes every database connection before and after each task unless
+# this is set, so each task paid for a new PostgreSQL backend. Connections are recycled by
+# CONN_MAX_AGE and health-checked instead (mailplatform.celery, task_prerun/task_postrun).
+CELERY_DB_REUSE_MAX = 1_000_000
 CELERY_TASK_ROUTES = {
     "ingest.tasks.*": {"queue": "ingest"},
     "mailboxes.tasks.message_parse": {"queue": "parse"},
