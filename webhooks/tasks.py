@@ -14,8 +14,10 @@ BATCH = 50
 
 @shared_task(acks_late=True, ignore_result=True, **_LIMITS)
 def deliveries_send(delivery_ids: list[str], claim: str | None = None) -> None:
-    """One attempt of each delivery; those not due or held by someone else are skipped."""
-    delivery.deliveries_send(delivery_ids, claim)
+    """One attempt of each delivery; those not due or held by someone else are skipped.
+
+    Unclaimed (enqueued on commit), it takes other due deliveries along, up to a batch."""
+    delivery.deliveries_send(delivery_ids, claim, along=0 if claim else max(0, BATCH - len(delivery_ids)))
 
 
 @shared_task(acks_late=True, ignore_result=True, soft_time_limit=30, time_limit=45)
