@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -20,7 +20,8 @@ SECRET_KEYS = frozenset(
     {"secret", "password", "token", "client_secret", "secret_hash", "signing_secret", "authorization"}
 )
 
-EventListener = Callable[[Event], None]
+# A listener gets every batch of new events, inside the transaction that records them.
+EventListener = Callable[[list[Event]], object]
 _listeners: list[EventListener] = []
 
 
@@ -39,12 +40,25 @@ class Actor:
 
 
 def event_listener_register(listener: EventListener) -> None:
-    """Call ``listener`` inside the recording transaction for every new event.
+    """Call ``listener`` inside the recording transaction with every batch of new events.
 
-    Webhooks use this to create their deliveries atomically with the event.
+    Webhooks use this to create their deliveries atomically with the events.
     """
     if listener not in _listeners:
         _listeners.append(listener)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event to record (see :func:`event_record` for the fields)."""
+
+    tenant_id: UUID
+    type: str
+    data: Mapping[str, Any] | None = None
+    trace_id: str | None = None
+    domain_id: UUID | None = None
+    mailbox_id: UUID | None = None
+    message_id: UUID | None = None
 
 
 def event_record(
@@ -62,23 +76,43 @@ def event_record(
     ``data`` holds ids and pointers only, never message bodies or secrets. Call inside the
     transaction that makes the change, so the event exists exactly when the change does.
     """
-    payload = redact(dict(data or {}))
-    for name, value in (("domain", domain_id), ("mailbox", mailbox_id), ("message", message_id)):
-        if value is not None:
-            payload.setdefault(name, str(value))
-    event = Event.objects.create(
-        tenant_id=tenant_id,
-        type=type,
-        timestamp=timezone.now(),
-        trace_id=trace_id or context.current().correlation_id,
-        data=payload,
-        domain_id=domain_id,
-        mailbox_id=mailbox_id,
-        message_id=message_id,
-    )
+    spec = EventSpec(tenant_id, type, data, trace_id, domain_id, mailbox_id, message_id)
+    return events_record([spec])[0]
+
+
+def events_record(specs: Sequence[EventSpec]) -> list[Event]:
+    """Append several events with one INSERT, in the order given (their log order).
+
+    For batches recorded in one transaction (the drainer's group of spool entries); the
+    listeners get the whole batch, so webhooks fan it out with one query per step too.
+    """
+    now = timezone.now()
+    fallback_trace = context.current().correlation_id
+    events = []
+    for spec in specs:
+        payload = redact(dict(spec.data or {}))
+        for name, value in (("domain", spec.domain_id), ("mailbox", spec.mailbox_id), ("message", spec.message_id)):
+            if value is not None:
+                payload.setdefault(name, str(value))
+        events.append(
+            Event(
+                tenant_id=spec.tenant_id,
+                type=spec.type,
+                timestamp=now,
+                trace_id=spec.trace_id or fallback_trace,
+                data=payload,
+                domain_id=spec.domain_id,
+                mailbox_id=spec.mailbox_id,
+                message_id=spec.message_id,
+            )
+        )
+    if not events:
+        return []
+    # RETURNING fills seq and txid (PostgreSQL; seq on SQLite 3.35+).
+    events = Event.objects.bulk_create(events)
     for listener in _listeners:
-        listener(event)
-    return event
+        listener(events)
+    return events
 
 
 def audit_entry_record(

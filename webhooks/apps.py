@@ -11,6 +11,6 @@ class WebhooksConfig(AppConfig):
         from webhooks import metrics, selectors, services
 
         # Deliveries are created inside the transaction that records the event.
-        event_listener_register(services.event_fan_out)  # type: ignore[arg-type]  # returns the deliveries
+        event_listener_register(services.events_fan_out)
         event_detail_extra_register(selectors.event_deliveries_extra)  # type: ignore[arg-type]
         metrics.register_backlog_collector()

@@ -327,31 +327,45 @@ def endpoints_cached() -> Iterator[None]:
         _endpoint_cache.reset(token)
 
 
-def event_fan_out(event: Event) -> list[Delivery]:
-    """Create the event's deliveries inside the recording transaction; send after commit.
+def events_fan_out(events: list[Event]) -> list[Delivery]:
+    """Create the events' deliveries inside the recording transaction; send after commit.
 
+    One query for the endpoints of the batch's tenants (none when a cache is active and
+    holds them), one for mailbox domains if a domain filter needs them, one INSERT.
     Registered with ``audit.services.event_listener_register``.
     """
     cache = _endpoint_cache.get()
-    endpoints = cache.get(event.tenant_id) if cache is not None else None
-    if endpoints is None:
-        endpoints = list(
-            Endpoint.objects.filter(tenant_id=event.tenant_id, enabled=True).only(
-                "id", "tenant_id", "event_types", "domain_ids", "mailbox_ids"
-            )
-        )
-        if cache is not None:
-            cache[event.tenant_id] = endpoints
-    if not endpoints:
+    if cache is None:
+        cache = {}
+    wanted = {event.tenant_id for event in events} - cache.keys()
+    if wanted:
+        for tenant_id in wanted:
+            cache[tenant_id] = []
+        for endpoint in Endpoint.objects.filter(tenant_id__in=wanted, enabled=True).only(
+            "id", "tenant_id", "event_types", "domain_ids", "mailbox_ids"
+        ):
+            cache[endpoint.tenant_id].append(endpoint)
+    owed = [(event, cache[event.tenant_id]) for event in events if cache[event.tenant_id]]
+    if not owed:
         return []
-    mailbox_domain_id = None
-    if event.domain_id is None and event.mailbox_id is not None and any(e.domain_ids for e in endpoints):
-        mailbox_domain_id = Mailbox.objects.filter(pk=event.mailbox_id).values_list("domain_id", flat=True).first()
+    mailbox_domains: dict[UUID, UUID] = {}
+    lookups = {
+        event.mailbox_id
+        for event, endpoints in owed
+        if event.domain_id is None and event.mailbox_id is not None and any(e.domain_ids for e in endpoints)
+    }
+    if lookups:
+        mailbox_domains = dict(Mailbox.objects.filter(pk__in=lookups).values_list("pk", "domain_id"))
     now = clock.now()
     deliveries = [
         Delivery(tenant_id=event.tenant_id, endpoint_id=endpoint.pk, event=event, next_attempt_at=now)
+        for event, endpoints in owed
         for endpoint in endpoints
-        if endpoint_matches(endpoint, event, mailbox_domain_id=mailbox_domain_id)
+        if endpoint_matches(
+            endpoint,
+            event,
+            mailbox_domain_id=mailbox_domains.get(event.mailbox_id) if event.mailbox_id else None,
+        )
     ]
     if not deliveries:
         return []
