@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ class ServerOptions:
     workers: int = 1
     drain: bool = True
     metrics_port: int = 0
+    wake_fd: int | None = None  # the drainer's wake-up pipe (write end), set by the supervisor
 
 
 def multiprocess_metrics_enable() -> Path:
@@ -113,7 +115,7 @@ async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.
     loop = asyncio.get_running_loop()
     directory = RecipientDirectory(refresh=float(settings.INGEST_DIRECTORY_REFRESH))
     await loop.run_in_executor(None, directory.start)
-    writer = SpoolWriter(Spool(settings.SPOOL_DIR))
+    writer = SpoolWriter(Spool(settings.SPOOL_DIR), notify=options.wake_fd)
     handler = IngestHandler(
         directory=directory,
         writer=writer,
@@ -163,32 +165,52 @@ def _worker_main(options: ServerOptions) -> None:
 
 
 class Drainer(threading.Thread):
-    """Drains the spool continuously; backs off while blob storage or the database is down."""
+    """Drains the spool continuously; backs off while blob storage or the database is down.
 
-    def __init__(self, spool: Spool, *, threads: int = 1, idle: float = 0.2) -> None:
+    The pending entries are split into one batch per thread (at most ``batch`` entries), and
+    each batch is drained with one transaction (:func:`ingest.services.spool_entries_drain`):
+    under load the work per message shrinks instead of the backlog growing. Accept processes
+    wake the drainer through ``wake`` (a pipe) after each group commit; entries written by
+    other processes (the API) are found by polling every ``idle`` seconds.
+    """
+
+    def __init__(
+        self, spool: Spool, *, threads: int = 1, batch: int = 32, idle: float = 0.2, wake: int | None = None
+    ) -> None:
         super().__init__(name="spool-drainer", daemon=True)
         self.spool = spool
         self.threads = threads
+        self.batch = batch
         self.idle = idle
+        self.wake = wake
         self.stopping = threading.Event()
+
+    def _wait(self, seconds: float) -> None:
+        if self.wake is None:
+            self.stopping.wait(seconds)
+            return
+        readable, _, _ = select.select([self.wake], [], [], seconds)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake, 4096)
 
     def run(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from ingest import metrics
-        from ingest.services import spool_entry_drain
+        from ingest.services import spool_entries_drain
 
         backoff = self.idle
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="drain")
 
-        def one(queue_id: str) -> bool:
+        def drain(queue_ids: list[str]) -> bool:
             try:
                 close_old_connections()
-                spool_entry_drain(self.spool, queue_id)
+                spool_entries_drain(self.spool, queue_ids)
                 return True
             except Exception as exc:
-                metrics.DRAINED.labels("failed").inc()
-                logger.warning("drain of %s failed, will retry: %s", queue_id, type(exc).__name__)
+                metrics.DRAINED.labels("failed").inc(len(queue_ids))
+                logger.warning("drain of %d entries failed, will retry: %s", len(queue_ids), type(exc).__name__)
                 for connection in connections.all(initialized_only=True):
                     connection.close_if_unusable_or_obsolete()
                 return False
@@ -202,10 +224,12 @@ class Drainer(threading.Thread):
                 logger.error("cannot list the spool: %s", exc)
                 pending = []
             if not pending:
-                self.stopping.wait(self.idle)
+                self._wait(self.idle)
                 continue
-            batch = pending[: self.threads * 16]
-            results = list(pool.map(one, batch))
+            size = min(self.batch, -(-len(pending) // self.threads))
+            taken = pending[: size * self.threads]
+            batches = [taken[start : start + size] for start in range(0, len(taken), size)]
+            results = list(pool.map(drain, batches))
             if all(results):
                 backoff = self.idle
             elif not any(results):
@@ -226,6 +250,11 @@ def serve(options: ServerOptions) -> None:
     connections.close_all()
 
     children: dict[int, int] = {}
+    wake_read = None
+    if options.drain:
+        wake_read, options.wake_fd = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(options.wake_fd, False)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -253,7 +282,7 @@ def serve(options: ServerOptions) -> None:
 
     drainer = None
     if options.drain:
-        drainer = Drainer(spool, threads=settings.INGEST_DRAIN_THREADS)
+        drainer = Drainer(spool, threads=settings.INGEST_DRAIN_THREADS, wake=wake_read)
         drainer.start()
     if options.metrics_port:
         from prometheus_client import CollectorRegistry, start_http_server

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from uuid import UUID
@@ -21,7 +22,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
 
-from audit.services import audit_entry_record, event_record
+from audit.services import EventSpec, audit_entry_record, events_record
 from ingest import metrics
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
 from mailboxes.models import Mailbox, Message
@@ -87,105 +88,146 @@ def blob_put(storage: Storage, key: str, content: bytes) -> None:
 
 
 def spool_entry_drain(spool: Spool, queue_id: str, *, storage: Storage | None = None) -> str:
-    """Drain one spool entry; returns the outcome ("stored", "duplicate", "held", "gone").
+    """Drain one spool entry; returns the outcome ("stored", "duplicate", "held", "gone")."""
+    return spool_entries_drain(spool, [queue_id], storage=storage)[0]
 
-    Order: PUT the raw bytes (one object per tenant), then one transaction creating the
-    Message rows and their events, parse enqueued on commit, then the spool file removed. A
-    crash before the commit leaves the file to be drained again (the PUT repeats harmlessly);
-    a crash after it leaves a file whose rows exist, so the re-drain creates nothing.
+
+def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage | None = None) -> list[str]:
+    """Drain spool entries together; one outcome per id ("stored", "duplicate", "held", "gone").
+
+    Order: PUT each raw message (one object per tenant), then ONE transaction creating the
+    Message rows and events of every entry (group commit: under load the drainer takes the
+    spool in batches, so rows, events and webhook deliveries go in with one INSERT each),
+    parse enqueued on commit, then the spool files removed. A crash before the commit leaves
+    the files to be drained again (the PUTs repeat harmlessly); a crash after it leaves files
+    whose rows exist, so the re-drain creates nothing. If another drainer committed one of
+    the entries first, the batch falls back to one transaction per entry.
     """
-    try:
-        envelope, content = spool.read(queue_id)
-    except FileNotFoundError:
-        return "gone"
-    except SpoolCorrupt as exc:
-        logger.error("spool entry %s unreadable, moved to hold: %s", queue_id, exc)
-        spool.move_to_hold(queue_id)
-        metrics.DRAINED.labels("held").inc()
-        return "held"
     storage = storage or storages["blobs"]
-    by_tenant: dict[str, list[Recipient]] = defaultdict(list)
-    for recipient in envelope.recipients:
-        by_tenant[recipient.tenant_id].append(recipient)
-    keys = {tenant_id: raw_storage_key(tenant_id, envelope.received_at, envelope.sha256) for tenant_id in by_tenant}
-    existing = set(Message.objects.filter(trace_id=envelope.queue_id).values_list("mailbox_id", flat=True))
-    wanted = {UUID(recipient.mailbox_id) for recipient in envelope.recipients} - existing
-    if wanted:
+    outcomes: dict[str, str] = {}
+    entries: list[tuple[Envelope, bytes]] = []
+    for queue_id in queue_ids:
+        try:
+            entries.append(spool.read(queue_id))
+        except FileNotFoundError:
+            outcomes[queue_id] = "gone"
+        except SpoolCorrupt as exc:
+            logger.error("spool entry %s unreadable, moved to hold: %s", queue_id, exc)
+            spool.move_to_hold(queue_id)
+            metrics.DRAINED.labels("held").inc()
+            outcomes[queue_id] = "held"
+    existing: dict[str, set[UUID]] = defaultdict(set)
+    if entries:
+        for trace_id, mailbox_id in Message.objects.filter(
+            trace_id__in=[envelope.queue_id for envelope, _ in entries]
+        ).values_list("trace_id", "mailbox_id"):
+            existing[trace_id].add(mailbox_id)
+    plans: list[_DrainPlan] = []
+    for envelope, content in entries:
+        by_tenant: dict[str, list[Recipient]] = defaultdict(list)
+        for recipient in envelope.recipients:
+            by_tenant[recipient.tenant_id].append(recipient)
+        keys = {tenant: raw_storage_key(tenant, envelope.received_at, envelope.sha256) for tenant in by_tenant}
+        wanted = {UUID(recipient.mailbox_id) for recipient in envelope.recipients} - existing[envelope.queue_id]
         for tenant_id, key in keys.items():
             if any(UUID(r.mailbox_id) in wanted for r in by_tenant[tenant_id]):
                 blob_put(storage, key, content)
+        plans.append(_DrainPlan(envelope, keys, wanted))
     try:
-        created = _messages_create(envelope, keys, wanted)
+        created = _messages_create(plans)
     except IntegrityError:
-        # Another drainer committed the same entry first: nothing left to create.
-        created = []
-    spool.remove(queue_id)
-    lag = max(0.0, time.time() - envelope.received_at)
-    metrics.DRAIN_LAG.observe(lag)
-    outcome = "stored" if created else "duplicate"
-    metrics.DRAINED.labels(outcome).inc()
-    logger.info(
-        "drained %s: %d messages created",
-        queue_id,
-        len(created),
-        extra={"trace_id": envelope.queue_id, "queue_id": envelope.queue_id},
-    )
-    return outcome
+        if len(plans) > 1:  # someone else drained one of them: settle each on its own
+            return [outcomes.get(each) or spool_entry_drain(spool, each, storage=storage) for each in queue_ids]
+        created = {}  # another drainer committed this entry first: nothing left to create
+    now = time.time()
+    for plan in plans:
+        queue_id = plan.envelope.queue_id
+        spool.remove(queue_id)
+        metrics.DRAIN_LAG.observe(max(0.0, now - plan.envelope.received_at))
+        outcomes[queue_id] = "stored" if created.get(queue_id) else "duplicate"
+        metrics.DRAINED.labels(outcomes[queue_id]).inc()
+        logger.info(
+            "drained %s: %d messages created",
+            queue_id,
+            created.get(queue_id, 0),
+            extra={"trace_id": queue_id, "queue_id": queue_id},
+        )
+    return [outcomes[queue_id] for queue_id in queue_ids]
 
 
-def _messages_create(envelope: Envelope, keys: dict[str, str], wanted: set[UUID]) -> list[Message]:
+@dataclass(frozen=True)
+class _DrainPlan:
+    envelope: Envelope
+    keys: dict[str, str]  # tenant id -> raw object key
+    wanted: set[UUID]  # mailboxes still without their Message
+
+
+def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
+    """One transaction: the Message rows and events of every plan; messages created per queue id."""
     from mailboxes.tasks import message_parse
 
-    received_at = datetime.fromtimestamp(envelope.received_at, tz=UTC)
-    created: list[Message] = []
+    created: dict[str, int] = defaultdict(int)
     with transaction.atomic():
+        # A mailbox deleted since RCPT takes its mail with it.
         live = dict(
-            Mailbox.objects.filter(pk__in=wanted).values_list("pk", "tenant_id")
-        )  # a mailbox deleted since RCPT takes its mail with it
-        seen: set[UUID] = set()
-        for recipient in envelope.recipients:
-            mailbox_id = UUID(recipient.mailbox_id)
-            if mailbox_id not in live or mailbox_id in seen:
-                continue
-            seen.add(mailbox_id)
-            tenant_id = live[mailbox_id]
-            if str(tenant_id) != recipient.tenant_id:
-                logger.warning("spool %s: mailbox %s changed tenant, skipped", envelope.queue_id, mailbox_id)
-                continue
-            message = Message(
-                tenant_id=tenant_id,
-                mailbox_id=mailbox_id,
-                state=Message.State.STORED,
-                source=envelope.source,
-                mail_from=envelope.mail_from[:320],
-                rcpt=recipient.address[:320],
-                tags=recipient.tags,
-                remote_ip=envelope.remote_ip or None,
-                helo=envelope.helo,
-                tls=envelope.tls,
-                size=envelope.size,
-                sha256=envelope.sha256,
-                storage_key=keys[recipient.tenant_id],
-                trace_id=envelope.queue_id,
-                received_at=received_at,
-            )
-            message.save(force_insert=True)
-            received = {"queue_id": envelope.queue_id, "size": envelope.size, "source": envelope.source}
-            uploaded = {"key": message.storage_key, "size": envelope.size, "sha256": envelope.sha256}
-            for event_type, data in (("ingest.received", received), ("objectstore.uploaded", uploaded)):
-                event_record(
-                    tenant_id=message.tenant_id,
-                    type=event_type,
-                    data=data,
-                    trace_id=envelope.queue_id,
-                    mailbox_id=message.mailbox_id,
-                    message_id=message.pk,
+            Mailbox.objects.filter(pk__in=set().union(*(plan.wanted for plan in plans))).values_list("pk", "tenant_id")
+        )
+        messages: list[Message] = []
+        for plan in plans:
+            envelope = plan.envelope
+            received_at = datetime.fromtimestamp(envelope.received_at, tz=UTC)
+            seen: set[UUID] = set()
+            for recipient in envelope.recipients:
+                mailbox_id = UUID(recipient.mailbox_id)
+                if mailbox_id not in live or mailbox_id in seen or mailbox_id not in plan.wanted:
+                    continue
+                seen.add(mailbox_id)
+                tenant_id = live[mailbox_id]
+                if str(tenant_id) != recipient.tenant_id:
+                    logger.warning("spool %s: mailbox %s changed tenant, skipped", envelope.queue_id, mailbox_id)
+                    continue
+                messages.append(
+                    Message(
+                        tenant_id=tenant_id,
+                        mailbox_id=mailbox_id,
+                        state=Message.State.STORED,
+                        source=envelope.source,
+                        mail_from=envelope.mail_from[:320],
+                        rcpt=recipient.address[:320],
+                        tags=recipient.tags,
+                        remote_ip=envelope.remote_ip or None,
+                        helo=envelope.helo,
+                        tls=envelope.tls,
+                        size=envelope.size,
+                        sha256=envelope.sha256,
+                        storage_key=plan.keys[recipient.tenant_id],
+                        trace_id=envelope.queue_id,
+                        received_at=received_at,
+                    )
                 )
-            created.append(message)
-            message_id = str(message.pk)
+        if not messages:
+            return created
+        Message.objects.bulk_create(messages)
+        specs = []
+        for message in messages:
+            received = {"queue_id": message.trace_id, "size": message.size, "source": message.source}
+            uploaded = {"key": message.storage_key, "size": message.size, "sha256": message.sha256}
+            for event_type, data in (("ingest.received", received), ("objectstore.uploaded", uploaded)):
+                specs.append(
+                    EventSpec(
+                        tenant_id=message.tenant_id,
+                        type=event_type,
+                        data=data,
+                        trace_id=message.trace_id,
+                        mailbox_id=message.mailbox_id,
+                        message_id=message.pk,
+                    )
+                )
+            created[message.trace_id] += 1
             # robust: a broker outage must not undo a committed message; the sweeper
             # re-enqueues whatever stays "stored" (the database says what is pending).
-            transaction.on_commit(partial(message_parse.delay, message_id), robust=True)
+            transaction.on_commit(partial(message_parse.delay, str(message.pk)), robust=True)
+        events_record(specs)
     return created
 
 

@@ -236,8 +236,9 @@ class SpoolWriter:
     finished meanwhile are then done in one batch followed by a single fsync of new/.
     """
 
-    def __init__(self, spool: Spool, *, threads: int = 64) -> None:
+    def __init__(self, spool: Spool, *, threads: int = 64, notify: int | None = None) -> None:
         self.spool = spool
+        self.notify = notify  # a pipe's write end: one byte after each commit wakes the drainer
         self._writers = ThreadPoolExecutor(threads, thread_name_prefix="spool-write")
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
         self._waiting: list[tuple[str, asyncio.Future[None]]] = []
@@ -269,6 +270,9 @@ class SpoolWriter:
                     results = await loop.run_in_executor(self._committer, self.spool.publish, ids)
                 except BaseException as exc:
                     results = [exc for _ in ids]
+                if self.notify is not None and any(result is None for result in results):
+                    with contextlib.suppress(OSError):  # full pipe: the drainer is awake already
+                        os.write(self.notify, b"\0")
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue

@@ -1,0 +1,130 @@
+"""Draining the spool in batches: one transaction per batch, and exactly-once under races."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from audit.models import Event
+from ingest.services import accept, spool_entries_drain
+from ingest.spool import Recipient, Spool
+from mailboxes.models import Message
+
+BODY = b"From: a@example.org\r\nSubject: hello %d\r\n\r\nHello.\r\n"
+
+
+def _recipient(mailbox: Any) -> Recipient:
+    return Recipient(address=mailbox.address, mailbox_id=str(mailbox.pk), tenant_id=str(mailbox.tenant_id))
+
+
+def _queue(world: Any, spool: Spool, count: int) -> list[str]:
+    """``count`` entries, each for a mailbox of ours and one of the outsider's."""
+    recipients = [_recipient(world.mailbox), _recipient(world.outsider_mailbox)]
+    return [
+        accept(content=BODY % number, mail_from="a@example.org", recipients=recipients, spool=spool)
+        for number in range(count)
+    ]
+
+
+@pytest.mark.django_db
+def test_it_drains_a_batch_with_a_number_of_queries_that_does_not_grow_with_it(world: Any, tmp_path: Any) -> None:
+    spool = Spool(tmp_path / "spool")
+    counts = []
+    for size in (2, 12):
+        queue_ids = _queue(world, spool, size)
+        with CaptureQueriesContext(connection) as queries:
+            assert spool_entries_drain(spool, queue_ids) == ["stored"] * size
+        counts.append(len(queries))
+    assert counts[0] == counts[1]
+    assert spool.pending() == []
+    assert Message.objects.count() == 2 * 14  # one per tenant's mailbox, per entry
+    for message in Message.objects.all():
+        types = list(Event.objects.filter(message_id=message.pk).order_by("seq").values_list("type", flat=True))
+        assert types == ["ingest.received", "objectstore.uploaded"]
+        assert message.tenant_id == message.mailbox.tenant_id
+
+
+@pytest.mark.django_db
+def test_it_reports_each_entry_of_a_batch_on_its_own(world: Any, tmp_path: Any) -> None:
+    spool = Spool(tmp_path / "spool")
+    first, second = _queue(world, spool, 2)
+    saved = (spool.new / first).read_bytes()
+    assert spool_entries_drain(spool, [first]) == ["stored"]
+    (spool.new / first).write_bytes(saved)  # drained before a crash took the unlink with it
+    (spool.new / "not-an-entry").write_bytes(b"garbage")
+    outcomes = spool_entries_drain(spool, [first, "not-an-entry", "vanished", second])
+    assert outcomes == ["duplicate", "held", "gone", "stored"]
+    assert Message.objects.filter(trace_id=first).count() == 2
+    assert Message.objects.filter(trace_id=second).count() == 2
+    assert spool.pending() == []
+    assert (spool.hold / "not-an-entry").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_settles_each_entry_alone_when_another_drainer_commits_one_first(world: Any, tmp_path: Any) -> None:
+    """A concurrent drainer inserts one entry's row and commits while this batch waits on
+    the unique index: the batch's transaction fails, and each entry is settled on its own."""
+    spool = Spool(tmp_path / "spool")
+    contested, other = _queue(world, spool, 2)
+    envelope, _ = spool.read(contested)
+    inserted, release, failures = threading.Event(), threading.Event(), []
+
+    def concurrent_drainer() -> None:
+        try:
+            with transaction.atomic():
+                Message.objects.create(
+                    tenant=world.tenant,
+                    mailbox=world.mailbox,
+                    rcpt=world.mailbox.address,
+                    size=envelope.size,
+                    sha256=envelope.sha256,
+                    storage_key="raw/elsewhere.eml",
+                    trace_id=contested,
+                    received_at=timezone.now(),
+                )
+                inserted.set()
+                release.wait(30)
+        except Exception as exc:  # reported to the test below
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def release_once_the_batch_waits() -> None:
+        deadline = time.monotonic() + 30
+        with connection.cursor() as cursor:
+            while time.monotonic() < deadline:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.02)
+        connection.close()
+        release.set()
+
+    holder = threading.Thread(target=concurrent_drainer)
+    holder.start()
+    assert inserted.wait(10)
+    releaser = threading.Thread(target=release_once_the_batch_waits)
+    releaser.start()
+    try:
+        outcomes = spool_entries_drain(spool, [contested, other])
+    finally:
+        release.set()
+        holder.join(10)
+        releaser.join(10)
+    assert failures == []
+    # The contested entry still gets its outsider-tenant message; nothing is created twice.
+    assert outcomes == ["stored", "stored"]
+    assert Message.objects.filter(trace_id=contested, mailbox=world.mailbox).count() == 1
+    assert Message.objects.filter(trace_id=contested).count() == 2
+    assert Message.objects.filter(trace_id=other).count() == 2
+    assert Event.objects.filter(type="ingest.received", message_id__isnull=False).count() == 3
+    assert spool.pending() == []
