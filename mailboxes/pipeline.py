@@ -113,8 +113,13 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
     one commit instead of two: the row's many indexes make every version expensive.
     Transient failures (blob storage or database down) raise, for the task to retry.
     """
-    message = Message.objects.filter(pk=message_id).first()
-    if message is None or message.state != Message.State.STORED:
+    message = (
+        Message.objects.filter(pk=message_id, state=Message.State.STORED)
+        .only("pk", "tenant_id", "mailbox_id", "state", "storage_key", "sha256", "trace_id", "rcpt", "tags")
+        .order_by()
+        .first()
+    )
+    if message is None:
         return "skipped"
     started = time.perf_counter()
     try:
@@ -129,8 +134,14 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
         return "quarantined"
     attachments = _attachments_store(message, parsed)
     with transaction.atomic():
-        claimed = Message.objects.select_for_update().filter(pk=message.pk, state=Message.State.STORED).first()
-        if claimed is None or claimed.mailbox_id is None:  # gone, or its mailbox was deleted
+        claimed = (
+            Message.objects.select_for_update()
+            .filter(pk=message.pk, state=Message.State.STORED, mailbox__isnull=False)
+            .only("pk", "tenant_id", "mailbox_id", "trace_id", "rcpt", "tags")
+            .order_by()
+            .first()
+        )
+        if claimed is None or claimed.mailbox_id is None:  # parsed meanwhile, gone, or mailbox deleted
             return "skipped"
         now = timezone.now()
         fields = {
@@ -177,7 +188,8 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
             if connection.vendor == "postgresql":
                 updates["search_vector"] = search_vector_of(fields)
         Message.objects.filter(pk=claimed.pk).update(**updates)
-        Attachment.objects.filter(message_id=claimed.pk).delete()  # a half-done earlier attempt
+        # A stored message has no attachment rows: they are written only in this transaction,
+        # together with the state change that takes the message out of "stored".
         Attachment.objects.bulk_create(attachments)
         if index:
             _indexed_record(
@@ -207,7 +219,7 @@ def _indexed_record(
     codes: int,
     attachments: bool,
 ) -> None:
-    """The ``indexer.indexed`` event, and a NOTIFY for waiters, inside the indexing transaction."""
+    """The ``indexer.indexed`` event inside the indexing transaction; waiters are woken after it commits."""
     event_record(
         tenant_id=tenant_id,
         type="indexer.indexed",
@@ -216,7 +228,7 @@ def _indexed_record(
         mailbox_id=mailbox_id,
         message_id=message_id,
     )
-    # NOTIFY is transactional (PostgreSQL docs, NOTIFY): delivered exactly on commit.
+    # Sent after the commit, so a waiter never sees a message that is not there yet.
     wake_publish(tenant_id=tenant_id, mailbox_id=mailbox_id, message_id=message_id)
 
 

@@ -1,9 +1,9 @@
 """Waking waiters when a message is indexed: a waiter costs a coroutine and an event, not a thread.
 
-The index transaction runs ``NOTIFY mailplatform_indexed, '<tenant> <mailbox> <message>'``
-(PostgreSQL delivers a notification only when its transaction commits, so a waiter never
-sees a message that is not there yet). Each web process event loop keeps one listening
-connection (psycopg 3 async, ``LISTEN``) and a registry of waiters by mailbox and by tenant.
+Once the index transaction commits, ``NOTIFY mailplatform_indexed, '<tenant> <mailbox>
+<message>'`` follows (so a waiter never sees a message that is not there yet). Each web
+process event loop keeps one listening connection (psycopg 3 async, ``LISTEN``) and a
+registry of waiters by mailbox and by tenant.
 
 What makes a thousand waiters cheap:
 
@@ -40,7 +40,7 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection, connections
+from django.db import close_old_connections, connection, connections, transaction
 from prometheus_client import Gauge
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,25 @@ T = TypeVar("T")
 
 
 def wake_publish(*, tenant_id: UUID, mailbox_id: UUID, message_id: UUID) -> None:
-    """Announce an indexed message; call inside the index transaction (PostgreSQL only)."""
+    """Announce an indexed message once the index transaction commits (PostgreSQL only).
+
+    Not a NOTIFY inside the index transaction: PostgreSQL serializes the commits of every
+    transaction that notifies (one lock on the queue, held through the commit's WAL flush),
+    which made parallel parse workers queue behind each other. The notification goes in a
+    transaction of its own that has nothing to make durable, so it commits without waiting
+    for the flush. If the process dies in between, the waiters' safety re-check finds it.
+    """
     if connection.vendor != "postgresql":
         return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, f"{tenant_id} {mailbox_id} {message_id}"])
+    payload = f"{tenant_id} {mailbox_id} {message_id}"
+
+    def notify() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)", [CHANNEL, payload]
+            )
+
+    transaction.on_commit(notify, robust=True)
 
 
 # --- The bounded pool for the waiters' database work --------------------------------------
