@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import cProfile
 import os
 import sys
 import time
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--sizes", default="10240,102400")
     parser.add_argument("--database", default="mp_parse2_parse")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the timed loop to FILE")
     options = parser.parse_args()
 
     import psycopg
@@ -107,11 +109,18 @@ def main() -> None:
             for warm in ids[:5]:  # imports, caches, connection
                 pipeline.message_parse(message_id=warm, index=True)
             timed = ids[5:]
+            profiler = cProfile.Profile(time.process_time) if options.profile else None
             cpu_before, wall_before = time.process_time(), time.perf_counter()
+            if profiler:
+                profiler.enable()
             for message_id in timed:
                 pipeline.message_parse(message_id=message_id, index=True)
+            if profiler:
+                profiler.disable()
             wall = time.perf_counter() - wall_before
             cpu = time.process_time() - cpu_before
+            if profiler:
+                profiler.dump_stats(f"{options.profile}.{size // 1024}k")
             states = set(Message.objects.filter(pk__in=timed).values_list("state", flat=True))
             assert states == {Message.State.INDEXED}, states
             count = len(timed)
