@@ -36,10 +36,13 @@ app.conf.beat_schedule = {
 
 @task_prerun.connect
 @task_postrun.connect
-def _connections_recycle(**kwargs: Any) -> None:
+def _connections_recycle(sender: Any = None, **kwargs: Any) -> None:
     """Around each task, what Django does around each request: drop a connection that is
     broken or older than CONN_MAX_AGE and re-arm its health check (CONN_HEALTH_CHECKS); a
-    healthy one is reused by the thread's next task."""
+    healthy one is reused by the thread's next task. Not for a task run eagerly, inside its
+    caller's code (and maybe its transaction): that connection is the caller's."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
     from django.db import close_old_connections
 
     close_old_connections()

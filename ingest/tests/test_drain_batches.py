@@ -128,3 +128,26 @@ def test_it_settles_each_entry_alone_when_another_drainer_commits_one_first(worl
     assert Message.objects.filter(trace_id=other).count() == 2
     assert Event.objects.filter(type="ingest.received", message_id__isnull=False).count() == 3
     assert spool.pending() == []
+
+
+@pytest.mark.django_db
+def test_the_spool_writer_wakes_the_drainer_after_each_group_commit(world: Any, tmp_path: Any) -> None:
+    import asyncio
+    import os
+    import select
+
+    from ingest.spool import Envelope, SpoolWriter, queue_id_new
+
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    writer = SpoolWriter(Spool(tmp_path / "spool"), threads=2, notify=wake_write)
+    try:
+        assert select.select([wake_read], [], [], 0)[0] == []
+        envelope = Envelope(queue_id_new(), "a@example.org", [_recipient(world.mailbox)], None, "x", False, time.time())
+        asyncio.run(writer.store(envelope, BODY % 1))
+        assert select.select([wake_read], [], [], 5)[0] == [wake_read]
+        assert writer.spool.pending() == [envelope.queue_id]
+    finally:
+        writer.close()
+        os.close(wake_read)
+        os.close(wake_write)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -248,3 +249,29 @@ def test_it_creates_deliveries_atomically_with_the_event(world, receiver):
         record_then_fail()
     assert Delivery.objects.count() == 0
     assert Event.objects.filter(type="ingest.received").count() == 0
+
+
+def test_a_task_takes_other_due_deliveries_along_and_a_later_task_finds_its_own_gone(world, receiver, frozen_clock):
+    """Under load a stream of one-delivery tasks becomes batches: the first task sends what is
+    due, oldest first; the task queued for a delivery it took ends without a request."""
+    from webhooks.tasks import deliveries_send
+
+    make_endpoint(world, receiver.url())
+    events = []
+    for number in range(5):
+        events.append(record(world, queue_id=f"Q{number}"))
+        frozen_clock.advance(1)
+    ids = [str(Delivery.objects.get(event=event).pk) for event in events]
+    later = record(world, queue_id="not yet due")
+    Delivery.objects.filter(event=later).update(next_attempt_at=frozen_clock.now() + timedelta(minutes=5))
+
+    deliveries_send.apply(args=[[ids[-1]]])  # the task of the newest delivery runs first
+    requests = receiver.wait_for(5)
+    assert sorted(request.headers["webhook-id"] for request in requests) == sorted(e.public_id for e in events)
+    assert set(Delivery.objects.filter(pk__in=ids).values_list("state", flat=True)) == {Delivery.State.DELIVERED}
+    assert Delivery.objects.get(event=later).state == Delivery.State.PENDING  # not due: left alone
+
+    deliveries_send.apply(args=[[ids[0]]])  # the first one's own task, now late
+    time.sleep(0.3)
+    assert len(receiver.received) == 5  # nothing more was sent
+    assert Attempt.objects.count() == 5
