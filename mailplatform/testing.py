@@ -7,6 +7,7 @@ benchmarks import them directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -300,15 +301,46 @@ def database_sessions_wait_gone(timeout: float = 5.0) -> None:
     with connection.cursor() as cursor:
         while True:
             cursor.execute(
-                "SELECT pid, application_name, state, left(query, 80) FROM pg_stat_activity"
+                "SELECT pid, client_port, state, left(query, 80) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
             )
             rows = cursor.fetchall()
             if not rows:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sessions still on the test database after {timeout} s: {rows}")
+                owners = [_socket_owner(port) for _, port, _, _ in rows]
+                raise TimeoutError(f"sessions still on the test database after {timeout} s: {rows}; held by {owners}")
             time.sleep(0.1)
+
+
+def _socket_owner(port: int | None) -> str:
+    """Which local process (and thread names) holds the TCP connection from ``port``."""
+    if not port:
+        return "unix socket"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:  # closed meanwhile (the listing's own descriptor, say)
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                    threads = sorted(
+                        {
+                            Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
+                            for task in os.listdir(f"/proc/{pid}/task")
+                        }
+                    )
+                    return f"pid {pid} ({command}) threads {threads}"
+    return "no local process"
 
 
 @dataclass

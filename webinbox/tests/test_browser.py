@@ -23,7 +23,7 @@ import pytest
 import requests
 from django.conf import settings as django_settings
 from django.core import mail
-from django.db import connection
+from django.db import connection, connections
 
 from mailplatform.testing import ChildProcess, free_port, start_celery_worker, wait_for_port
 from webinbox.services import outbound_flush
@@ -70,6 +70,10 @@ def browser(monkeypatch: Any) -> Iterator[Any]:
             yield launched
         finally:
             launched.close()
+            # Django keeps connections per context (asgiref Local over contextvars), and the
+            # code run while Playwright drives this thread got connections of its own: close
+            # them here, or they outlive the test and keep the test database from being dropped.
+            connections.close_all()
 
 
 @pytest.fixture
