@@ -44,15 +44,17 @@ os.environ.setdefault("LOG_FORMAT", "text")
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
 
 
-def ensure_database(url: str) -> None:
+def fresh_database(url: str) -> None:
+    """A new, empty database for each run: rows and dead tuples of earlier runs (where
+    autovacuum is off, as on the development machine) would make runs incomparable."""
     if not url.startswith("postgres"):
         return
     import psycopg
 
     base, _, name = url.rpartition("/")
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
 
 
 class Receiver:
@@ -423,7 +425,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="end-to-end: how long to send")
     parser.add_argument("--skip", choices=["throughput", "push", "end-to-end"], action="append", default=[])
     arguments = parser.parse_args()
-    ensure_database(os.environ["DATABASE_URL"])
+    fresh_database(os.environ["DATABASE_URL"])
 
     import django
     from django.core.management import call_command

@@ -150,6 +150,9 @@ class Message(models.Model):
             models.Index(fields=["tenant", "-created_at"], name="message_tenant_recent"),
             models.Index(fields=["state", "state_changed_at"], name="message_state_age"),
             models.Index(fields=["sha256"], name="message_sha256"),
+            # The drainer's "already drained?" lookup and tracing by queue id: the unique
+            # (mailbox, trace_id) index cannot serve a lookup by trace_id alone.
+            models.Index(fields=["trace_id"], name="message_trace"),
             models.Index(fields=["tenant", "-received_at", "-id"], name="message_tenant_received"),
             models.Index(fields=["mailbox", "-received_at", "-id"], name="message_mailbox_received_id"),
             models.Index(fields=["mailbox", "thread_id"], name="message_mailbox_thread"),
