@@ -23,7 +23,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 
 from audit.services import event_record
 from webhooks import clock, metrics, services, transport
@@ -91,18 +91,27 @@ def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
     token = secrets.token_hex(8)
     candidates = Delivery.objects.filter(_due(now), endpoint__enabled=True).order_by("next_attempt_at")
     if connection.vendor == "postgresql":
-        with transaction.atomic():
-            ids = list(
-                candidates.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)[:limit]
-            )
-            if ids:
-                Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
-        return [(str(pk), token) for pk in ids]
+        return [(pk, token) for pk in _claim_locked(candidates, limit, token, now)]
     claimed = []
     for pk in candidates.values_list("pk", flat=True)[:limit]:
         if Delivery.objects.filter(_due(now), pk=pk).update(**_claim_values(token, now)):
             claimed.append((str(pk), token))
     return claimed
+
+
+def _claim_locked(
+    candidates: QuerySet[Delivery], limit: int, token: str, now: datetime, *, plain_index_scan: bool = False
+) -> list[str]:
+    """PostgreSQL: lock up to ``limit`` of ``candidates`` (``SKIP LOCKED``, so concurrent
+    claimers take disjoint rows) and claim them under ``token``; the claimed ids."""
+    with transaction.atomic():
+        if plain_index_scan:
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL enable_bitmapscan = off")
+        ids = list(candidates.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)[:limit])
+        if ids:
+            Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
+    return [str(pk) for pk in ids]
 
 
 @dataclass(frozen=True)
@@ -193,22 +202,15 @@ def deliveries_claim(delivery_ids: list[str], *, along: int = 0) -> tuple[str, l
     now = clock.now()
     token = secrets.token_hex(8)
     if along and connection.vendor == "postgresql":
-        with transaction.atomic():
-            # The head of a queue table: every delivery leaves index entries behind in
-            # "pending" that only VACUUM removes. A bitmap scan visits all of them on every
-            # claim; a plain index scan in next_attempt_at order marks them dead as it
-            # passes (kill_prior_tuple), so the next claim skips them.
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL enable_bitmapscan = off")
-            ids = list(
-                Delivery.objects.filter(state=Delivery.State.PENDING, next_attempt_at__lte=now, endpoint__enabled=True)
-                .order_by("next_attempt_at")
-                .select_for_update(skip_locked=True, of=("self",))
-                .values_list("pk", flat=True)[: len(delivery_ids) + along]
-            )
-            if ids:
-                Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
-        return (token, [str(pk) for pk in ids]) if ids else None
+        pending = Delivery.objects.filter(
+            state=Delivery.State.PENDING, next_attempt_at__lte=now, endpoint__enabled=True
+        ).order_by("next_attempt_at")
+        # The head of a queue table: every delivery leaves index entries behind in "pending"
+        # that only VACUUM removes. A bitmap scan visits all of them on every claim; a plain
+        # index scan in next_attempt_at order marks them dead as it passes (kill_prior_tuple),
+        # so the next claim skips them.
+        ids = _claim_locked(pending, len(delivery_ids) + along, token, now, plain_index_scan=True)
+        return (token, ids) if ids else None
     claimed = Delivery.objects.filter(_due(now), pk__in=delivery_ids, endpoint__enabled=True).update(
         **_claim_values(token, now)
     )
