@@ -181,7 +181,7 @@ def test_it_pages_with_a_keyset_cursor_and_searches(world: Any, signed_in: Any, 
         seen: list[str] = []
         response = client.get(base)
         while True:
-            seen += [m.subject for m in response.context["messages"]]
+            seen += [m.subject for m in response.context["mail_list"]]
             older = response.context["page"].older
             if not older:
                 break
@@ -191,6 +191,22 @@ def test_it_pages_with_a_keyset_cursor_and_searches(world: Any, signed_in: Any, 
     finally:
         selectors.PAGE_SIZE = original
     searched = client.get(base, {"q": "subject:Numbered -subject:3"})
-    assert {m.subject for m in searched.context["messages"]} == {f"Numbered {n}" for n in (0, 1, 2, 4)}
+    assert {m.subject for m in searched.context["mail_list"]} == {f"Numbered {n}" for n in (0, 1, 2, 4)}
     broken = client.get(base, {"q": "before:notadate", "before": "garbage|x"})
     assert broken.status_code == 200
+
+
+def test_it_shows_no_queue_id_and_its_notice_on_the_right_page(world: Any, signed_in: Any) -> None:
+    kept = message_deliver(world.mailbox, simple_message("Kept"))
+    gone = message_deliver(world.mailbox, simple_message("Gone"))
+    client = signed_in("owner")
+    for path in (
+        "/inbox/",
+        f"/inbox/{world.tenant.slug}/",
+        f"/inbox/{world.tenant.slug}/mailboxes/{world.mailbox.pk}/",
+    ):
+        page = client.get(path).content.decode()
+        assert "Kept" in page and kept.trace_id not in page and 'class="flash"' not in page, path
+    landed = client.post(_url(world, gone), {"action": "delete"}, follow=True).content.decode()
+    assert "Message deleted." in landed and "Kept" in landed and kept.trace_id not in landed
+    assert "Message deleted." not in client.get("/inbox/").content.decode()

@@ -194,3 +194,18 @@ def test_it_refuses_writes_without_the_csrf_token() -> None:
     assert client.post(f"/t/{token}/extend/").status_code == 403
     assert client.post(f"/t/{token}/delete/").status_code == 403
     assert client.get(f"/t/{token}/").status_code == 200
+
+
+def test_it_shows_no_queue_id_and_its_notice_on_the_right_page() -> None:
+    temp, token = temp_inbox_create(ip="127.0.0.1")
+    message = message_deliver(temp.mailbox, simple_message("Listed", to=temp.mailbox.address))
+    client = Client()
+    page = client.get(f"/t/{token}/").content.decode()
+    assert "Listed" in page
+    # The mail list is not a list of flash notices: no "<queue id> -> <rcpt>" banner.
+    assert message.trace_id not in page
+    assert 'class="flash"' not in page
+    extended = client.post(f"/t/{token}/extend/", follow=True).content.decode()
+    assert "Extended." in extended and message.trace_id not in extended
+    # Shown once, on the page the redirect lands on, not one page late.
+    assert "Extended." not in client.get(f"/t/{token}/").content.decode()

@@ -32,7 +32,9 @@ def list_context(principal: Principal, request: HttpRequest, *, mailbox_id: UUID
         page, error = selectors.MessagePage([], None, None), str(exc)
     return {
         "page": page,
-        "messages": page.messages,
+        # Not "messages": that name belongs to django.contrib.messages (the flash notices in
+        # base.html); shadowing it showed the mail list as notices and held real ones back.
+        "mail_list": page.messages,
         "query": query,
         "query_error": error,
         "cursor": (page.newest_created.isoformat() if page.newest_created else ""),
