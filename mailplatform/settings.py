@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served by us (no CDN)
     "django_celery_beat",
     "allauth",
     "allauth.account",
@@ -279,16 +280,30 @@ DOMAIN_MX_GRACE = config.integer("DOMAIN_MX_GRACE", 48 * 3600, minimum=0)
 # Plans whose tenants may receive mail for domains that are not verified yet (test domains).
 UNVERIFIED_DOMAIN_PLANS = set(config.csv("UNVERIFIED_DOMAIN_PLANS", []))
 
-WEBHOOK_ALLOW_PRIVATE = config.boolean("WEBHOOK_ALLOW_PRIVATE", False)
+# Outbound calls to hosts a tenant names (mailplatform/transport.py): SSO providers, and
+# webhooks unless their own WEBHOOK_* settings say otherwise. OUTBOUND_ALLOW_PRIVATE
+# (development and tests only) lets them reach loopback and private addresses on any port;
+# WEBHOOK_ALLOW_PRIVATE, the contract's name, is its alias: either one alone sets both.
+OUTBOUND_ALLOW_PRIVATE = config.boolean("OUTBOUND_ALLOW_PRIVATE", config.boolean("WEBHOOK_ALLOW_PRIVATE", False))
+OUTBOUND_ALLOW_HTTP = config.boolean("OUTBOUND_ALLOW_HTTP", OUTBOUND_ALLOW_PRIVATE)
+try:
+    OUTBOUND_EXTRA_PORTS = [int(port) for port in config.csv("OUTBOUND_EXTRA_PORTS", [])]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"OUTBOUND_EXTRA_PORTS: expected port numbers: {exc}") from exc
+OUTBOUND_CA_FILE = config.string("OUTBOUND_CA_FILE", "")
+
+WEBHOOK_ALLOW_PRIVATE = config.boolean("WEBHOOK_ALLOW_PRIVATE", OUTBOUND_ALLOW_PRIVATE)
 # Webhooks (webhooks/): plain http only where allowed (defaults to WEBHOOK_ALLOW_PRIVATE),
 # extra destination ports besides 80/443, per-request timeout, rotation overlap, retry and
 # disabling policy, claim lease, replay pacing.
 WEBHOOK_ALLOW_HTTP = config.boolean("WEBHOOK_ALLOW_HTTP", WEBHOOK_ALLOW_PRIVATE)
 try:
-    WEBHOOK_EXTRA_PORTS = [int(port) for port in config.csv("WEBHOOK_EXTRA_PORTS", [])]
+    WEBHOOK_EXTRA_PORTS = [
+        int(port) for port in config.csv("WEBHOOK_EXTRA_PORTS", [str(port) for port in OUTBOUND_EXTRA_PORTS])
+    ]
 except ValueError as exc:
     raise ImproperlyConfigured(f"WEBHOOK_EXTRA_PORTS: expected port numbers: {exc}") from exc
-WEBHOOK_CA_FILE = config.string("WEBHOOK_CA_FILE", "")
+WEBHOOK_CA_FILE = config.string("WEBHOOK_CA_FILE", OUTBOUND_CA_FILE)
 WEBHOOK_TIMEOUT = config.integer("WEBHOOK_TIMEOUT", 15, minimum=1, maximum=60)
 WEBHOOK_SECRET_OVERLAP = config.integer("WEBHOOK_SECRET_OVERLAP", 24 * 3600, minimum=0)
 WEBHOOK_DISABLE_AFTER = config.integer("WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600, minimum=60)
@@ -323,6 +338,11 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # The documentation page loads Swagger UI from our own static files, not a CDN: it works
+    # offline and its Content-Security-Policy allows only 'self'.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Three models have a "state" field; name each enum after its model.
     "ENUM_NAME_OVERRIDES": {
         "DomainStateEnum": "tenants.models.Domain.State",
@@ -337,8 +357,10 @@ WAITING_DB_THREADS = config.integer("WAITING_DB_THREADS", 4, minimum=0, maximum=
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
 # Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
 TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
-# Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo).
+# Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo), the
+# whole exchange, and the largest answer taken from it.
 SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
+SSO_DOCUMENT_LIMIT = config.integer("SSO_DOCUMENT_LIMIT", 256 * 1024, minimum=4096, maximum=4 * 1024 * 1024)
 # Who may reach the Django admin (CIDRs; empty: anywhere).
 STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])
 

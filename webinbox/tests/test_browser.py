@@ -229,3 +229,28 @@ def test_it_signs_in_by_magic_link_and_mints_a_key_that_works(browser: Any, site
     _shot(mobile, "console-phone-dark")
     phone.close()
     context.close()
+
+
+def test_it_renders_the_api_docs_offline(browser: Any, site: str) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    elsewhere: list[str] = []
+
+    def same_origin_only(route: Any) -> None:
+        # Offline: anything not from our own origin fails, as it would without a network.
+        if route.request.url.startswith(site + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", same_origin_only)
+    refused: list[str] = []
+    page.on(
+        "console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None
+    )
+    page.goto(site + "/api/v1/docs/")
+    page.locator(".opblock-summary-path", has_text="/api/v1/messages/").first.wait_for(timeout=20_000)
+    assert page.locator(".opblock").count() > 20
+    assert elsewhere == [] and refused == []
+    context.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -60,3 +61,38 @@ def test_it_passes_check_deploy_with_production_settings(tmp_path: Any) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+def _directive(policy: str, name: str) -> str:
+    for part in policy.split(";"):
+        words = part.split()
+        if words and words[0] == name:
+            return " ".join(words[1:])
+    return ""
+
+
+def test_it_serves_the_api_docs_from_its_own_origin() -> None:
+    client = Client()
+    page = client.get("/api/v1/docs/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    # Every asset is a same-origin path, and no script is inline (the init script is a file too).
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert len(assets) >= 4, assets
+    for asset in assets:
+        assert asset.startswith("/") and not asset.startswith("//"), asset
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), "inline script"
+    assert "<style" not in html and " style=" not in html
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        body = b"".join(response.streaming_content) if response.streaming else response.content
+        assert body, asset
+    init = client.get(next(asset for asset in assets if "script" in asset))
+    assert init["Content-Type"].startswith("application/javascript")
+    assert "SwaggerUIBundle(" in init.content.decode()
+    policy = page["Content-Security-Policy"]
+    assert "cdn" not in policy and "https:" not in policy and "http:" not in policy
+    for directive in ("script-src", "style-src"):
+        assert _directive(policy, directive) == "'self'", (directive, policy)
+    assert _directive(policy, "object-src") == "'none'" and _directive(policy, "frame-ancestors") == "'none'"
