@@ -248,13 +248,58 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_QUEUES = "ingest,parse,index,webhooks,maintenance"
 
 
+def runtime_venv_python(requirements: Path = ROOT / "requirements.txt") -> str:
+    """The python of a virtual environment with ``requirements`` installed and nothing else.
+
+    Built once per content of the file (and interpreter version) under var/runtime-venv/;
+    a lock lets concurrent test sessions share the build, and a stamp written last means a
+    half-built environment (an interrupted install) is built again, never used.
+    """
+    import fcntl
+    import hashlib
+
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    home = ROOT / "var" / "runtime-venv" / f"{version}-{digest}"
+    python, stamp = home / "bin" / "python", home / ".installed"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.parent / f"{home.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            # The base interpreter, not this (development) venv's: nothing of it leaks in.
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(home)], check=True)
+            install = subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", requirements],
+                capture_output=True,
+                text=True,
+            )
+            if install.returncode != 0:
+                raise RuntimeError(f"pip install -r {requirements.name} failed:\n{install.stderr[-3000:]}")
+            stamp.write_text(digest)
+            # Environments of earlier requirements are a quarter of a gigabyte each.
+            for stale in home.parent.glob(f"{version}-*"):
+                if stale.is_dir() and stale != home:
+                    shutil.rmtree(stale, ignore_errors=True)
+                    stale.with_name(f"{stale.name}.lock").unlink(missing_ok=True)
+    return str(python)
+
+
 def start_celery_worker(
-    *, queue: str, env: dict[str, str], cwd: Path | str | None = None, name: str | None = None
+    *,
+    queue: str,
+    env: dict[str, str],
+    cwd: Path | str | None = None,
+    name: str | None = None,
+    python: str | None = None,
 ) -> ChildProcess:
-    """A real ``celery -A mailplatform worker`` consuming ``queue`` (comma-separated), once ready."""
+    """A real ``celery -A mailplatform worker`` consuming ``queue`` (comma-separated), once ready.
+
+    ``python``: the interpreter of another virtual environment (default: this one)."""
     worker = ChildProcess(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "celery",
             "-A",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from django.db import connection
 from django.utils import timezone
 
 from mailplatform.celery import QUEUES, app
-from mailplatform.testing import ChildProcess, env_with, start_celery_worker
+from mailplatform.testing import ROOT, ChildProcess, env_with, runtime_venv_python, start_celery_worker
 from tenants.models import User
 from webinbox.models import LoginToken
 from webinbox.services import login_link_create, login_tokens_purge
@@ -50,7 +51,7 @@ def worker_on(transactional_db: Any, tmp_path: Path) -> Iterator[Any]:
     """Start a worker on a given broker, consuming a queue unique to this test."""
     started: list[tuple[ChildProcess, str, str]] = []
 
-    def start(broker_url: str) -> tuple[ChildProcess, str]:
+    def start(broker_url: str, python: str | None = None) -> tuple[ChildProcess, str]:
         queue = f"maintenance-test-{uuid.uuid4().hex[:12]}"
         env = env_with(
             CELERY_BROKER_URL=broker_url,
@@ -59,7 +60,7 @@ def worker_on(transactional_db: Any, tmp_path: Path) -> Iterator[Any]:
             LOG_FORMAT="text",
             LOG_LEVEL="INFO",
         )
-        worker = start_celery_worker(queue=queue, env=env)
+        worker = start_celery_worker(queue=queue, env=env, python=python)
         started.append((worker, broker_url, queue))
         return worker, queue
 
@@ -112,6 +113,69 @@ def test_it_runs_the_maintenance_task_in_a_real_worker(worker_on: Any, broker_ur
     assert LoginToken.objects.filter(pk=fresh.pk).exists()
     assert "webinbox.tasks.login_tokens_purge" in worker.output
     assert "succeeded" in worker.output
+
+
+@pytest.fixture(scope="session")
+def runtime_python() -> str:
+    """The interpreter of a virtual environment built from requirements.txt alone (what the
+    container image installs), so a runtime import that only requirements-dev.txt brings in
+    fails here as it would in production. Cached under var/ by the file's hash."""
+    return runtime_venv_python()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker_url", [REDIS_URL, RABBITMQ_URL], ids=["redis", "rabbitmq"])
+def test_it_runs_a_task_in_a_worker_installed_from_requirements_txt_alone(
+    worker_on: Any, broker_url: str, runtime_python: str
+) -> None:
+    stale, fresh = _stale_and_fresh_tokens()
+    worker, queue = worker_on(broker_url, python=runtime_python)
+    _send_and_wait(broker_url, queue, worker, stale)
+    assert LoginToken.objects.filter(pk=fresh.pk).exists()
+    assert "succeeded" in worker.output
+    assert "ModuleNotFoundError" not in worker.output
+
+
+# Every module of the product (not tests, benchmarks or scripts), and the transports and
+# servers the settings can select, imported by the requirements.txt-only interpreter.
+_IMPORT_EVERYTHING = """
+import importlib, os, pathlib, sys
+import django
+django.setup()
+failed = []
+names = [
+    "kombu.transport.redis", "kombu.transport.pyamqp", "kombu.transport.filesystem",
+    "celery.concurrency.prefork", "django_celery_beat.schedulers", "uvicorn.main", "gunicorn.app.wsgiapp",
+]
+for path in sorted(pathlib.Path(".").glob("*/**/*.py")):
+    parts = path.with_suffix("").parts
+    if parts[0] in {"bench", "docs", "scripts", "tests", "var", "static", "templates"} or parts[0].startswith("."):
+        continue
+    if "tests" in parts or "migrations" in parts or parts[-1] == "testing":
+        continue
+    names.append(".".join(parts).removesuffix(".__init__"))
+for name in names:
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        failed.append(f"{name}: {error}")
+print("\\n".join(failed) or "all imported")
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.slow
+def test_it_imports_every_runtime_module_from_requirements_txt_alone(runtime_python: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [runtime_python, "-c", _IMPORT_EVERYTHING],
+        cwd=ROOT,
+        env=env_with(DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "all imported" in result.stdout
 
 
 def test_it_purges_only_old_expired_or_used_links(db: Any) -> None:
