@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from uuid import UUID
 
 from django.conf import settings
@@ -26,6 +25,7 @@ from audit.services import EventSpec, audit_entry_record, events_record
 from ingest import metrics
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
 from mailboxes.models import Mailbox, Message
+from mailplatform.enqueue import tasks_enqueue_on_commit
 from tenants.access import Permission, Principal
 from tenants.services import require
 
@@ -162,6 +162,21 @@ class _DrainPlan:
     wanted: set[UUID]  # mailboxes still without their Message
 
 
+def _recipients_per_mailbox(recipients: list[Recipient]) -> list[Recipient]:
+    """One recipient per mailbox (the first RCPT's address), carrying the tags of all its RCPTs.
+
+    ``box@`` and ``box+news@`` in one transaction are one Message in ``box``, tagged ``news``.
+    """
+    merged: dict[str, Recipient] = {}
+    for recipient in recipients:
+        first = merged.setdefault(
+            recipient.mailbox_id,
+            Recipient(address=recipient.address, mailbox_id=recipient.mailbox_id, tenant_id=recipient.tenant_id),
+        )
+        first.tags.extend(tag for tag in recipient.tags if tag not in first.tags)
+    return list(merged.values())
+
+
 def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
     """One transaction: the Message rows and events of every plan; messages created per queue id."""
     from mailboxes.tasks import message_parse
@@ -176,12 +191,10 @@ def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
         for plan in plans:
             envelope = plan.envelope
             received_at = datetime.fromtimestamp(envelope.received_at, tz=UTC)
-            seen: set[UUID] = set()
-            for recipient in envelope.recipients:
+            for recipient in _recipients_per_mailbox(envelope.recipients):
                 mailbox_id = UUID(recipient.mailbox_id)
-                if mailbox_id not in live or mailbox_id in seen or mailbox_id not in plan.wanted:
+                if mailbox_id not in live or mailbox_id not in plan.wanted:
                     continue
-                seen.add(mailbox_id)
                 tenant_id = live[mailbox_id]
                 if str(tenant_id) != recipient.tenant_id:
                     logger.warning("spool %s: mailbox %s changed tenant, skipped", envelope.queue_id, mailbox_id)
@@ -224,10 +237,11 @@ def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
                     )
                 )
             created[message.trace_id] += 1
-            # robust: a broker outage must not undo a committed message; the sweeper
-            # re-enqueues whatever stays "stored" (the database says what is pending).
-            transaction.on_commit(partial(message_parse.delay, str(message.pk)), robust=True)
         events_record(specs)
+        # After the commit, and never raising: a broker outage must not make a committed
+        # batch look failed (its files would be drained again); the sweeper re-enqueues
+        # whatever stays "stored" (the database says what is pending).
+        tasks_enqueue_on_commit(message_parse, [(str(message.pk),) for message in messages])
     return created
 
 

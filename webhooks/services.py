@@ -25,6 +25,7 @@ from audit import selectors as audit_selectors
 from audit.models import Event
 from audit.services import Actor, audit_entry_record
 from mailboxes.models import Mailbox
+from mailplatform.enqueue import TasksEnqueue
 from tenants.access import Permission, Principal
 from tenants.models import Domain, Membership
 from webhooks import clock, signing, transport
@@ -404,11 +405,13 @@ def _enqueue_on_commit(delivery_ids: list[str]) -> None:
 
 
 def _enqueue(delivery_ids: list[str]) -> None:
-    """Send now. If the broker is down, the beat dispatcher picks them up later."""
+    """Send now, never raising: if the broker is down, the beat dispatcher picks them up later."""
     from webhooks.tasks import BATCH, deliveries_send
 
+    enqueue = TasksEnqueue(deliveries_send)
     for start in range(0, len(delivery_ids), BATCH):
-        deliveries_send.delay(delivery_ids[start : start + BATCH])
+        enqueue.add(delivery_ids[start : start + BATCH])
+    enqueue()
 
 
 def _dispatch_soon() -> None:

@@ -1,0 +1,105 @@
+"""Draining while the broker is down: the committed batch counts as drained, parsing waits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from celery.signals import before_task_publish
+from prometheus_client import REGISTRY
+
+from ingest.services import accept, spool_entries_drain
+from ingest.spool import Recipient, Spool
+from mailboxes.models import Message
+from mailboxes.retention import messages_stuck_requeue
+from mailplatform.testing import free_port
+
+BODY = b"From: a@example.org\r\nSubject: hello %d\r\n\r\nHello.\r\n"
+PARSE = "mailboxes.tasks.message_parse"
+
+
+def _recipient(mailbox: Any) -> Recipient:
+    return Recipient(address=mailbox.address, mailbox_id=str(mailbox.pk), tenant_id=str(mailbox.tenant_id))
+
+
+@contextmanager
+def _broker_unreachable() -> Iterator[None]:
+    """The Celery app's broker pointed at a closed port (nothing listens there), then restored.
+
+    Celery reads CELERY_BROKER_URL from the environment before its configuration.
+    """
+    from mailplatform.celery import app
+
+    saved = os.environ["CELERY_BROKER_URL"]
+    app.close()  # drop pooled connections to the real broker
+    os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    try:
+        assert app.connection_for_write().port != urlsplit(saved).port
+        yield
+    finally:
+        app.close()
+        os.environ["CELERY_BROKER_URL"] = saved
+
+
+@pytest.fixture
+def broker_down() -> Iterator[None]:
+    with _broker_unreachable():
+        yield
+
+
+@pytest.fixture
+def parse_sends() -> Iterator[list[str]]:
+    """The message ids of every message_parse send attempted (Celery's before_task_publish)."""
+    sent: list[str] = []
+
+    def record(sender: str | None = None, body: Any = None, **kwargs: Any) -> None:
+        if sender == PARSE:
+            sent.append(body[0][0])
+
+    before_task_publish.connect(record, weak=False)
+    yield sent
+    before_task_publish.disconnect(record)
+
+
+def _failed_count() -> float:
+    return REGISTRY.get_sample_value("mailplatform_task_enqueue_failed_total", {"task": PARSE}) or 0.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_reports_a_batch_drained_and_tries_every_parse_while_the_broker_is_down(
+    world: Any, tmp_path: Any, broker_down: None, parse_sends: list[str]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    recipients = [_recipient(world.mailbox), _recipient(world.outsider_mailbox)]
+    queue_ids = [
+        accept(content=BODY % number, mail_from="a@example.org", recipients=recipients, spool=spool)
+        for number in range(3)
+    ]
+    failed_before = _failed_count()
+
+    assert spool_entries_drain(spool, queue_ids) == ["stored"] * 3
+
+    assert spool.pending() == []  # the files of a committed batch are gone: no re-drain
+    messages = Message.objects.filter(trace_id__in=queue_ids, state=Message.State.STORED)
+    ids = {str(pk) for pk in messages.values_list("pk", flat=True)}
+    assert len(ids) == 6
+    assert sorted(parse_sends) == sorted(ids)  # every message's parse was tried
+    assert _failed_count() - failed_before == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_leaves_the_unsent_parses_to_the_sweeper(world: Any, tmp_path: Any, parse_sends: list[str]) -> None:
+    spool = Spool(tmp_path / "spool")
+    queue_id = accept(content=BODY % 1, mail_from="a@example.org", recipients=[_recipient(world.mailbox)], spool=spool)
+    with _broker_unreachable():
+        assert spool_entries_drain(spool, [queue_id]) == ["stored"]
+    message = Message.objects.get(trace_id=queue_id)
+    parse_sends.clear()
+
+    assert messages_stuck_requeue(older_than=timedelta(0))[Message.State.STORED] == 1
+    assert parse_sends == [str(message.pk)]
