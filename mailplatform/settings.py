@@ -439,13 +439,20 @@ LOG_LEVEL = config.string("LOG_LEVEL", "INFO").upper()
 LOG_FORMAT = config.string("LOG_FORMAT", "text" if DEBUG else "json")
 if LOG_FORMAT not in {"json", "text"}:
     raise ImproperlyConfigured(f"LOG_FORMAT: expected 'json' or 'text', got {LOG_FORMAT!r}")
+# mailplatform.logs.configure applies LOGGING, then redacts credentials (inbox and sign-in
+# tokens in paths, signatures in query strings) on the servers' own loggers (uvicorn's access
+# log) and quiets the every-2-seconds beat tick; every line through "console" is redacted too.
+LOGGING_CONFIG = "mailplatform.logs.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"context": {"()": "audit.context.LogContextFilter"}},
     "formatters": {
-        "json": {"()": "audit.context.JsonFormatter"},
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(trace_id)s] %(message)s"},
+        "json": {"()": "mailplatform.logs.RedactingFormatter", "inner": "audit.context.JsonFormatter"},
+        "text": {
+            "()": "mailplatform.logs.RedactingFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s [%(trace_id)s] %(message)s",
+        },
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]},
