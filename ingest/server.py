@@ -9,12 +9,21 @@
   database are off the event loops entirely), restarts an accept process that dies, and
   serves Prometheus metrics on INGEST_METRICS_PORT aggregated over every process
   (prometheus_client multiprocess mode, files in a per-run directory).
+- Start-up problems (the SMTP or metrics port busy, the spool not writable) stop the
+  supervisor with :class:`StartupError` before anything is forked. Accept processes die with
+  the supervisor: the parent-death signal on Linux (``prctl(PR_SET_PDEATHSIG)``) and, on any
+  platform, a pipe whose write end only the supervisor holds; an orphan would take mail with
+  nobody draining it.
+- SIGTERM is graceful: stop listening, ``421 4.3.2`` to idle sessions, transactions in DATA
+  finish within INGEST_SHUTDOWN_GRACE seconds (:meth:`ingest.smtp.IngestHandler.sessions_close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import select
@@ -22,6 +31,7 @@ import shutil
 import signal
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -44,13 +54,17 @@ class ServerOptions:
     workers: int = 1
     drain: bool = True
     metrics_port: int = 0
+    shutdown_grace: float = 5.0  # seconds a transaction in DATA may take to finish on SIGTERM
     wake_fd: int | None = None  # the drainer's wake-up pipe (write end), set by the supervisor
+    parent_fd: int | None = None  # read end of the supervisor's life pipe: EOF when it dies
+
+
+class StartupError(Exception):
+    """runsmtp cannot start (a port busy, the spool not writable); nothing was forked."""
 
 
 def multiprocess_metrics_enable() -> Path:
     """Switch prometheus_client to multiprocess mode before ingest.metrics is imported."""
-    import sys
-
     from prometheus_client import values
 
     directory = Path(tempfile.mkdtemp(prefix="mp-runsmtp-metrics-"))
@@ -122,6 +136,7 @@ async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.
         limits=_limits(),
         hostname=settings.SMTP_HOSTNAME,
         source="lmtp" if options.lmtp else "smtp",
+        trusted_proxies=settings.SMTP_TRUSTED_PROXIES,
     )
     protocol = IngestLMTP if options.lmtp else IngestSMTP
     context = tls_context()
@@ -135,16 +150,33 @@ async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.
     try:
         await stop.wait()
     finally:
-        server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), timeout=5)
+        server.close()  # no new connections; then the live sessions, tracked by the handler
+        await handler.sessions_close(options.shutdown_grace)
         directory.stop()
         writer.close()
 
 
-def _worker_main(options: ServerOptions) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies (Linux), and check it still lives.
+
+    The signal is armed after the fork, so a supervisor that died in between is caught by
+    the ``getppid`` check; other platforms rely on the life pipe alone.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker_main(options: ServerOptions, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     # aiosmtpd logs every command at INFO: too costly on the hot path, and addresses are
     # personal data. Our own lines carry the queue id.
     if settings.LOG_LEVEL != "DEBUG":
@@ -158,7 +190,11 @@ def _worker_main(options: ServerOptions) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if options.parent_fd is not None:
+            # The supervisor holds the only write end: readable (EOF) means it is gone.
+            loop.add_reader(options.parent_fd, stop.set)
         await serve_async(options, stop)
 
     asyncio.run(main())
@@ -238,16 +274,60 @@ class Drainer(threading.Thread):
         pool.shutdown(wait=True)
 
 
+def _spool_check(spool_dir: Path | str) -> Spool:
+    """The spool, once it is known to take files (tmp/ and new/ writable)."""
+    try:
+        spool = Spool(spool_dir)
+        descriptor, probe = tempfile.mkstemp(dir=spool.tmp, prefix=".probe-")
+        os.close(descriptor)
+        os.unlink(probe)
+        if not os.access(spool.new, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(spool.new))
+    except OSError as exc:
+        raise StartupError(f"the spool {spool_dir} is not writable: {exc.strerror or exc}") from None
+    return spool
+
+
+def _bind_check(what: str, host: str, port: int) -> None:
+    # Without SO_REUSEPORT: a port another process listens on (even one sharing it with
+    # SO_REUSEPORT, such as another runsmtp) fails here instead of being silently shared.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(options: ServerOptions) -> None:
-    """Run runsmtp until SIGTERM or SIGINT."""
-    spool = Spool(settings.SPOOL_DIR)
+    """Run runsmtp until SIGTERM or SIGINT; :class:`StartupError` before forking if it cannot."""
+    spool = _spool_check(settings.SPOOL_DIR)
+    # Fail now, in the supervisor, if the address cannot be bound.
+    _bind_check("SMTP" if not options.lmtp else "LMTP", options.host, options.port)
+    metrics_dir = multiprocess_metrics_enable()
+    metrics_server = None
+    if options.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics_dir))
+        try:
+            metrics_server, _ = start_http_server(options.metrics_port, addr=options.host, registry=registry)
+        except OSError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            raise StartupError(
+                f"cannot serve metrics on {options.host}:{options.metrics_port}"
+                f" (INGEST_METRICS_PORT): {exc.strerror or exc}"
+            ) from None
+        logger.info("metrics on http://%s:%s/metrics", options.host, options.metrics_port)
     swept = spool.sweep_tmp()
     if swept:
         logger.info("removed %d unfinished spool files (never acknowledged)", swept)
-    metrics_dir = multiprocess_metrics_enable()
-    # Fail now, in the supervisor, if the address cannot be bound.
-    _listening_socket(options.host, options.port).close()
     connections.close_all()
+    parent_pid = os.getpid()
+    options.parent_fd, life_write = os.pipe()  # the write end never leaves the supervisor
 
     children: dict[int, int] = {}
     wake_read = None
@@ -261,7 +341,10 @@ def serve(options: ServerOptions) -> None:
         if pid == 0:
             code = 0
             try:
-                _worker_main(options)
+                os.close(life_write)
+                if metrics_server is not None:
+                    metrics_server.socket.close()  # the supervisor's; never served here
+                _worker_main(options, parent_pid)
             except BaseException:
                 logger.exception("accept process %d failed", index)
                 code = 1
@@ -284,14 +367,6 @@ def serve(options: ServerOptions) -> None:
     if options.drain:
         drainer = Drainer(spool, threads=settings.INGEST_DRAIN_THREADS, wake=wake_read)
         drainer.start()
-    if options.metrics_port:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(metrics_dir))
-        start_http_server(options.metrics_port, addr=options.host, registry=registry)
-        logger.info("metrics on http://%s:%s/metrics", options.host, options.metrics_port)
 
     try:
         while not stopping.is_set():
@@ -309,7 +384,8 @@ def serve(options: ServerOptions) -> None:
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        # The accept processes finish their DATA transactions within the grace period.
+        deadline = time.monotonic() + options.shutdown_grace + 5
         while children and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -325,4 +401,7 @@ def serve(options: ServerOptions) -> None:
         if drainer is not None:
             drainer.stopping.set()
             drainer.join(timeout=30)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        os.close(life_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)

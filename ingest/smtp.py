@@ -13,13 +13,21 @@ What differs from stock aiosmtpd, and why:
   ``552 5.3.4``), recipients (``452 4.5.3``, RFC 5321 section 4.5.3.1.8), spool space
   (``452 4.3.1``), a per-command timeout and a total deadline (``421 4.4.2``, section 4.5.3.2).
 - LMTP (RFC 2033): LHLO, and after DATA one reply per accepted recipient (section 4.2).
+- PROXY protocol: the header is read, and believed, only from SMTP_TRUSTED_PROXIES; any other
+  peer is disconnected before the greeting (HAProxy's PROXY protocol spec, section 2: a
+  receiver that expects the header never guesses, and never trusts it from just anyone).
+- Shutdown: the handler tracks its live sessions. Idle ones (between commands) are told
+  ``421 4.3.2`` (RFC 5321 section 3.8) at once; one in the middle of DATA finishes, gets its
+  reply, then the 421, within the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +39,7 @@ from ingest.directory import Decision, RecipientDirectory
 from ingest.limits import ConnectionCounter, RateLimiter
 from ingest.spool import Envelope as SpoolEnvelope
 from ingest.spool import Recipient, SpoolWriter, is_disk_full, queue_id_new
+from mailplatform.clientip import rate_limit_subject
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 RATE_LIMITED = "451 4.7.1 Too much mail, slow down and try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TIMED_OUT = "421 4.4.2 Timeout, closing connection"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TERMINATOR = b"\r\n.\r\n"
 
 
@@ -76,6 +86,7 @@ class IngestHandler:
         limits: Limits,
         hostname: str,
         source: str = "smtp",
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.directory = directory
         self.writer = writer
@@ -85,6 +96,41 @@ class IngestHandler:
         self.connections = ConnectionCounter(limits.connections_per_ip)
         self.ip_rate = RateLimiter(limits.rate_per_ip)
         self.tenant_rate = RateLimiter(limits.rate_per_tenant)
+        self.trusted_proxies = [ipaddress.ip_network(network, strict=False) for network in trusted_proxies]
+        self.sessions: set[IngestSMTP] = set()
+        self.shutting_down = False
+
+    def proxy_trusted(self, peer_ip: str) -> bool:
+        """Whether a PROXY header from ``peer_ip`` (the socket's peer) may be believed."""
+        try:
+            address = ipaddress.ip_address(peer_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
+
+    async def sessions_close(self, grace: float) -> None:
+        """Shut down gracefully: 421 to idle sessions now, DATA transactions get ``grace`` seconds.
+
+        The listening socket must already be closed. On Python 3.11 ``Server.wait_closed()``
+        returns at once after ``close()``, so the sessions are tracked here instead.
+        """
+        self.shutting_down = True
+        for session in list(self.sessions):
+            if not session.in_data:
+                session.say_and_close(SHUTTING_DOWN)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(session.in_data for session in self.sessions) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):  # past the grace: a transaction never acknowledged
+            if session.in_data:
+                logger.warning("shutdown grace over: closing a session in the middle of DATA")
+            session.say_and_close(SHUTTING_DOWN)
+        closing = loop.time() + 1.0
+        while self.sessions and loop.time() < closing:
+            await asyncio.sleep(0.02)
 
     def advertised_size(self) -> int:
         return self.directory.max_message_size(self.limits.max_message_size)
@@ -128,7 +174,7 @@ class IngestHandler:
             if name == "SIZE" and value.isdigit() and int(value) > self.advertised_size():
                 metrics.LIMITED.labels("size").inc()
                 return TOO_BIG
-        if not self.ip_rate.allow(session_ip(session)):
+        if not self.ip_rate.allow(rate_limit_subject(session_ip(session))):
             metrics.LIMITED.labels("rate_ip").inc()
             return RATE_LIMITED
         envelope.mail_from = address
@@ -228,6 +274,15 @@ class IngestSMTP(SMTP):
         self._counted_ip: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._command = "CONNECT"
+        self.in_data = False  # from the DATA command to its reply: shutdown waits for it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.ingest.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.ingest.sessions.discard(self)
+        super().connection_lost(error)
 
     def _create_envelope(self) -> Envelope:
         return IngestEnvelope()
@@ -237,7 +292,7 @@ class IngestSMTP(SMTP):
         metrics.REPLIES.labels(self._command, text[:3]).inc()
         await super().push(status)
 
-    def _say_and_close(self, reply: str) -> None:
+    def say_and_close(self, reply: str) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(reply.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
@@ -247,17 +302,28 @@ class IngestSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 section 4.5.3.2: the server may close an idle session; say so with 421.
         metrics.LIMITED.labels("command_timeout").inc()
-        self._say_and_close(TIMED_OUT)
+        self.say_and_close(TIMED_OUT)
 
     def _deadline_cb(self) -> None:
         metrics.LIMITED.labels("connection_deadline").inc()
-        self._say_and_close(TIMED_OUT)
+        self.say_and_close(TIMED_OUT)
 
     async def _handle_client(self) -> None:
         assert self.session is not None
+        if self.ingest.shutting_down:  # accepted just before the listening socket closed
+            self.say_and_close(SHUTTING_DOWN)
+            return
         if self._proxy_timeout is not None:
             # PROXY protocol v1/v2 from a trusted balancer: the real client address comes
             # first, before the greeting (aiosmtpd parses it; we check limits after it).
+            # From any other peer the header would be a forged client address: no greeting.
+            peer = self.session.peer
+            if not self.ingest.proxy_trusted(str(peer[0]) if isinstance(peer, tuple) and peer else ""):
+                metrics.CONNECTIONS_REFUSED.labels("proxy_untrusted").inc()
+                logger.debug("PROXY protocol from an untrusted peer: disconnected")
+                assert self.transport is not None
+                self.transport.close()
+                return
             self._reset_timeout(self._proxy_timeout)
             proxy = await get_proxy(self._reader)
             if not proxy or not proxy.valid:
@@ -268,7 +334,7 @@ class IngestSMTP(SMTP):
             self.session.proxy_data = proxy
             self._proxy_timeout = None
             self._reset_timeout()
-        ip = session_ip(self.session)
+        ip = rate_limit_subject(session_ip(self.session))  # an IPv6 client counts by its /64
         if not self.ingest.connections.open(ip):
             metrics.CONNECTIONS_REFUSED.labels("per_ip").inc()
             metrics.LIMITED.labels("connections_ip").inc()
@@ -316,6 +382,17 @@ class IngestSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        self.in_data = True
+        try:
+            await self._data_transaction(envelope)
+        finally:
+            self.in_data = False
+        if self.ingest.shutting_down:
+            # RFC 5321 section 3.8: the transaction is answered; now say why we close.
+            self.say_and_close(SHUTTING_DOWN)
+
+    async def _data_transaction(self, envelope: IngestEnvelope) -> None:
+        """354, the data, the spool, the reply(ies)."""
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.ingest.advertised_size()
         try:
@@ -327,7 +404,7 @@ class IngestSMTP(SMTP):
             # Mid-message the stream cannot be resynchronised: answer, then hang up.
             logger.error("DATA read failed: %s", type(exc).__name__, exc_info=exc)
             self._set_post_data_state()
-            self._say_and_close(TEMPORARY_FAILURE)
+            self.say_and_close(TEMPORARY_FAILURE)
             return
         self._reset_timeout()
         if content is None:

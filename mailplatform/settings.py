@@ -251,6 +251,13 @@ SMTP_TLS_KEY_FILE = config.string("SMTP_TLS_KEY_FILE", "")
 if bool(SMTP_TLS_CERT_FILE) != bool(SMTP_TLS_KEY_FILE):
     raise ImproperlyConfigured("SMTP_TLS_CERT_FILE and SMTP_TLS_KEY_FILE: set both or neither")
 SMTP_PROXY_PROTOCOL = config.boolean("SMTP_PROXY_PROTOCOL", False)
+# The balancers whose PROXY header is believed (IPs/CIDRs); required with SMTP_PROXY_PROTOCOL:
+# any other peer is disconnected before the greeting (HAProxy's PROXY protocol spec, section 2).
+SMTP_TRUSTED_PROXIES = config.cidrs("SMTP_TRUSTED_PROXIES", [])
+if SMTP_PROXY_PROTOCOL and not SMTP_TRUSTED_PROXIES:
+    raise ImproperlyConfigured("SMTP_TRUSTED_PROXIES: required when SMTP_PROXY_PROTOCOL is true (the balancers' IPs)")
+# Seconds a transaction in DATA may take to finish after SIGTERM (idle sessions get 421 at once).
+INGEST_SHUTDOWN_GRACE = config.integer("INGEST_SHUTDOWN_GRACE", 5, minimum=0, maximum=300)
 _email = config.email("EMAIL_URL", "consolemail://")
 EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
 EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")

@@ -58,6 +58,7 @@ def smtp_server(world: Any, tmp_path: Path) -> Iterator[Callable[..., RunningSer
             limits=Limits(**limits),
             hostname="mx.test",
             source="lmtp" if lmtp else "smtp",
+            trusted_proxies=start.trusted_proxies,
         )
         loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -89,6 +90,7 @@ def smtp_server(world: Any, tmp_path: Path) -> Iterator[Callable[..., RunningSer
 
     start.tls_context = None  # type: ignore[attr-defined]
     start.proxy_timeout = None  # type: ignore[attr-defined]
+    start.trusted_proxies = ["127.0.0.0/8"]  # type: ignore[attr-defined]
     yield start
     for running in started:
         running.stop()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ingest.server import ServerOptions, serve
+from ingest.server import ServerOptions, StartupError, serve
 
 
 class Command(BaseCommand):
@@ -27,13 +27,17 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        serve(
-            ServerOptions(
-                host=options["host"],
-                port=options["port"],
-                lmtp=options["lmtp"],
-                workers=max(1, options["workers"]),
-                drain=settings.INGEST_DRAIN and not options["no_drain"],
-                metrics_port=options["metrics_port"],
+        try:
+            serve(
+                ServerOptions(
+                    host=options["host"],
+                    port=options["port"],
+                    lmtp=options["lmtp"],
+                    workers=max(1, options["workers"]),
+                    drain=settings.INGEST_DRAIN and not options["no_drain"],
+                    metrics_port=options["metrics_port"],
+                    shutdown_grace=float(settings.INGEST_SHUTDOWN_GRACE),
+                )
             )
-        )
+        except StartupError as exc:  # one line and exit status 1, nothing left running
+            raise CommandError(str(exc)) from None
