@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
+from django.conf import settings
 from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
@@ -28,7 +29,7 @@ app.conf.beat_schedule = {
     # Retention per tenant/mailbox, temporary mailbox expiry, blob purge of deleted mail.
     "messages-retention-sweep": {"task": "mailboxes.tasks.messages_retention_sweep", "schedule": 300.0},
     # Domain DNS checks (verification, MX monitoring); each domain at most every DOMAIN_CHECK_INTERVAL.
-    "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": 60.0},
+    "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": float(settings.DOMAIN_CHECK_SWEEP)},
     # Sign-in links that expired or were used more than a day ago.
     "login-tokens-purge": {"task": "webinbox.tasks.login_tokens_purge", "schedule": 3600.0},
 }

@@ -242,6 +242,12 @@ INGEST_COMMAND_TIMEOUT = config.integer("INGEST_COMMAND_TIMEOUT", 300, minimum=1
 INGEST_CONNECTION_DEADLINE = config.integer("INGEST_CONNECTION_DEADLINE", 1800, minimum=1)
 INGEST_SPOOL_LOW_WATER = config.integer("INGEST_SPOOL_LOW_WATER", 256 * 1024 * 1024, minimum=0)  # bytes free
 INGEST_DIRECTORY_REFRESH = config.integer("INGEST_DIRECTORY_REFRESH", 2, minimum=1, maximum=60)  # seconds
+# A miss in the directory's snapshot is asked of the database before any refusal: at most this
+# many look-ups at once per process, each within this many seconds (else 451 4.3.0), and a
+# refusal is remembered this long (seconds, 0: never) or until the snapshot changes.
+INGEST_DIRECTORY_LOOKUPS = config.integer("INGEST_DIRECTORY_LOOKUPS", 8, minimum=1, maximum=256)
+INGEST_DIRECTORY_LOOKUP_TIMEOUT = config.integer("INGEST_DIRECTORY_LOOKUP_TIMEOUT", 5, minimum=1, maximum=60)
+INGEST_DIRECTORY_NEGATIVE_TTL = config.integer("INGEST_DIRECTORY_NEGATIVE_TTL", 1, minimum=0, maximum=60)
 INGEST_WORKERS = config.integer("INGEST_WORKERS", min(os.cpu_count() or 1, 4), minimum=1, maximum=64)
 INGEST_DRAIN = config.boolean("INGEST_DRAIN", True)
 INGEST_DRAIN_THREADS = config.integer("INGEST_DRAIN_THREADS", 4, minimum=1, maximum=64)
@@ -282,8 +288,13 @@ MX_HOSTS = [host.rstrip(".").lower() for host in config.csv("MX_HOSTS", [f"mx.{_
 # domain is re-checked, and how long an MX may be lost before the domain is suspended.
 DNS_RESOLVERS = config.host_ports("DNS_RESOLVERS", default_port=53)
 DNS_TIMEOUT = config.integer("DNS_TIMEOUT", 5, minimum=1, maximum=30)
-DOMAIN_CHECK_INTERVAL = config.integer("DOMAIN_CHECK_INTERVAL", 900, minimum=60)
+DOMAIN_CHECK_INTERVAL = config.integer("DOMAIN_CHECK_INTERVAL", 900, minimum=1)
 DOMAIN_MX_GRACE = config.integer("DOMAIN_MX_GRACE", 48 * 3600, minimum=0)
+# How often beat looks for due domains (seconds), and the failure streak that suspends a
+# claimed domain: this many consecutive failed checks spanning at least this many seconds.
+DOMAIN_CHECK_SWEEP = config.integer("DOMAIN_CHECK_SWEEP", 60, minimum=1)
+DOMAIN_FAILURE_STREAK = config.integer("DOMAIN_FAILURE_STREAK", 3, minimum=2)
+DOMAIN_FAILURE_PERIOD = config.integer("DOMAIN_FAILURE_PERIOD", 3600, minimum=0)
 # Plans whose tenants may receive mail for domains that are not verified yet (test domains).
 UNVERIFIED_DOMAIN_PLANS = set(config.csv("UNVERIFIED_DOMAIN_PLANS", []))
 

@@ -114,10 +114,18 @@ class Domain(models.Model):
         DROP = "drop", "Accept and drop unknown recipients"
         CATCH_ALL = "catch_all", "Deliver unknown recipients to the catch-all mailbox"
 
+    # States in which a name belongs to its tenant: at most one row per name among them.
+    # Pending rows only claim an intent, so several tenants may hold the same pending name;
+    # the first to verify wins (tenants.services.domain_check).
+    CLAIMED_STATES = (State.VERIFIED, State.MX_LOST, State.SUSPENDED)
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="domains")
     # Stored lowercase, IDNA (A-label) form, so uniqueness is case-insensitive.
-    name = models.CharField(max_length=253, unique=True)
+    name = models.CharField(max_length=253)
+    # A domain the platform itself serves (the demo domain, TEMP_INBOX_DOMAIN): its DNS is
+    # not the tenant's to prove, so the domain checks leave it alone.
+    platform_managed = models.BooleanField(default=False)
     recipient_policy = models.CharField(max_length=16, choices=RecipientPolicy.choices, default=RecipientPolicy.REJECT)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     state_reason = models.CharField(max_length=500, blank=True)
@@ -130,12 +138,29 @@ class Domain(models.Model):
     last_check_error = models.CharField(max_length=300, blank=True)
     mx_lost_at = models.DateTimeField(null=True, blank=True)
     suspended_at = models.DateTimeField(null=True, blank=True)
+    # The current streak of failed checks of a claimed domain (records gone, MX elsewhere):
+    # one failed look-up never suspends a domain, a confirmed streak does. Reset by a good check.
+    failed_checks = models.PositiveIntegerField(default=0)
+    failing_since = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
-        indexes = [models.Index(fields=["tenant", "name"], name="domain_tenant_name")]
+        indexes = [
+            models.Index(fields=["tenant", "name"], name="domain_tenant_name"),
+            models.Index(fields=["name"], name="domain_name"),
+        ]
+        constraints = [
+            # A partial unique index (PostgreSQL and SQLite both have them): one owner per
+            # claimed name, any number of pending claims, one per tenant.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(state__in=["verified", "mx_lost", "suspended"]),
+                name="domain_name_claimed_unique",
+            ),
+            models.UniqueConstraint(fields=["tenant", "name"], name="domain_tenant_name_unique"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -197,6 +222,11 @@ class ApiKey(models.Model):
     ip_allowlist = models.JSONField(default=list, blank=True)
     # Recent client addresses, so use from a new one is audited once.
     known_ips = models.JSONField(default=list, blank=True, editable=False)
+    # The key that minted this one: the child is never wider than it and dies with it
+    # (revoked together, refused once any ancestor is revoked or expired).
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children", editable=False
+    )
     created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -216,6 +246,21 @@ class ApiKey(models.Model):
     @property
     def is_expired(self) -> bool:
         return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    def ancestors(self) -> list[ApiKey]:
+        """The keys above this one, nearest first (cached on the instance)."""
+        cached: list[ApiKey] | None = getattr(self, "_ancestors", None)
+        if cached is None:
+            cached, seen, parent_id = [], {self.pk}, self.parent_id
+            while parent_id is not None and parent_id not in seen:  # a cycle cannot be minted; be safe anyway
+                parent = ApiKey.objects.filter(pk=parent_id).first()
+                if parent is None:
+                    break
+                cached.append(parent)
+                seen.add(parent.pk)
+                parent_id = parent.parent_id
+            self._ancestors = cached
+        return cached
 
 
 class SsoProvider(models.Model):

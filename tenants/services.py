@@ -194,7 +194,11 @@ def domain_create(*, principal: Principal, name: str, recipient_policy: str = Do
     if not principal.is_tenant_wide:
         raise PermissionDenied("A key limited to some domains or mailboxes cannot add domains.")
     domain = Domain(tenant=principal.tenant, name=domain_name_normalize(name), recipient_policy=recipient_policy)
-    domain.full_clean()
+    domain.full_clean(validate_constraints=False)
+    if Domain.objects.filter(tenant=principal.tenant, name=domain.name).exists():
+        raise ValidationError({"name": ValidationError("This tenant already has this domain.", code="unique")})
+    if domain_name_unavailable(domain.name, tenant_id=principal.tenant.pk):
+        raise ValidationError({"name": ValidationError(_UNAVAILABLE, code="domain_unavailable")})
     try:
         with transaction.atomic():
             domain.save(force_insert=True)
@@ -206,9 +210,34 @@ def domain_create(*, principal: Principal, name: str, recipient_policy: str = Do
                 resource_id=domain.pk,
                 after=_summary(domain, _DOMAIN_FIELDS),
             )
-    except IntegrityError:
-        raise ValidationError({"name": "This domain is already registered."}) from None
+    except IntegrityError:  # the same tenant adding the same name twice at once
+        raise ValidationError(
+            {"name": ValidationError("This tenant already has this domain.", code="unique")}
+        ) from None
     return domain
+
+
+# One answer for every name a tenant may not add, so nothing is learnt about other tenants.
+_UNAVAILABLE = "This domain name cannot be added."
+
+
+def domain_name_unavailable(name: str, *, tenant_id: Any) -> bool:
+    """Whether ``name`` is closed to this tenant: another tenant's verified domain or one of its
+    subdomains, or a name the platform serves itself (and their subdomains).
+
+    Another tenant holding the same name *pending* does not close it: pending proves nothing,
+    so a squatter cannot keep the owner out. Whoever verifies first gets it.
+    """
+    platform = {settings.DEMO_DOMAIN, settings.TEMP_INBOX_DOMAIN}
+    if any(name == served or name.endswith("." + served) for served in platform if served):
+        return True
+    labels = name.split(".")
+    candidates = [".".join(labels[index:]) for index in range(len(labels) - 1)]
+    return (
+        Domain.objects.filter(Q(platform_managed=True) | Q(state__in=Domain.CLAIMED_STATES), name__in=candidates)
+        .exclude(tenant_id=tenant_id)
+        .exists()
+    )
 
 
 def domain_update(*, principal: Principal, domain: Domain, recipient_policy: str | None = None) -> Domain:
@@ -429,23 +458,40 @@ _TRANSITION_EVENTS: dict[str, str] = {
 }
 
 
+def _failure_confirmed(domain: Domain, now: datetime) -> bool:
+    """Whether the current failure streak (this check included) is long enough to suspend:
+    DOMAIN_FAILURE_STREAK consecutive failed checks spanning DOMAIN_FAILURE_PERIOD."""
+    since = domain.failing_since or now
+    return (
+        domain.failed_checks + 1 >= max(2, settings.DOMAIN_FAILURE_STREAK)  # never a single check
+        and (now - since).total_seconds() >= settings.DOMAIN_FAILURE_PERIOD
+    )
+
+
 def _next_state(domain: Domain, *, txt_ok: bool, mx_ok: bool, now: datetime) -> str:
     """The two-layer policy: a lost MX is soft (451) while the TXT record proves the owner
-    is still there, and hard (550) once the TXT record is gone or the grace has passed."""
+    is still there, and hard (550) once the TXT record is gone or the grace has passed.
+
+    Hard needs a confirmed failure streak as well, never one check: a resolver that answered
+    NXDOMAIN once, or records being edited, must not bounce a tenant's mail."""
     state = domain.state
     if txt_ok and mx_ok:
         return Domain.State.VERIFIED
     if state == Domain.State.PENDING:
         return state
+    confirmed = _failure_confirmed(domain, now)
     if not txt_ok:
-        return Domain.State.SUSPENDED
+        return Domain.State.SUSPENDED if confirmed else state
     if state == Domain.State.VERIFIED:
-        return Domain.State.MX_LOST if settings.DOMAIN_MX_GRACE else Domain.State.SUSPENDED
+        return Domain.State.MX_LOST
     if state == Domain.State.MX_LOST:
         lost_since = domain.mx_lost_at or now
-        if (now - lost_since).total_seconds() >= settings.DOMAIN_MX_GRACE:
+        if confirmed and (now - lost_since).total_seconds() >= settings.DOMAIN_MX_GRACE:
             return Domain.State.SUSPENDED
     return state
+
+
+_NOT_VERIFIABLE = "This domain name cannot be verified for this tenant."
 
 
 def domain_check(*, domain: Domain, now: datetime | None = None) -> DomainCheck:
@@ -453,12 +499,17 @@ def domain_check(*, domain: Domain, now: datetime | None = None) -> DomainCheck:
 
     Verified needs both the TXT record ``mailplatform-verification=<token>`` and an MX
     pointing at one of MX_HOSTS; a domain with no MX falls back to its A/AAAA address
-    (RFC 5321 section 5.1), which is never ours. A DNS failure changes nothing.
+    (RFC 5321 section 5.1), which is never ours. A DNS failure (timeout, SERVFAIL) is a doubt,
+    not an answer: it changes nothing and does not count towards a failure streak. A
+    platform-managed domain is never checked. A pending name verifies for the first tenant
+    to prove it; the others stay pending, told only that it cannot be verified.
     """
     from tenants import dns
 
     now = now or timezone.now()
     previous = domain.state
+    if domain.platform_managed:
+        return DomainCheck(True, True, "", previous, previous)
     try:
         records = dns.domain_records(domain.name)
     except dns.LookupFailed as failure:
@@ -467,42 +518,62 @@ def domain_check(*, domain: Domain, now: datetime | None = None) -> DomainCheck:
         return DomainCheck(domain.txt_ok, domain.mx_ok, str(failure), previous, previous)
     txt_ok = domain.verification_record in records.txt
     mx_ok = bool(set(records.mx) & set(settings.MX_HOSTS))
-    state = _next_state(domain, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
-    with transaction.atomic():
-        domain = Domain.objects.select_for_update().get(pk=domain.pk)
-        if domain.state != previous:  # someone else moved it meanwhile: decide again
-            state = _next_state(domain, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
-            previous = domain.state
-        domain.txt_ok, domain.mx_ok, domain.last_check_error, domain.last_checked_at = txt_ok, mx_ok, "", now
-        if state != previous:
-            domain.state = state
-            if state == Domain.State.VERIFIED:
-                domain.verified_at = domain.verified_at or now
-                domain.mx_lost_at = domain.suspended_at = None
-            elif state == Domain.State.MX_LOST:
-                domain.mx_lost_at = now
-            elif state == Domain.State.SUSPENDED:
-                domain.suspended_at = now
-            restored = state == Domain.State.VERIFIED and previous != Domain.State.PENDING
-            event_type = "domain.mx_restored" if restored else _TRANSITION_EVENTS[state]
-            event_record(
-                tenant_id=domain.tenant_id,
-                type=event_type,
-                data={"name": domain.name, "previous_state": previous, "state": state, "txt": txt_ok, "mx": mx_ok},
-                domain_id=domain.pk,
-            )
-            audit_entry_record(
-                tenant_id=domain.tenant_id,
-                actor=Actor.system("domain check"),
-                action="domain.state_change",
-                resource_type="domain",
-                resource_id=domain.pk,
-                before={"state": previous},
-                after={"state": state},
-            )
-            transaction.on_commit(lambda: _admins_notify(domain, event_type))
-        domain.save()
-    return DomainCheck(txt_ok, mx_ok, "", previous, domain.state)
+    try:
+        with transaction.atomic():
+            return _domain_check_apply(domain, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
+    except IntegrityError:
+        # Another tenant verified the same name a moment ago (the partial unique constraint).
+        Domain.objects.filter(pk=domain.pk).update(
+            txt_ok=txt_ok, mx_ok=mx_ok, last_checked_at=now, last_check_error=_NOT_VERIFIABLE
+        )
+        domain.refresh_from_db()
+        return DomainCheck(txt_ok, mx_ok, _NOT_VERIFIABLE, previous, domain.state)
+
+
+def _domain_check_apply(domain: Domain, *, txt_ok: bool, mx_ok: bool, now: datetime) -> DomainCheck:
+    locked = Domain.objects.select_for_update().get(pk=domain.pk)
+    previous = locked.state  # someone else may have moved it meanwhile: decide on the row as it is
+    state = _next_state(locked, txt_ok=txt_ok, mx_ok=mx_ok, now=now)
+    error = ""
+    winning = previous == Domain.State.PENDING and state == Domain.State.VERIFIED
+    if winning and domain_name_unavailable(locked.name, tenant_id=locked.tenant_id):
+        state, error = previous, _NOT_VERIFIABLE  # another tenant verified it first
+    domain = locked
+    domain.txt_ok, domain.mx_ok, domain.last_check_error, domain.last_checked_at = txt_ok, mx_ok, error, now
+    if (txt_ok and mx_ok) or state == Domain.State.PENDING:
+        domain.failed_checks, domain.failing_since = 0, None
+    else:
+        domain.failed_checks += 1
+        domain.failing_since = domain.failing_since or now
+    if state != previous:
+        domain.state = state
+        if state == Domain.State.VERIFIED:
+            domain.verified_at = domain.verified_at or now
+            domain.mx_lost_at = domain.suspended_at = None
+        elif state == Domain.State.MX_LOST:
+            domain.mx_lost_at = now
+        elif state == Domain.State.SUSPENDED:
+            domain.suspended_at = now
+        restored = state == Domain.State.VERIFIED and previous != Domain.State.PENDING
+        event_type = "domain.mx_restored" if restored else _TRANSITION_EVENTS[state]
+        event_record(
+            tenant_id=domain.tenant_id,
+            type=event_type,
+            data={"name": domain.name, "previous_state": previous, "state": state, "txt": txt_ok, "mx": mx_ok},
+            domain_id=domain.pk,
+        )
+        audit_entry_record(
+            tenant_id=domain.tenant_id,
+            actor=Actor.system("domain check"),
+            action="domain.state_change",
+            resource_type="domain",
+            resource_id=domain.pk,
+            before={"state": previous},
+            after={"state": state},
+        )
+        transaction.on_commit(lambda: _admins_notify(domain, event_type))
+    domain.save()
+    return DomainCheck(txt_ok, mx_ok, error, previous, domain.state)
 
 
 def domain_verify(*, principal: Principal, domain: Domain) -> DomainCheck:
@@ -555,7 +626,9 @@ def domains_due_for_check(*, now: datetime | None = None) -> list[UUID]:
     """Domains whose last check is older than DOMAIN_CHECK_INTERVAL (pending ones included)."""
     now = now or timezone.now()
     threshold = now - timedelta(seconds=settings.DOMAIN_CHECK_INTERVAL)
-    due = Domain.objects.filter(Q(last_checked_at__isnull=True) | Q(last_checked_at__lt=threshold))
+    due = Domain.objects.filter(Q(last_checked_at__isnull=True) | Q(last_checked_at__lt=threshold)).exclude(
+        platform_managed=True
+    )
     return list(due.order_by("last_checked_at").values_list("pk", flat=True)[:5000])
 
 

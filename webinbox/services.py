@@ -206,19 +206,33 @@ def temp_tenant_get_or_create() -> tuple[Tenant, Domain]:
         if tenant.slug != TEMP_TENANT_SLUG:  # another request won the race; tenant_create picked a new slug
             Tenant.objects.filter(pk=tenant.pk).delete()
             tenant = Tenant.objects.get(slug=TEMP_TENANT_SLUG)
-    domain = Domain.objects.filter(name=settings.TEMP_INBOX_DOMAIN).first()
+    named = Domain.objects.filter(name=settings.TEMP_INBOX_DOMAIN)
+    claimed = named.filter(state__in=Domain.CLAIMED_STATES)
+    domain = claimed.first() or named.filter(tenant=tenant).first()
     if domain is None:
         try:
             with transaction.atomic():
                 domain = Domain.objects.create(
                     tenant=tenant, name=settings.TEMP_INBOX_DOMAIN, state=Domain.State.VERIFIED,
-                    verified_at=timezone.now(),
+                    verified_at=timezone.now(), platform_managed=True,
                 )  # fmt: skip
         except IntegrityError:
-            domain = Domain.objects.get(name=settings.TEMP_INBOX_DOMAIN)
+            domain = claimed.get()
     if domain.tenant_id != tenant.pk:
         raise RuntimeError(f"TEMP_INBOX_DOMAIN {domain.name} belongs to another tenant")
-    return tenant, domain
+    return tenant, platform_domain_ensure(domain)
+
+
+def platform_domain_ensure(domain: Domain) -> Domain:
+    """Mark a domain the platform serves as such and verified: tenant DNS checks never apply
+    to it (and heal one that an earlier version's check suspended)."""
+    if not domain.platform_managed or domain.state != Domain.State.VERIFIED:
+        Domain.objects.filter(pk=domain.pk).update(
+            platform_managed=True, state=Domain.State.VERIFIED, verified_at=domain.verified_at or timezone.now(),
+            suspended_at=None, mx_lost_at=None, failed_checks=0, failing_since=None, updated_at=timezone.now(),
+        )  # fmt: skip
+        domain.refresh_from_db()
+    return domain
 
 
 class RateLimited(Exception):
@@ -355,12 +369,16 @@ def demo_bootstrap() -> dict[str, str]:
         tenant = Tenant.objects.filter(slug="demo").first() or tenant_create(name="Demo", slug="demo", actor=actor)
         membership_set(tenant=tenant, user=user, role=Membership.Role.OWNER, actor=actor)
         principal = Principal.system(tenant, "bootstrap_demo")
-        domain, _ = Domain.objects.get_or_create(
-            name=settings.DEMO_DOMAIN,
-            defaults={"tenant": tenant, "state": Domain.State.VERIFIED, "verified_at": timezone.now()},
-        )
+        named = Domain.objects.filter(name=settings.DEMO_DOMAIN)
+        domain = named.filter(state__in=Domain.CLAIMED_STATES).first() or named.filter(tenant=tenant).first()
+        if domain is None:
+            domain = Domain.objects.create(
+                name=settings.DEMO_DOMAIN, tenant=tenant, state=Domain.State.VERIFIED, verified_at=timezone.now(),
+                platform_managed=True,
+            )  # fmt: skip
         if domain.tenant_id != tenant.pk:
             raise RuntimeError(f"DEMO_DOMAIN {domain.name} belongs to another tenant")
+        domain = platform_domain_ensure(domain)
         mailbox = Mailbox.objects.filter(address=f"hello@{domain.name}").first() or mailbox_create(
             principal=principal, domain=domain, local_part="hello", name="Demo inbox"
         )

@@ -41,18 +41,24 @@ def test_it_follows_a_domain_from_pending_to_suspended_and_back(world: Any, smtp
     assert answer_after_check(now + timedelta(hours=51)) == 250  # restored
 
 
-def test_it_suspends_at_once_when_the_txt_record_goes(world: Any, smtp_server: Any, dns_zone: Any) -> None:
+def test_it_suspends_once_the_txt_record_stays_gone_for_a_streak_of_checks(
+    world: Any, smtp_server: Any, dns_zone: Any, settings: Any
+) -> None:
+    settings.DOMAIN_FAILURE_STREAK, settings.DOMAIN_FAILURE_PERIOD = 3, 3600
     domain = Domain.objects.create(tenant=world.tenant, name="corp.example.test")
     MailboxFactory(domain=domain, local_part="box")
     server = smtp_server()
+    now = timezone.now()
     publish(dns_zone, domain)
-    services.domain_check(domain=domain)
+    services.domain_check(domain=domain, now=now)
     publish(dns_zone, domain, txt=False, mx=False)
-    domain.refresh_from_db()
-    services.domain_check(domain=domain)
-    assert server.directory.reload()
-    code, text = rcpt(server, "box@corp.example.test")
-    assert (code, text[:5]) == (550, b"5.7.1")
+    for hours, expected in ((1, 250), (2, 250), (3, 550)):  # one failed check never bounces mail
+        domain.refresh_from_db()
+        services.domain_check(domain=domain, now=now + timedelta(hours=hours))
+        assert server.directory.reload()
+        code, text = rcpt(server, "box@corp.example.test")
+        assert code == expected, (hours, text)
+    assert text[:5] == b"5.7.1"
 
 
 def test_it_lets_plans_that_allow_it_receive_for_unverified_domains(

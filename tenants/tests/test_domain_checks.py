@@ -75,13 +75,74 @@ def test_it_goes_soft_when_the_mx_is_lost_and_hard_after_the_grace(world, domain
     assert events(domain) == ["domain.verified", "domain.mx_lost", "domain.suspended", "domain.mx_restored"]
 
 
-def test_it_suspends_at_once_when_the_txt_record_disappears(domain, dns_zone):
+def test_it_suspends_only_after_a_streak_of_failed_checks_when_the_txt_record_disappears(domain, dns_zone, settings):
+    settings.DOMAIN_FAILURE_STREAK, settings.DOMAIN_FAILURE_PERIOD = 3, 3600
+    now = timezone.now()
+    publish(dns_zone, domain)
+    services.domain_check(domain=domain, now=now)
+    publish(dns_zone, domain, txt=False, mx=False)
+    for minutes in (15, 30, 45):  # three failures, but within less than the period
+        domain.refresh_from_db()
+        assert services.domain_check(domain=domain, now=now + timedelta(minutes=minutes)).state == "verified"
+    domain.refresh_from_db()
+    assert (domain.failed_checks, domain.failing_since) == (3, now + timedelta(minutes=15))
+    assert services.domain_check(domain=domain, now=now + timedelta(minutes=76)).state == "suspended"
+    assert events(domain) == ["domain.verified", "domain.suspended"]
+
+
+def test_it_never_suspends_a_verified_domain_on_a_single_failed_check(domain, dns_zone, settings):
+    settings.DOMAIN_MX_GRACE = 0
+    settings.DOMAIN_FAILURE_STREAK, settings.DOMAIN_FAILURE_PERIOD = 1, 0  # asks for the impossible: still two
     publish(dns_zone, domain)
     services.domain_check(domain=domain)
-    publish(dns_zone, domain, txt=False, mx=False)
+    dns_zone.records.clear()  # NXDOMAIN: the whole zone gone for one answer
     domain.refresh_from_db()
-    assert services.domain_check(domain=domain).state == "suspended"
-    assert events(domain) == ["domain.verified", "domain.suspended"]
+    assert services.domain_check(domain=domain).state == "verified"
+    domain.refresh_from_db()
+    assert services.domain_check(domain=domain).state == "suspended"  # the second in a row
+    publish(dns_zone, domain)
+    domain.refresh_from_db()
+    services.domain_check(domain=domain)
+    publish(dns_zone, domain, mx=False)  # grace 0 used to mean suspended at the first lost MX
+    domain.refresh_from_db()
+    assert services.domain_check(domain=domain).state == "mx_lost"
+
+
+def test_it_resets_the_streak_on_a_good_check_and_ignores_dns_failures(domain, dns_zone, settings):
+    settings.DOMAIN_FAILURE_STREAK, settings.DOMAIN_FAILURE_PERIOD = 2, 0
+    now = timezone.now()
+    publish(dns_zone, domain)
+    services.domain_check(domain=domain, now=now)
+    publish(dns_zone, domain, txt=False)
+    domain.refresh_from_db()
+    assert services.domain_check(domain=domain, now=now + timedelta(minutes=1)).state == "verified"
+    publish(dns_zone, domain)
+    domain.refresh_from_db()
+    services.domain_check(domain=domain, now=now + timedelta(minutes=2))
+    domain.refresh_from_db()
+    assert (domain.failed_checks, domain.failing_since) == (0, None)
+    publish(dns_zone, domain, txt=False)
+    domain.refresh_from_db()
+    assert services.domain_check(domain=domain, now=now + timedelta(minutes=3)).state == "verified"
+    settings.DNS_RESOLVERS, settings.DNS_TIMEOUT = [("127.0.0.1", 9)], 1  # a timeout is a doubt, not "TXT gone"
+    for minutes in (4, 5, 6):
+        domain.refresh_from_db()
+        assert services.domain_check(domain=domain, now=now + timedelta(minutes=minutes)).error
+    domain.refresh_from_db()
+    assert (domain.state, domain.failed_checks) == ("verified", 1)
+
+
+def test_it_never_checks_a_domain_the_platform_serves(world, dns_zone):
+    served = DomainFactory(tenant=world.tenant, name="served.example.test", platform_managed=True)
+    assert served.pk not in services.domains_due_for_check()
+    result = services.domain_check(domain=served)  # nothing published: a tenant domain would fail
+    served.refresh_from_db()
+    assert (result.state, served.state, served.failed_checks, served.last_checked_at) == (
+        "verified",
+        "verified",
+        0,
+        None,
+    )
 
 
 def test_it_restores_from_mx_lost_when_the_mx_comes_back(domain, dns_zone):

@@ -80,3 +80,50 @@ def test_it_reads_and_renames_the_tenant(world):
     assert response.status_code == 200 and response.json()["name"] == "Acme Mail"
     entry = AuditEntry.objects.get(action="tenant.update")
     assert entry.before == {"name": "Acme"} and entry.after == {"name": "Acme Mail"}
+
+
+def test_it_lets_several_tenants_hold_the_same_pending_name(world):
+    theirs = world.client(world.outsider_key).post("/api/v1/domains/", {"name": "shared.example.test"}, format="json")
+    mine = world.client(world.owner_key).post("/api/v1/domains/", {"name": "Shared.Example.Test"}, format="json")
+    assert (theirs.status_code, mine.status_code) == (201, 201), mine.content
+    assert Domain.objects.filter(name="shared.example.test", state="pending").count() == 2
+    again = world.client(world.owner_key).post("/api/v1/domains/", {"name": "shared.example.test"}, format="json")
+    assert again.status_code == 400  # once per tenant
+
+
+def test_it_gives_a_shared_pending_name_to_the_first_tenant_that_verifies_it(world, dns_zone):
+    squatter = world.client(world.outsider_key).post("/api/v1/domains/", {"name": "shared.example.test"}, format="json")
+    owner = world.client(world.owner_key).post("/api/v1/domains/", {"name": "shared.example.test"}, format="json")
+    squatter_domain, owner_domain = (Domain.objects.get(pk=r.json()["id"]) for r in (squatter, owner))
+    dns_zone.set("shared.example.test", "TXT", [owner_domain.verification_record, squatter_domain.verification_record])
+    dns_zone.set("shared.example.test", "MX", [(10, "mx1.mailplatform.test.")])
+    verified = world.client(world.owner_key).post(f"/api/v1/domains/{owner_domain.pk}/verify/").json()
+    assert verified["state"] == "verified"
+    lost = world.client(world.outsider_key).post(f"/api/v1/domains/{squatter_domain.pk}/verify/").json()
+    assert lost["state"] == "pending"
+    assert lost["check"]["error"] == "This domain name cannot be verified for this tenant."
+    squatter_domain.refresh_from_db()
+    assert squatter_domain.state == "pending" and squatter_domain.txt_ok
+
+
+def test_it_refuses_another_tenants_verified_names_and_their_subdomains_with_one_generic_answer(world, settings):
+    client = world.client(world.owner_key)
+    bodies = []
+    for name in ("outsider.example.test", "mail.outsider.example.test", "x." + settings.TEMP_INBOX_DOMAIN):
+        response = client.post("/api/v1/domains/", {"name": name}, format="json")
+        assert response.status_code == 400, name
+        bodies.append(response.json())
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert bodies[0]["error"]["code"] == "domain_unavailable"
+    text = str(bodies[0]).lower()
+    assert not any(word in text for word in ("registered", "taken", "another tenant", "owned", "exists"))
+    assert not Domain.objects.filter(tenant=world.tenant, name__endswith="outsider.example.test").exists()
+
+
+def test_it_lets_a_tenant_add_subdomains_of_its_own_verified_domain(world):
+    response = world.client(world.owner_key).post("/api/v1/domains/", {"name": "eu.acme.example.test"}, format="json")
+    assert response.status_code == 201, response.content
+    outsider = world.client(world.outsider_key).post(
+        "/api/v1/domains/", {"name": "us.acme.example.test"}, format="json"
+    )
+    assert outsider.status_code == 400
