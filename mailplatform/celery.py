@@ -10,7 +10,12 @@ from celery.signals import task_postrun, task_prerun
 from django.conf import settings
 from kombu import Exchange, Queue
 
+from mailplatform import config
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
+# Every entry point imports this package (and so this module) first: a wrong setting stops
+# here with one line and exit code 2, not a traceback from wherever settings were touched.
+config.settings_load_or_exit()
 
 app = Celery("mailplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +17,28 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
+# Like a command-line usage error (argparse's code): the process cannot start as configured.
+CONFIGURATION_ERROR_EXIT = 2
+
+
+def settings_load_or_exit() -> None:
+    """Load the settings now; a wrong value prints ``configuration error: <message>`` (one
+    line, naming the variable) on stderr and exits with code 2, instead of a traceback.
+
+    Called when the ``mailplatform`` package is imported (mailplatform/celery.py), which
+    every entry point does first: manage.py, uvicorn (through mailplatform.asgi) and
+    Celery's ``-A mailplatform``.
+    """
+    from django.conf import settings
+
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - touching a setting imports the settings module
+    except ImproperlyConfigured as error:
+        sys.stderr.write(f"configuration error: {error}\n")
+        sys.stderr.flush()
+        raise SystemExit(CONFIGURATION_ERROR_EXIT) from None
+
+
 _FALSE = {"0", "false", "no", "off", ""}
 
 

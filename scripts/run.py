@@ -134,8 +134,9 @@ def main() -> int:
     os.environ.setdefault("LOG_FORMAT", "text")  # people read this terminal; production keeps JSON
 
     print("== migrating the database", flush=True)
-    if manage("migrate", "--noinput", "--verbosity=0").returncode != 0:
-        return 1
+    migrated = manage("migrate", "--noinput", "--verbosity=0")
+    if migrated.returncode != 0:
+        return migrated.returncode  # 2 with one "configuration error: ..." line for a bad setting
     print("== creating the demo tenant", flush=True)
     result = manage("bootstrap_demo", "--json", capture=True)
     if result.returncode != 0:
