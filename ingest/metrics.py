@@ -1,9 +1,9 @@
 """Prometheus metrics of the mail path's front door.
 
-The web process exports them with django-prometheus's registry at /metrics (API uploads).
-``runsmtp`` runs several accept processes, so it switches prometheus_client to multiprocess
-mode (files under a per-run directory) before these metrics are created and serves the
-aggregate on INGEST_METRICS_PORT from the supervising process (see ingest/server.py).
+The web's /metrics serves the ones counted in the node's web and worker processes (API
+uploads; METRICS_DIR, mailplatform/metrics.py). ``runsmtp`` runs several accept processes
+and keeps these in a per-run directory of its own, serving their aggregate on
+INGEST_METRICS_PORT from the supervising process (see ingest/server.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 from django.conf import settings
 from kombu import Exchange, Queue
 
@@ -52,3 +52,11 @@ def _connections_recycle(sender: Any = None, **kwargs: Any) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_process_shutdown.connect
+def _metrics_process_dead(pid: int | None = None, **kwargs: Any) -> None:
+    """A pool process that ends takes its live gauges out of the node's /metrics sums."""
+    from mailplatform.metrics import process_dead
+
+    process_dead(pid or os.getpid())

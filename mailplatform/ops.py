@@ -19,7 +19,6 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from django_prometheus.exports import ExportToDjangoView
 
 from mailplatform.api import json_error_response
 
@@ -136,7 +135,11 @@ def _is_loopback(address: str | None) -> bool:
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus metrics, for loopback clients or a bearer METRICS_TOKEN."""
+    """Prometheus metrics, for loopback clients or a bearer METRICS_TOKEN.
+
+    In multiprocess mode (METRICS_DIR) the sum over every process of this node: the web
+    processes, the Celery workers and beat (mailplatform/metrics.py).
+    """
     token = settings.METRICS_TOKEN
     offered = request.headers.get("Authorization", "")
     authorized = bool(token) and hmac.compare_digest(offered.encode(), f"Bearer {token}".encode())
@@ -144,4 +147,8 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return json_error_response(
             request, 403, "permission_denied", "Metrics are served to loopback or with the metrics token."
         )
-    return ExportToDjangoView(request)
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from mailplatform.metrics import scrape_registry
+
+    return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)

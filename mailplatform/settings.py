@@ -378,6 +378,27 @@ TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
 # Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo), the
 # whole exchange, and the largest answer taken from it.
 SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
+# Every process of a node (web, Celery workers, beat, runsmtp's drainer) writes its metrics
+# into this one folder (prometheus_client's multiprocess mode), and the web's /metrics adds
+# them up: the workers' counters reach the one place that is scraped. Empty: each process
+# keeps its own in memory (only what the web process itself counts reaches /metrics).
+_metrics_dir = config.raw("METRICS_DIR")
+METRICS_DIR = (
+    (os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(DATA_DIR / "metrics")) if _metrics_dir is None else _metrics_dir
+)
+if METRICS_DIR:
+    from mailplatform.metrics import multiprocess_enable
+
+    multiprocess_enable(METRICS_DIR)
+# Idempotency-Key of raw uploads: how long (seconds) a key and its first answer are kept.
+IDEMPOTENCY_KEY_TTL = config.integer("IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)
+# Mail flow in /readyz and /metrics: SMTP nodes, workers and connector runners beat every
+# HEARTBEAT_INTERVAL seconds and are stale after HEARTBEAT_STALE_AFTER; the flow is degraded
+# when a spool entry or a stored (unparsed) message is older than these many seconds.
+HEARTBEAT_INTERVAL = config.integer("HEARTBEAT_INTERVAL", 15, minimum=1, maximum=3600)
+HEARTBEAT_STALE_AFTER = config.integer("HEARTBEAT_STALE_AFTER", 60, minimum=1)
+MAIL_FLOW_SPOOL_MAX_AGE = config.integer("MAIL_FLOW_SPOOL_MAX_AGE", 300, minimum=1)
+MAIL_FLOW_UNPARSED_MAX_AGE = config.integer("MAIL_FLOW_UNPARSED_MAX_AGE", 300, minimum=1)
 SSO_DOCUMENT_LIMIT = config.integer("SSO_DOCUMENT_LIMIT", 256 * 1024, minimum=4096, maximum=4 * 1024 * 1024)
 # Who may reach the Django admin (CIDRs; empty: anywhere).
 STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])

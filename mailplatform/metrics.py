@@ -1,0 +1,83 @@
+"""Prometheus metrics across the processes of one node.
+
+Celery workers, beat and the runsmtp drainer count what they do in their own processes; a
+scrape of the web's ``/metrics`` would never see it. With METRICS_DIR set (the default:
+``DATA_DIR/metrics``), prometheus_client runs in multiprocess mode: every process writes its
+values into files there (one per process and metric type), and ``/metrics`` adds them up
+(counters and histograms summed; gauges as each declares with ``multiprocess_mode``).
+
+Metrics computed at scrape time from the database (webhook backlog, index lag, mail flow)
+are registered as collectors in this process's default registry and served next to the
+files' aggregate. Across machines each node has its own folder: scrape the web process of
+every node that runs workers, or give those nodes a web process for the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+def multiprocess_enable(directory: str) -> None:
+    """Switch prometheus_client to multiprocess mode with its files in ``directory``.
+
+    Called by settings.py, before any metric is created in the usual start-up order.
+    """
+    path = Path(directory).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(f"METRICS_DIR: cannot create {path}: {exc}") from exc
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    if "prometheus_client.values" in sys.modules:  # imported before the settings: switch it now
+        from prometheus_client import values
+
+        if not getattr(values.ValueClass, "_multiprocess", False):
+            values.ValueClass = values.MultiProcessValue()
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class _ScrapeTimeCollectors:
+    """This process's collectors that compute their values when scraped (not from the files)."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import REGISTRY
+        from prometheus_client.gc_collector import GCCollector
+        from prometheus_client.metrics import MetricWrapperBase
+        from prometheus_client.process_collector import ProcessCollector
+
+        # Counters, gauges and histograms are in the files already; the process and GC
+        # collectors would describe only the process that happens to answer the scrape.
+        skipped = (MetricWrapperBase, ProcessCollector, GCCollector)
+        for collector in list(REGISTRY._collector_to_names):
+            if not isinstance(collector, skipped):
+                yield from collector.collect()
+
+
+def scrape_registry() -> Any:
+    """What ``/metrics`` serves: the node's aggregate in multiprocess mode, else this process's."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if not multiprocess_enabled():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(_ScrapeTimeCollectors())  # type: ignore[arg-type]
+    return registry
+
+
+def process_dead(pid: int) -> None:
+    """Drop a finished process's live gauges (``multiprocess_mode="live..."``) from the sums."""
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
