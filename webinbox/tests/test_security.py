@@ -96,3 +96,23 @@ def test_it_serves_the_api_docs_from_its_own_origin() -> None:
     for directive in ("script-src", "style-src"):
         assert _directive(policy, directive) == "'self'", (directive, policy)
     assert _directive(policy, "object-src") == "'none'" and _directive(policy, "frame-ancestors") == "'none'"
+
+
+def test_it_answers_every_missing_page_with_the_same_styled_404(world: Any, signed_in: Any, settings: Any) -> None:
+    settings.DEBUG = False
+    member = signed_in("owner")
+    answers = [
+        Client().get("/no/such/page/"),
+        member.get("/no/such/page/"),
+        member.get("/inbox/no-such-tenant/"),
+        member.get(f"/inbox/{world.tenant.slug}/m/00000000-0000-0000-0000-000000000000/"),
+        member.get(f"/inbox/{world.tenant.slug}/mailboxes/not-a-uuid/"),
+        member.get("/console/no-such-tenant/"),
+        member.get(f"/console/{world.outsider_tenant.slug}/keys/"),
+    ]
+    for answer in answers:
+        html = answer.content.decode()
+        assert answer.status_code == 404
+        assert "mailplatform.css" in html and "<h1>Page not found</h1>" in html, html[:300]
+    # JSON under /api/ as before.
+    assert Client().get("/api/v1/nothing/").json()["error"]["code"] == "not_found"
