@@ -211,3 +211,32 @@ def _allowlists(*lists: Sequence[str]) -> tuple[tuple[Network, ...], ...]:
                     continue
             parsed.append(tuple(valid))
     return tuple(parsed)
+
+
+# --- Sessions limited to one tenant ---------------------------------------------------------
+# A session opened by tenant A's own SSO is vouched for by tenant A's provider alone, so it
+# reaches tenant A and nothing else, whatever other memberships the person has: another
+# tenant needs its own sign-in (a magic link, or that tenant's SSO).
+SESSION_TENANT_SCOPE_KEY = "_mp_tenant_scope"
+
+
+def session_scope_limit(session: Any, tenant_id: UUID) -> None:
+    """Limit this session to one tenant (after a sign-in through that tenant's SSO)."""
+    session[SESSION_TENANT_SCOPE_KEY] = str(tenant_id)
+
+
+def session_scope_clear(session: Any) -> None:
+    """A sign-in that proves the person (a magic link) opens a session for all their tenants."""
+    session.pop(SESSION_TENANT_SCOPE_KEY, None)
+
+
+def session_reaches(session: Any, tenant_id: UUID) -> bool:
+    """Whether a signed-in session may act in this tenant at all."""
+    scope = session.get(SESSION_TENANT_SCOPE_KEY)
+    return scope is None or str(scope) == str(tenant_id)
+
+
+def session_memberships(session: Any, memberships: QuerySet[M]) -> QuerySet[M]:
+    """The memberships a session may use: all of them, or the one tenant it is limited to."""
+    scope = session.get(SESSION_TENANT_SCOPE_KEY)
+    return memberships if scope is None else memberships.filter(tenant_id=scope)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
 from uuid import UUID
 
 from django.db.models import QuerySet
@@ -45,13 +47,29 @@ def tenant_of(principal: Principal) -> Tenant:
     return principal.tenant
 
 
+def sso_domains_verified(tenant_id: Any, names: Iterable[str]) -> set[str]:
+    """Which of ``names`` the tenant has proven, by its DNS TXT record, to be its own right now.
+
+    Only these may be claimed by the tenant's SSO: verified once (out of pending) and the TXT
+    record still seen at the latest check. A domain whose record disappears stops signing
+    anyone in at its next check.
+    """
+    verified = Domain.objects.filter(tenant=tenant_id, name__in=list(names), txt_ok=True).exclude(
+        state=Domain.State.PENDING
+    )
+    return set(verified.values_list("name", flat=True))
+
+
 def sso_provider_for_email(email: str) -> SsoProvider | None:
-    """The enabled provider that signs in people at ``email``'s domain, if one claims it."""
+    """The enabled provider that signs in people at ``email``'s domain, if one claims it and its
+    tenant has verified the domain."""
     domain = email.strip().lower().rpartition("@")[2]
     if not domain:
         return None
     claim = SsoDomain.objects.select_related("provider__tenant").filter(name=domain, provider__enabled=True).first()
-    return claim.provider if claim is not None else None
+    if claim is None or domain not in sso_domains_verified(claim.provider.tenant_id, [domain]):
+        return None
+    return claim.provider
 
 
 def sso_provider_of(principal: Principal) -> SsoProvider | None:

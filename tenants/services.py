@@ -656,6 +656,7 @@ def sso_provider_configure(
     a broken sign-in later. The client secret is encrypted; omit it to keep the current one.
     """
     from tenants import crypto, sso
+    from tenants.selectors import sso_domains_verified
 
     require(principal, Permission.TENANT_MANAGE)
     tenant = principal.tenant
@@ -664,6 +665,12 @@ def sso_provider_configure(
     domains = sorted({domain_name_normalize(name) for name in email_domains})
     if not domains:
         raise ValidationError({"email_domains": "Name at least one e-mail domain your people use."})
+    # Only a domain this tenant proved by DNS is its to sign people in for: otherwise its own
+    # provider could vouch for anyone's address (another tenant's owner, the platform's staff).
+    unverified = [name for name in domains if name not in sso_domains_verified(tenant.pk, domains)]
+    if unverified:
+        message = f"{unverified[0]} is not a verified domain of this tenant: add it and verify its DNS TXT record."
+        raise ValidationError({"email_domains": ValidationError(message, code="sso_domain_not_verified")})
     taken = SsoDomain.objects.filter(name__in=domains).exclude(provider__tenant=tenant)
     if taken.exists():
         raise ValidationError({"email_domains": f"{taken.first()} is claimed by another tenant."})
@@ -686,7 +693,14 @@ def sso_provider_configure(
     try:
         sso.discovery(provider, refresh=True)  # kept on the instance, saved below
     except sso.SsoError as failure:
-        raise ValidationError({"issuer": f"The issuer's discovery document could not be used: {failure}"}) from None
+        # One answer whatever went wrong: what the issuer's host said (or that it refused a
+        # connection) must not be readable through this API (a port and content oracle).
+        logger.warning("sso discovery for tenant %s failed: %s", tenant.pk, failure)
+        message = (
+            "The issuer's discovery document could not be fetched or used. Check the issuer URL "
+            "(https, a public host, /.well-known/openid-configuration naming the same issuer)."
+        )
+        raise ValidationError({"issuer": ValidationError(message, code=failure.code)}) from None
     with transaction.atomic():
         provider.save()
         provider.domains.exclude(name__in=domains).delete()  # type: ignore[attr-defined]
@@ -720,6 +734,39 @@ def sso_provider_delete(*, principal: Principal) -> None:
             before=_summary(provider, _SSO_FIELDS) | {"email_domains": provider.email_domains},
         )
         provider.delete()
+
+
+def sso_sign_in_refused(*, provider: SsoProvider, email: str, user: User | None, reason: str) -> None:
+    """Audit a refused SSO sign-in (``auth.login_failed``) where someone should look at it.
+
+    In the provider's tenant, and in every tenant of the existing account the provider named
+    (or the platform's own log, for an account in none): someone else's provider asserting
+    your address is for you to see, not only for the tenant that tried. The other tenants'
+    entries name the account, never the tenant whose provider tried (tenants never see each other).
+    """
+    actor = Actor(type="user", label=email[:254])
+    after = {"method": "sso", "reason": reason}
+    audit_entry_record(
+        tenant_id=provider.tenant_id,
+        actor=actor,
+        action="auth.login_failed",
+        resource_type="sso_provider",
+        resource_id=provider.pk,
+        after=after,
+    )
+    if user is None:
+        return
+    memberships = Membership.objects.filter(user=user).exclude(tenant=provider.tenant_id)
+    others: list[Any] = list(memberships.values_list("tenant_id", flat=True))
+    for tenant_id in others or ([None] if user.is_staff or user.is_superuser else []):
+        audit_entry_record(
+            tenant_id=tenant_id,
+            actor=actor,
+            action="auth.login_failed",
+            resource_type="user",
+            resource_id=user.pk,
+            after=after,
+        )
 
 
 def sso_sign_in(*, provider: SsoProvider, user: User, role: str) -> Membership:

@@ -4,12 +4,21 @@ mozilla-django-oidc reads one provider from settings; here every enterprise tena
 its own, so the backend takes its settings from the tenant's SsoProvider. Its token check
 is tightened: RS256 only, the signing key from the provider's JWKS, and issuer, audience,
 expiry and nonce all verified (OpenID Connect Core 1.0 section 3.1.3.7).
+
+The provider is a host the tenant names, so every call to it (discovery, token, JWKS,
+userinfo) goes through the SSRF-safe transport (mailplatform/transport.py) instead of the
+library's own ``requests`` calls, and any failure there reaches the tenant as one code,
+``sso_provider_unreachable``, never the fetched document or the exception.
+
+Who may sign in: an address on an e-mail domain the provider claims *and* the tenant has
+verified by DNS TXT at the moment of sign-in, never a staff or superuser account.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -18,13 +27,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import jwt
-import requests
 from django.conf import settings
 from django.core.exceptions import SuspiciousOperation
 from django.urls import reverse
 from django.utils import timezone
 from mozilla_django_oidc.auth import OIDCAuthenticationBackend
 
+from mailplatform import transport
 from tenants import crypto
 from tenants.models import Membership, SsoProvider, User
 
@@ -35,13 +44,60 @@ DISCOVERY_TTL = timedelta(hours=1)
 CLOCK_SKEW = 60  # seconds of leeway on exp/iat/nbf
 
 
+# The codes a tenant sees (API errors, the audit log's reason); the details stay in our logs.
+UNREACHABLE = "sso_provider_unreachable"
+TOKEN_INVALID = "sso_token_invalid"  # noqa: S105 (an error code, not a secret)
+CLAIMS_REFUSED = "sso_claims_refused"
+DOMAIN_NOT_VERIFIED = "sso_domain_not_verified"
+STAFF_REFUSED = "sso_staff_refused"
+
+
 class SsoError(Exception):
-    """Sign-in through the tenant's provider failed; the message is safe to log."""
+    """Sign-in or set-up through the tenant's provider failed.
+
+    ``code`` is the stable reason the tenant may see; the message is the detail for our own
+    logs (it may name a URL or an exception type, so it is never shown to the tenant).
+    """
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(detail or code)
+        self.code = code
 
 
 def callback_url() -> str:
     # Built from BASE_URL, never from the request's Host header.
     return settings.BASE_URL + reverse("tenants:sso-callback")
+
+
+def _call(
+    url: str, *, what: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
+) -> transport.Response:
+    """One call to the provider through the SSRF-safe transport: no redirects, bounded time and size."""
+    try:
+        response = transport.fetch(
+            url,
+            policy=transport.Policy.outbound(),
+            timeout=settings.SSO_HTTP_TIMEOUT,
+            body_limit=settings.SSO_DOCUMENT_LIMIT,
+            method=method,
+            body=body,
+            headers={"Accept": "application/json", **(headers or {})},
+        )
+    except (transport.UrlRefused, transport.TransportError) as exc:
+        raise SsoError(UNREACHABLE, f"{what}: {exc}") from None
+    if response.status != 200:
+        raise SsoError(UNREACHABLE, f"{what}: HTTP {response.status}")
+    return response
+
+
+def _json_object(response: transport.Response, *, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(response.body)
+    except ValueError:
+        raise SsoError(UNREACHABLE, f"{what}: not JSON") from None
+    if not isinstance(document, dict):
+        raise SsoError(UNREACHABLE, f"{what}: not a JSON object")
+    return document
 
 
 def discovery(provider: SsoProvider, *, refresh: bool = False) -> dict[str, Any]:
@@ -50,18 +106,13 @@ def discovery(provider: SsoProvider, *, refresh: bool = False) -> dict[str, Any]
     if provider.discovery and fresh and not refresh:
         return dict(provider.discovery)
     url = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
-    try:
-        response = requests.get(url, timeout=settings.SSO_HTTP_TIMEOUT)
-        response.raise_for_status()
-        document = response.json()
-    except (requests.RequestException, ValueError) as exc:
-        raise SsoError(f"discovery at {url} failed: {type(exc).__name__}") from exc
+    document = _json_object(_call(url, what="discovery"), what="discovery")
     # Section 4.3: the issuer in the document must be exactly the one configured.
     if document.get("issuer") != provider.issuer:
-        raise SsoError(f"discovery issuer {document.get('issuer')!r} does not match {provider.issuer!r}")
+        raise SsoError(UNREACHABLE, "discovery: the document names another issuer")
     for field in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
         if not isinstance(document.get(field), str):
-            raise SsoError(f"discovery document lacks {field}")
+            raise SsoError(UNREACHABLE, f"discovery: the document lacks {field}")
     SsoProvider.objects.filter(pk=provider.pk).update(discovery=document, discovery_fetched_at=timezone.now())
     provider.discovery, provider.discovery_fetched_at = document, timezone.now()
     return dict(document)
@@ -101,6 +152,8 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
     def __init__(self, provider: SsoProvider) -> None:
         self.provider = provider
         self.claims: dict[str, Any] = {}
+        self.refusal = ""  # why verify_claims said no (the library only sees False)
+        self.matched_user: User | None = None
         self.document = discovery(provider)
         self.client_secret = crypto.decrypt(provider.client_secret_encrypted)
         super().__init__()
@@ -132,10 +185,40 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
             return args[0]
         raise AttributeError(attr)
 
-    # --- the token exchange and the ID token -------------------------------------------
+    # --- the provider's endpoints, through the SSRF-safe transport -------------------------
     def get_token(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The token request (RFC 6749 section 4.1.3), client_secret_post."""
         payload["redirect_uri"] = callback_url()
-        return super().get_token(payload)  # type: ignore[no-any-return]
+        body = urlencode(payload).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        response = _call(self.document["token_endpoint"], what="token", method="POST", body=body, headers=headers)
+        return _json_object(response, what="token")
+
+    def retrieve_matching_jwk(self, token: str) -> Any:
+        """The provider's key with the ID token's key id (and algorithm, when the key names one)."""
+        jwks = _json_object(_call(self.document["jwks_uri"], what="jwks"), what="jwks")
+        header = jwt.get_unverified_header(token)
+        keys = jwks.get("keys")
+        for jwk in keys if isinstance(keys, list) else []:
+            if not isinstance(jwk, dict) or jwk.get("kid") != header.get("kid"):
+                continue
+            if "alg" in jwk and jwk["alg"] != header.get("alg"):
+                continue
+            try:
+                return jwt.PyJWK(jwk)
+            except jwt.PyJWTError as exc:
+                raise SuspiciousOperation("the provider's signing key is not usable") from exc
+        raise SuspiciousOperation("no key of the provider matches the ID token")
+
+    def _userinfo(self, access_token: str) -> dict[str, Any]:
+        response = _call(
+            self.document["userinfo_endpoint"], what="userinfo", headers={"Authorization": f"Bearer {access_token}"}
+        )
+        if response.headers.get("content-type", "").lower().startswith("application/jwt"):
+            raise SuspiciousOperation("signed userinfo responses are not supported")
+        return _json_object(response, what="userinfo")
+
+    # --- the ID token -----------------------------------------------------------------------
 
     def _verify_jws(self, payload: str, key: Any) -> dict[str, Any]:
         header = jwt.get_unverified_header(payload)
@@ -170,7 +253,7 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
     def get_userinfo(self, access_token: str, id_token: str, payload: dict[str, Any]) -> dict[str, Any]:
         claims = dict(payload)
         if self.document.get("userinfo_endpoint"):
-            userinfo = super().get_userinfo(access_token, id_token, payload)
+            userinfo = self._userinfo(access_token)
             # Core section 5.3.2: userinfo must describe the same subject as the ID token.
             if userinfo.get("sub") != payload.get("sub"):
                 raise SuspiciousOperation("userinfo describes another subject")
@@ -180,10 +263,28 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
 
     # --- who signs in ------------------------------------------------------------------------
     def verify_claims(self, claims: dict[str, Any]) -> bool:
+        """An address the provider vouches for, on a domain it claims and the tenant has verified
+        by DNS now (a claim lapses with the verification), of no staff account."""
+        from tenants.selectors import sso_domains_verified
+
         email = str(claims.get("email") or "").strip().lower()
         if not email or claims.get("email_verified") is False:
+            self.refusal = CLAIMS_REFUSED
             return False
-        return self.provider.domains.filter(name=email.rpartition("@")[2]).exists()  # type: ignore[attr-defined]
+        # Whose account the provider named, so a refusal is audited in that person's tenants too.
+        self.matched_user = User.objects.filter(email__iexact=email).first()
+        domain = email.rpartition("@")[2]
+        if not self.provider.domains.filter(name=domain).exists():  # type: ignore[attr-defined]
+            self.refusal = CLAIMS_REFUSED
+            return False
+        if domain not in sso_domains_verified(self.provider.tenant_id, [domain]):
+            self.refusal = DOMAIN_NOT_VERIFIED
+            return False
+        if self.matched_user is not None and (self.matched_user.is_staff or self.matched_user.is_superuser):
+            # The platform's own people sign in with their own credentials, never a tenant's.
+            self.refusal = STAFF_REFUSED
+            return False
+        return True
 
     def filter_users_by_claims(self, claims: dict[str, Any]) -> Any:
         return User.objects.filter(email__iexact=str(claims["email"]).strip())
@@ -211,11 +312,13 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
 
     def authenticate_with_claims(self, request: Any, *, nonce: str, code_verifier: str) -> tuple[User, str]:
         """Run the code exchange; the signed-in user and the role to give them, or SsoError."""
-        self.claims = {}
+        self.claims, self.refusal, self.matched_user = {}, "", None
         try:
             user = self.authenticate(request, nonce=nonce, code_verifier=code_verifier)
-        except (SuspiciousOperation, requests.RequestException, ValueError, KeyError) as exc:
-            raise SsoError(str(exc)[:300] or type(exc).__name__) from exc
+        except (SuspiciousOperation, ValueError, KeyError, TypeError) as exc:
+            raise SsoError(TOKEN_INVALID, str(exc)[:300] or type(exc).__name__) from exc
         if user is None:
-            raise SsoError("the provider's claims do not name an address of this tenant")
+            raise SsoError(self.refusal or CLAIMS_REFUSED, "the provider's claims do not sign in anyone here")
+        if user.is_staff or user.is_superuser:
+            raise SsoError(STAFF_REFUSED, "a staff account")
         return user, self.role_for(self.claims)

@@ -12,8 +12,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from audit.services import Actor, audit_entry_record
 from tenants import selectors, services, sso
+from tenants.access import session_scope_limit
 from tenants.models import SsoProvider
 
 logger = logging.getLogger(__name__)
@@ -81,16 +81,16 @@ def sso_callback(request: HttpRequest) -> HttpResponse:
         backend = sso.TenantOIDCBackend(provider)
         user, role = backend.authenticate_with_claims(request, nonce=flow["nonce"], code_verifier=flow["verifier"])
     except sso.SsoError as failure:
-        logger.warning("sso sign-in for tenant %s refused: %s", provider.tenant_id, failure)
-        audit_entry_record(
-            tenant_id=provider.tenant_id,
-            actor=Actor(type="user", label=str(backend.claims.get("email", "")) if backend else ""),
-            action="auth.login_failed",
-            resource_type="sso_provider",
-            resource_id=provider.pk,
-            after={"method": "sso", "reason": str(failure)[:200]},
+        logger.warning("sso sign-in for tenant %s refused (%s): %s", provider.tenant_id, failure.code, failure)
+        services.sso_sign_in_refused(
+            provider=provider,
+            email=str(backend.claims.get("email", "")) if backend else "",
+            user=backend.matched_user if backend else None,
+            reason=failure.code,
         )
         return _failure(request, "The sign-in could not be completed. Start again, or ask your administrator.")
     services.sso_sign_in(provider=provider, user=user, role=role)
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    # Vouched for by this tenant's provider only: the session reaches this tenant alone.
+    session_scope_limit(request.session, provider.tenant_id)
     return HttpResponseRedirect(flow["next"])

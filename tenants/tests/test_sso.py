@@ -11,17 +11,31 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from django.core.exceptions import SuspiciousOperation
+from django.utils import timezone
 
 from audit.models import AuditEntry
 from tenants import crypto, selectors, services, sso
 from tenants.access import Principal
-from tenants.models import Membership, SsoProvider, Tenant
+from tenants.models import Domain, Membership, SsoProvider, Tenant
+
+
+def verified_domain(tenant, name):
+    """A domain the tenant has proven by DNS (what a passed domain check leaves behind)."""
+    return Domain.objects.create(
+        tenant=tenant, name=name, state=Domain.State.VERIFIED, txt_ok=True, mx_ok=True, verified_at=timezone.now()
+    )
 
 
 @pytest.fixture
 def enterprise(world, oidc_provider):
+    return enterprise_provider(world, oidc_provider)
+
+
+def enterprise_provider(world, oidc_provider):
+    """Tenant A on the enterprise plan, corp.example.test verified, SSO through the real provider."""
     world.tenant.plan = Tenant.Plan.ENTERPRISE
     world.tenant.save()
+    verified_domain(world.tenant, "corp.example.test")
     provider = services.sso_provider_configure(
         principal=Principal.system(world.tenant),
         issuer=oidc_provider.issuer,
@@ -36,8 +50,12 @@ def enterprise(world, oidc_provider):
     return provider
 
 
-def sign_in(client, email, *, tamper=None):
-    """Drive the whole code flow: our start, the provider's login form, our callback."""
+def sign_in(client, email, *, tamper=None, login_as=None):
+    """Drive the whole code flow: our start, the provider's login form, our callback.
+
+    ``login_as``: the account the provider then vouches for, if not ``email`` (a tenant's own
+    provider may assert any address it likes).
+    """
     start = client.get("/login/sso/start/", {"email": email, "next": "/console/"})
     assert start.status_code == 302, start.content
     browser = requests.Session()
@@ -55,7 +73,7 @@ def sign_in(client, email, *, tamper=None):
         fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', response.text))
         response = browser.post(
             urljoin(response.url, action.group(1)),
-            data={**fields, "login": email, "password": "any"},
+            data={**fields, "login": login_as or email, "password": "any"},
             allow_redirects=False,
             timeout=10,
         )
@@ -168,7 +186,7 @@ def test_it_refuses_configuration_it_cannot_use(world, oidc_provider, enterprise
         )
     world.outsider_tenant.plan = Tenant.Plan.ENTERPRISE
     world.outsider_tenant.save()
-    with pytest.raises(ValidationError, match="claimed by another tenant"):
+    with pytest.raises(ValidationError, match="not a verified domain of this tenant"):
         services.sso_provider_configure(
             principal=Principal.system(world.outsider_tenant),
             issuer=oidc_provider.issuer,
@@ -194,6 +212,7 @@ def test_it_keeps_sso_to_the_enterprise_plan(world, oidc_provider):
 def test_it_configures_sso_through_the_api_without_returning_the_secret(world, oidc_provider):
     world.tenant.plan = Tenant.Plan.ENTERPRISE
     world.tenant.save()
+    verified_domain(world.tenant, "corp.example.test")
     client = world.client(world.owner_key)
     assert client.get("/api/v1/sso/").status_code == 404
     payload = {

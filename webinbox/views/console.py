@@ -30,7 +30,7 @@ from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
-from tenants.access import Permission, Principal
+from tenants.access import Permission, Principal, session_memberships, session_reaches
 from tenants.models import Membership
 from webhooks import selectors as webhook_selectors
 from webhooks import services as webhook_services
@@ -77,6 +77,8 @@ def console_view(view: View) -> View:
             membership = selectors.console_membership(request.user, tenant_slug)  # type: ignore[arg-type]
         except Membership.DoesNotExist:
             raise Http404 from None
+        if not session_reaches(request.session, membership.tenant_id):
+            raise Http404  # a session from another tenant's SSO: this tenant needs its own sign-in
         principal = Principal.for_member(membership)
         if not principal.allows_ip(services.client_ip()):
             return _forbidden(request, "The tenant's IP allowlist does not include your address.")
@@ -111,7 +113,7 @@ def _page(request: HttpRequest, principal: Principal, template: str, section: st
 @login_required
 @require_GET
 def console_home(request: HttpRequest) -> HttpResponse:
-    memberships = list(tenant_selectors.memberships_of(request.user))  # type: ignore[arg-type]
+    memberships = list(session_memberships(request.session, tenant_selectors.memberships_of(request.user)))  # type: ignore[arg-type]
     if len(memberships) == 1:
         return redirect("webinbox:console-settings", tenant_slug=memberships[0].tenant.slug)
     return render(request, "webinbox/console/choose.html", {"memberships": memberships})
@@ -241,7 +243,7 @@ def members(request: HttpRequest, principal: Principal) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         try:
             services.member_invite(principal=principal, **form.cleaned_data)
-            flash.success(request, f"{form.cleaned_data['email']} invited; a sign-in link is on its way.")
+            flash.success(request, f"{form.cleaned_data['email']} invited; they sign in at /login/ with that address.")
             return redirect(request.path)
         except ValidationError as exc:
             _errors(request, exc)

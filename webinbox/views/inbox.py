@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from mailboxes.selectors import mailbox_get, mailbox_list, message_get
-from tenants.access import Permission, Principal
+from tenants.access import Permission, Principal, session_memberships
 from tenants.selectors import memberships_of
 from webinbox import services
 from webinbox.forms import TagsForm
@@ -22,9 +22,10 @@ from webinbox.views.public import _message_action
 
 
 def _principals(request: HttpRequest) -> list[Principal]:
-    """The member's principal in each tenant they may reach from this address."""
+    """The member's principal in each tenant they may reach from this address and this session."""
     ip = services.client_ip()
-    principals = [Principal.for_member(membership) for membership in memberships_of(request.user)]  # type: ignore[arg-type]
+    memberships = session_memberships(request.session, memberships_of(request.user))  # type: ignore[arg-type]
+    principals = [Principal.for_member(membership) for membership in memberships]
     return [principal for principal in principals if principal.allows_ip(ip)]
 
 

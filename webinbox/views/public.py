@@ -18,6 +18,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from mailboxes.selectors import message_get
+from tenants.access import session_scope_clear
 from webinbox import selectors, services
 from webinbox.forms import LoginForm, TagsForm
 from webinbox.models import TempInbox
@@ -106,6 +107,7 @@ def _sign_in(request: HttpRequest, token: str) -> HttpResponse:
         response = render(request, "webinbox/login_link_invalid.html", status=404)
     else:
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        session_scope_clear(request.session)  # the link proves the person: all their tenants
         services.login_record(user=user, method="link")
         response = redirect("webinbox:inbox")
     response["Referrer-Policy"] = "no-referrer"
