@@ -374,7 +374,10 @@ API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most th
 WAITING_DB_THREADS = config.integer("WAITING_DB_THREADS", 4, minimum=0, maximum=32)
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
 # Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
+# The only place that decides: uvicorn runs with --no-proxy-headers (scripts/run.py, Dockerfile).
 TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
+# Per-IP rate limits count an IPv6 client by its network of this many bits (mailplatform/clientip.py).
+RATE_LIMIT_IPV6_PREFIX = config.integer("RATE_LIMIT_IPV6_PREFIX", 64, minimum=32, maximum=128)
 # Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo), the
 # whole exchange, and the largest answer taken from it.
 SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)

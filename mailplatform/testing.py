@@ -401,7 +401,18 @@ def start_uvicorn(*, env: dict[str, str], cwd: Path | str | None = None) -> WebS
     """``uvicorn mailplatform.asgi:application`` (one process) on a free loopback port, once it listens."""
     port = free_port()
     child = ChildProcess(
-        [sys.executable, "-m", "uvicorn", "mailplatform.asgi:application", "--port", str(port), "--lifespan", "off"],
+        # --no-proxy-headers as in production (scripts/run.py): TRUSTED_PROXIES alone decides.
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "mailplatform.asgi:application",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--no-proxy-headers",
+        ],
         env=env,
         cwd=cwd or ROOT,
     )

@@ -95,6 +95,23 @@ def stop_all(children: list[Child], grace: float = 10.0) -> None:
         child.reader.join(timeout=2)
 
 
+def web_command(host: str, port: int) -> list[str]:
+    """uvicorn on mailplatform.asgi. --no-proxy-headers: uvicorn would otherwise rewrite the
+    client address from X-Forwarded-For sent by anyone on loopback (its default trust); only
+    TRUSTED_PROXIES decides which proxy's header is believed (audit.middleware.client_ip)."""
+    return [
+        PYTHON,
+        "-m",
+        "uvicorn",
+        "mailplatform.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-proxy-headers",
+    ]
+
+
 def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
     mailbox, key = demo["mailbox"], demo["api_key"]
     lines = [
@@ -147,19 +164,7 @@ def main() -> int:
     smtp_enabled = not options.no_smtp and has_command("runsmtp")
     web = f"http://{options.host}:{options.port}"
     commands: list[tuple[str, list[str]]] = [
-        (
-            "web",
-            [
-                PYTHON,
-                "-m",
-                "uvicorn",
-                "mailplatform.asgi:application",
-                "--host",
-                options.host,
-                "--port",
-                str(options.port),
-            ],
-        ),
+        ("web", web_command(options.host, options.port)),
         (
             "worker",
             [PYTHON, "-m", "celery", "-A", "mailplatform", "worker", "-B", "-Q", QUEUES, "-c", "2", "-l", "INFO"],

@@ -7,6 +7,8 @@ import time
 
 from django.core.cache import cache
 
+from mailplatform.clientip import rate_limit_subject
+
 
 def _key(scope: str, subject: str, window: int) -> str:
     # Hashed, so an e-mail address or IP never appears in the cache as such.
@@ -24,6 +26,11 @@ def hit(scope: str, subject: str, *, limit: int, window: int) -> bool:
         cache.set(key, 1, timeout=window + 5)
         count = 1
     return count <= limit
+
+
+def hit_ip(scope: str, ip: str | None, *, limit: int, window: int) -> bool:
+    """:func:`hit` for a per-client-IP limit: an IPv6 client counts by its network (/64)."""
+    return hit(scope, rate_limit_subject(ip), limit=limit, window=window)
 
 
 def seconds_left(window: int) -> int:

@@ -113,8 +113,8 @@ def login_request(*, email: str, ip: str | None, binding: str = "") -> None:
     allowed_address = ratelimit.hit(
         "login-address", email, limit=settings.LOGIN_RATE_PER_ADDRESS, window=settings.LOGIN_RATE_WINDOW
     )
-    allowed_ip = ratelimit.hit(
-        "login-ip", ip or "-", limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW
+    allowed_ip = ratelimit.hit_ip(
+        "login-ip", ip, limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW
     )
     if not (allowed_address and allowed_ip):
         logger.info("sign-in link request rate-limited")
@@ -250,7 +250,7 @@ def temp_inbox_create(*, ip: str | None) -> tuple[TempInbox, str]:
     from mailboxes.models import Mailbox
     from mailboxes.services import mailbox_create
 
-    if not ratelimit.hit("temp-inbox", ip or "-", limit=settings.TEMP_INBOX_RATE_PER_HOUR, window=3600):
+    if not ratelimit.hit_ip("temp-inbox", ip, limit=settings.TEMP_INBOX_RATE_PER_HOUR, window=3600):
         raise RateLimited(ratelimit.seconds_left(3600))
     tenant, domain = temp_tenant_get_or_create()
     principal = Principal.system(tenant, "temporary inboxes")

@@ -438,3 +438,25 @@ def test_it_offers_starttls_and_records_it(world: Any, smtp_server: Any, tmp_pat
         assert smtp.sendmail("a@example.org", ["inbox@acme.example.test"], BODY) == {}
     envelope, _ = server.spool.read(server.spool.pending()[0])
     assert envelope.tls is True
+
+
+def test_it_rate_limits_an_ipv6_sender_by_its_64(world: Any, smtp_server: Any) -> None:
+    """A sender rotating addresses within its /64 (RFC 8981) is one client to the per-IP rate."""
+    import asyncio
+
+    from aiosmtpd.smtp import Envelope, Session
+
+    handler = smtp_server(rate_per_ip=2).handler
+
+    async def mail(peer: str) -> str:
+        session = Session(asyncio.get_running_loop())
+        session.peer = (peer, 4025)
+        return await handler.handle_MAIL(None, session, Envelope(), "a@example.org", [])
+
+    def mail_from(peer: str) -> str:
+        return asyncio.run(mail(peer))
+
+    assert mail_from("2001:db8:5:1::1").startswith("250")
+    assert mail_from("2001:db8:5:1::2").startswith("250")
+    assert mail_from("2001:db8:5:1:abcd::3").startswith("451 4.7.1")
+    assert mail_from("2001:db8:5:2::1").startswith("250")  # another /64
