@@ -21,8 +21,9 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
 
-from audit.services import EventSpec, audit_entry_record, events_record
+from audit.services import Actor, EventSpec, audit_entry_record, events_record
 from ingest import metrics
+from ingest.platform_mail import is_signin_mail
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
 from mailboxes.models import Mailbox, Message
 from mailplatform.enqueue import tasks_enqueue_on_commit
@@ -93,7 +94,8 @@ def spool_entry_drain(spool: Spool, queue_id: str, *, storage: Storage | None = 
 
 
 def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage | None = None) -> list[str]:
-    """Drain spool entries together; one outcome per id ("stored", "duplicate", "held", "gone").
+    """Drain spool entries together; one outcome per id ("stored", "duplicate", "held", "gone",
+    "dropped": our own sign-in mail, :func:`signin_mail_drop`).
 
     Order: PUT each raw message (one object per tenant), then ONE transaction creating the
     Message rows and events of every entry (group commit: under load the drainer takes the
@@ -116,6 +118,9 @@ def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage 
             spool.move_to_hold(queue_id)
             metrics.DRAINED.labels("held").inc()
             outcomes[queue_id] = "held"
+    for envelope, content in [entry for entry in entries if is_signin_mail(entry[1])]:
+        entries.remove((envelope, content))
+        outcomes[envelope.queue_id] = signin_mail_drop(spool, envelope)
     existing: dict[str, set[UUID]] = defaultdict(set)
     if entries:
         for trace_id, mailbox_id in Message.objects.filter(
@@ -153,6 +158,47 @@ def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage 
             extra={"trace_id": queue_id, "queue_id": queue_id},
         )
     return [outcomes[queue_id] for queue_id in queue_ids]
+
+
+DROPPED_LOGIN_MAIL = "message.dropped_login_mail"
+
+
+def signin_mail_drop(spool: Spool, envelope: Envelope) -> str:
+    """Drop our own sign-in or invitation mail that came back in; returns "dropped".
+
+    It never becomes a Message (nobody with access to the mailbox may read a link that signs
+    in someone else). Each recipient mailbox's tenant gets an audit entry and the event
+    ``message.dropped_login_mail`` (the queue id, never the link); a re-drain after a crash
+    records nothing twice.
+    """
+    from audit.models import Event
+
+    queue_id = envelope.queue_id
+    with transaction.atomic():
+        if not Event.objects.filter(trace_id=queue_id, type=DROPPED_LOGIN_MAIL).exists():
+            live = dict(
+                Mailbox.objects.filter(pk__in={UUID(r.mailbox_id) for r in envelope.recipients}).values_list(
+                    "pk", "tenant_id"
+                )
+            )
+            data = {"queue_id": queue_id, "size": envelope.size, "source": envelope.source}
+            for mailbox_id, tenant_id in live.items():
+                audit_entry_record(
+                    tenant_id=tenant_id, actor=Actor.system("ingest"), action=DROPPED_LOGIN_MAIL,
+                    resource_type="mailbox", resource_id=mailbox_id, after=data,
+                )  # fmt: skip
+            events_record(
+                [
+                    EventSpec(tenant_id=tenant_id, type=DROPPED_LOGIN_MAIL, data=data, trace_id=queue_id, mailbox_id=pk)
+                    for pk, tenant_id in live.items()
+                ]
+            )
+    spool.remove(queue_id)
+    metrics.DRAINED.labels("dropped").inc()
+    logger.warning(
+        "dropped %s: our own sign-in mail came back in", queue_id, extra={"trace_id": queue_id, "queue_id": queue_id}
+    )
+    return "dropped"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.mail import send_mail
+from django.core.mail import EmailMessage
 from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q
 from django.http import HttpRequest
@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from audit import context
 from audit.services import Actor, audit_entry_record
+from ingest.platform_mail import signin_mail_headers
 from tenants.access import Permission, Principal
 from tenants.models import Domain, Membership, Tenant, User
 from tenants.services import require
@@ -92,8 +93,15 @@ def _in_background(work: Callable[[], object], name: str) -> None:
     thread.start()
 
 
+def signin_mail_send(*, subject: str, body: str, recipient: str) -> None:
+    """Send sign-in or invitation mail through EMAIL_URL, marked as such (a keyed, dated
+    signature header) so that, should the address be one of our own mailboxes, the drainer
+    drops it instead of making it readable mail (:mod:`ingest.platform_mail`)."""
+    EmailMessage(subject, body, None, [recipient], headers=signin_mail_headers(recipient)).send()
+
+
 def _send_in_background(subject: str, body: str, recipient: str) -> None:
-    _in_background(lambda: send_mail(subject, body, None, [recipient]), "sign-in mail")
+    _in_background(lambda: signin_mail_send(subject=subject, body=body, recipient=recipient), "sign-in mail")
 
 
 def outbound_flush(timeout: float = 10.0) -> None:
@@ -133,7 +141,7 @@ def login_link_send(*, email: str, binding: str = "") -> bool:
         f"Sign in to mailplatform:\n\n{link}\n\n"
         f"The link works once, for {minutes} minutes. If you did not ask for it, ignore this message.\n"
     )
-    send_mail("Your mailplatform sign-in link", body, None, [user.email])
+    signin_mail_send(subject="Your mailplatform sign-in link", body=body, recipient=user.email)
     return True
 
 
@@ -304,7 +312,13 @@ def temp_inbox_delete(*, temp_inbox: TempInbox) -> None:
 
 # --- Members ----------------------------------------------------------------------------
 def member_invite(*, principal: Principal, email: str, role: str) -> Membership:
-    """Add (or re-role) a member by e-mail and send them a sign-in link."""
+    """Add (or re-role) a member by e-mail and tell them where to sign in.
+
+    The invitation carries no sign-in link: it is opened in a browser nobody asked from, so
+    a link in it would sign in whoever reads the mail first (a colleague with access to the
+    mailbox it lands in). The invitee asks for a link at /login/, which is single-use,
+    short-lived and bound to the browser that asked.
+    """
     from tenants.services import membership_set, user_get_or_create
 
     require(principal, Permission.TENANT_MANAGE)
@@ -321,11 +335,12 @@ def member_invite(*, principal: Principal, email: str, role: str) -> Membership:
         _last_owner_guard(principal.tenant, existing)
     membership = membership_set(tenant=principal.tenant, user=user, role=role, actor=principal.actor)
     if existing is None and user.is_active:
-        link = login_link_create(user=user)
+        login_page = settings.BASE_URL + reverse("webinbox:login")
         body = (
             f"{principal.actor.label} invited you to {principal.tenant.name} on mailplatform.\n\n"
-            f"Sign in: {link}\n\nThe link works once, for {settings.LOGIN_LINK_TTL // 60} minutes; "
-            f"later, ask for a new one at {settings.BASE_URL}/login/.\n"
+            f"Sign in at {login_page} with this address ({user.email}): you will get a sign-in "
+            f"link that works once, for {settings.LOGIN_LINK_TTL // 60} minutes, in the browser "
+            "you asked from.\n"
         )
         transaction.on_commit(lambda: _send_in_background("You are invited to mailplatform", body, user.email))
     return membership
