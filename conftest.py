@@ -12,6 +12,7 @@ import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,8 +223,9 @@ class OidcProvider:
     kid: str
 
 
-@pytest.fixture(scope="session")
-def oidc_provider() -> Iterator[OidcProvider]:
+@contextmanager
+def oidc_provider_running(redirect_uri: str) -> Iterator[OidcProvider]:
+    """One oidc-provider process on loopback whose one client may come back to ``redirect_uri``."""
     if not (PROVIDER_DIR / "node_modules" / "oidc-provider").exists():
         pytest.fail("the test OpenID provider is not installed: run scripts/install-oidc-provider.sh (make test does)")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -238,7 +240,7 @@ def oidc_provider() -> Iterator[OidcProvider]:
         "PORT": str(port),
         "CLIENT_ID": provider.client_id,
         "CLIENT_SECRET": provider.client_secret,
-        "REDIRECT_URI": "http://testserver/login/sso/callback/",
+        "REDIRECT_URI": redirect_uri,
         "JWKS": json.dumps({"keys": [jwk]}),
         "ACCOUNTS": json.dumps(ACCOUNTS),
         "NODE_ENV": "test",
@@ -252,6 +254,20 @@ def oidc_provider() -> Iterator[OidcProvider]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def oidc_provider() -> Iterator[OidcProvider]:
+    """The provider for the test client (BASE_URL http://testserver)."""
+    with oidc_provider_running("http://testserver/login/sso/callback/") as provider:
+        yield provider
+
+
+@pytest.fixture(scope="session")
+def oidc_provider_live(live_server: Any) -> Iterator[OidcProvider]:
+    """A second provider whose client comes back to the live server (browser tests)."""
+    with oidc_provider_running(f"{live_server.url}/login/sso/callback/") as provider:
+        yield provider
 
 
 # --- Real processes against the test database (end-to-end tests) -------------------------

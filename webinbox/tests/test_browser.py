@@ -254,3 +254,46 @@ def test_it_renders_the_api_docs_offline(browser: Any, site: str) -> None:
     assert page.locator(".opblock").count() > 20
     assert elsewhere == [] and refused == []
     context.close()
+
+
+def test_it_signs_in_through_the_companys_sso_from_the_login_form(
+    browser: Any, site: str, world: Any, oidc_provider_live: Any
+) -> None:
+    """/login/ -> the tenant's own provider (a real oidc-provider) -> back, signed in to that tenant.
+
+    Chromium applies the sign-in page's ``form-action 'self'`` to every redirect that follows
+    the form's submission, so the way to the provider must not be a redirect chain from it.
+    """
+    from tenants.access import Principal
+    from tenants.models import Tenant
+    from tenants.services import sso_provider_configure
+    from tenants.tests.test_sso import verified_domain
+
+    world.tenant.plan = Tenant.Plan.ENTERPRISE
+    world.tenant.save()
+    verified_domain(world.tenant, "corp.example.test")
+    sso_provider_configure(
+        principal=Principal.system(world.tenant),
+        issuer=oidc_provider_live.issuer,
+        client_id=oidc_provider_live.client_id,
+        client_secret=oidc_provider_live.client_secret,
+        email_domains=["corp.example.test"],
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    blocked: list[str] = []
+    page.on(
+        "console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None
+    )
+    page.goto(site + "/login/")
+    page.get_by_label("Work e-mail address").fill("alice@corp.example.test")
+    page.get_by_role("button", name="E-mail me a sign-in link").click()
+    # The provider's own sign-in form (oidc-provider's development interactions).
+    page.wait_for_url(oidc_provider_live.issuer + "/**", timeout=15_000)
+    page.locator("input[name=login]").fill("alice@corp.example.test")
+    page.locator("input[name=password]").fill("any")
+    page.locator("button[type=submit]").click()
+    page.wait_for_url(site + "/inbox/", timeout=15_000)
+    assert world.tenant.name in page.content()
+    assert blocked == []
+    context.close()

@@ -48,7 +48,11 @@ def login_page(request: HttpRequest) -> HttpResponse:
         email = form.cleaned_data["email"]
         if selectors.sso_tenant_for_email(email) is not None:
             # Continue with the company's own provider (a domain-level fact, not who exists).
-            return redirect(f"{reverse('tenants:sso-start')}?{urlencode({'email': email})}")
+            # A page that navigates on, not a redirect: Chromium holds every redirect that
+            # follows this form's POST to the page's form-action 'self' (CSP Level 3,
+            # form-action), and the provider is another origin.
+            start_url = f"{reverse('tenants:sso-start')}?{urlencode({'email': email})}"
+            return render(request, "webinbox/login_sso.html", {"start_url": start_url})
         # The link will work only in this browser: it carries this cookie's secret (every
         # answer sets one, so the answer does not tell whether the address exists).
         binding = secrets.token_urlsafe(24)
