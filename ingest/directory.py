@@ -2,23 +2,41 @@
 
 A background thread reloads a snapshot of every domain and live mailbox whenever the
 database says something changed (a cheap fingerprint query every INGEST_DIRECTORY_REFRESH
-seconds), so an RCPT costs a dict lookup, never a database round trip. If the snapshot is
-missing (the database was never reachable) or too old (the database is down), answers that
-would reject become ``451 4.3.0``: a stale directory may delay mail, never bounce it.
+seconds), so accepting an RCPT costs a dict lookup, never a database round trip.
+
+A snapshot is never trusted to *refuse*: a mailbox created a second ago is not in it yet, and
+a ``550`` is permanent (RFC 5321 section 4.2.1), so the sender would drop the mail. A miss is
+asked of the database (:meth:`RecipientDirectory.decide_checked`, off the event loop in a
+bounded thread pool), and only the database's answer refuses. Refusals are remembered for
+INGEST_DIRECTORY_NEGATIVE_TTL seconds at most, and forgotten as soon as a new snapshot shows
+a change, so a flood of unknown recipients costs one query per address per second, not one
+per RCPT. With the database unreachable (or slow, or every look-up slot busy), or a snapshot
+missing or too old, what would be refused becomes ``451 4.3.0``: mail may be delayed, never
+bounced.
+
+Domain names: several tenants may hold the same name pending (tenants.services.domain_create).
+The verified (or mx_lost, suspended) row is the only one that routes; without one, a pending
+name routes only for a tenant whose plan receives on unverified domains
+(UNVERIFIED_DOMAIN_PLANS) and only when exactly one such tenant holds it. Two of them is a
+conflict nobody has proved: the name is not ours until one verifies, so neither can read mail
+meant for the other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
 from django.db import close_old_connections, connection
-from django.db.models import Count, Max
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 logger = logging.getLogger(__name__)
@@ -64,6 +82,57 @@ class DomainEntry:
     unverified_allowed: bool = False
     mailboxes: dict[str, MailboxEntry] = field(default_factory=dict)
     catch_all: MailboxEntry | None = None
+
+
+_CLAIMED = frozenset({"verified", "mx_lost", "suspended"})
+_DOMAIN_COLUMNS = (
+    "pk",
+    "name",
+    "tenant_id",
+    "state",
+    "recipient_policy",
+    "tenant__status",
+    "tenant__max_message_size",
+    "tenant__plan",
+)
+
+
+def _domain_entry(row: tuple[object, ...]) -> DomainEntry:
+    from tenants.models import Tenant
+
+    pk, _name, tenant_id, state, policy, tenant_status, max_size, plan = row
+    return DomainEntry(
+        domain_id=str(pk),
+        tenant_id=str(tenant_id),
+        state=str(state),
+        tenant_active=tenant_status == Tenant.Status.ACTIVE,
+        policy=str(policy),
+        max_message_size=max_size,  # type: ignore[arg-type]
+        unverified_allowed=plan in settings.UNVERIFIED_DOMAIN_PLANS,
+    )
+
+
+def domain_entry_pick(entries: Iterable[DomainEntry]) -> DomainEntry | None:
+    """The row that routes a name shared by several tenants (see the module docstring)."""
+    candidates = list(entries)
+    claimed = [entry for entry in candidates if entry.state in _CLAIMED]
+    if claimed:
+        return claimed[0]  # at most one: the partial unique constraint on Domain.name
+    if not candidates:
+        return None
+    receiving = [entry for entry in candidates if entry.unverified_allowed]
+    if len(receiving) == 1:
+        return receiving[0]
+    # Nobody may receive (or two could): answered as a pending name nobody can use.
+    return DomainEntry(
+        domain_id=candidates[0].domain_id,
+        tenant_id=candidates[0].tenant_id,
+        state="pending",
+        tenant_active=candidates[0].tenant_active,
+        policy=candidates[0].policy,
+        max_message_size=None,
+        unverified_allowed=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -119,34 +188,19 @@ def snapshot_load(previous_fingerprint: tuple[object, ...] | None = None) -> Sna
     )
     if previous_fingerprint is not None and fingerprint == previous_fingerprint:
         return None
+    by_name: dict[str, list[DomainEntry]] = {}
+    largest: int | None = None
+    for row in Domain.objects.values_list(*_DOMAIN_COLUMNS).iterator(chunk_size=2000):
+        by_name.setdefault(str(row[1]), []).append(_domain_entry(row))
+        if row[6] is not None:
+            largest = max(largest or 0, int(row[6]))  # type: ignore[call-overload]
     domains: dict[str, DomainEntry] = {}
     by_id: dict[str, DomainEntry] = {}
-    largest: int | None = None
-    rows = Domain.objects.values_list(
-        "pk",
-        "name",
-        "tenant_id",
-        "state",
-        "recipient_policy",
-        "tenant__status",
-        "tenant__max_message_size",
-        "tenant__plan",
-    )
-    unverified_plans = settings.UNVERIFIED_DOMAIN_PLANS
-    for pk, name, tenant_id, state, policy, tenant_status, max_size, plan in rows.iterator(chunk_size=2000):
-        entry = DomainEntry(
-            domain_id=str(pk),
-            tenant_id=str(tenant_id),
-            state=state,
-            tenant_active=tenant_status == Tenant.Status.ACTIVE,
-            policy=policy,
-            max_message_size=max_size,
-            unverified_allowed=plan in unverified_plans,
-        )
-        domains[name] = entry
-        by_id[str(pk)] = entry
-        if max_size is not None:
-            largest = max(largest or 0, max_size)
+    for name, entries in by_name.items():
+        entry = domain_entry_pick(entries)
+        if entry is not None:
+            domains[name] = entry
+            by_id[entry.domain_id] = entry
     now = timezone.now()
     mailboxes = Mailbox.objects.live().values_list("pk", "domain_id", "local_part", "is_catch_all", "expires_at")
     for pk, domain_id, local_part, is_catch_all, expires_at in mailboxes.iterator(chunk_size=5000):
@@ -161,18 +215,68 @@ def snapshot_load(previous_fingerprint: tuple[object, ...] | None = None) -> Sna
     return Snapshot(domains=domains, loaded_at=time.monotonic(), fingerprint=fingerprint, max_message_size=largest)
 
 
-class RecipientDirectory:
-    """In-process directory; :meth:`decide` never touches the database."""
+def domain_entry_load(domain_name: str, local: str) -> DomainEntry | None:
+    """One domain from the database, with only the mailboxes that could take ``local``."""
+    from mailboxes.models import Mailbox
+    from tenants.models import Domain
 
-    def __init__(self, *, refresh: float = 2.0, max_staleness: float | None = None) -> None:
+    entry = domain_entry_pick(
+        _domain_entry(row) for row in Domain.objects.filter(name=domain_name).values_list(*_DOMAIN_COLUMNS)
+    )
+    if entry is None:
+        return None
+    now = timezone.now()
+    rows = (
+        Mailbox.objects.live()
+        .filter(Q(local_part=local) | Q(is_catch_all=True), domain_id=entry.domain_id)
+        .values_list("pk", "local_part", "is_catch_all", "expires_at")
+    )
+    for pk, local_part, is_catch_all, expires_at in rows:
+        mailbox = MailboxEntry(mailbox_id=str(pk), expires_at=expires_at)
+        if mailbox.is_live(now):
+            entry.mailboxes[local_part] = mailbox
+            if is_catch_all:
+                entry.catch_all = mailbox
+    return entry
+
+
+# Refusals a snapshot may be wrong about; each is asked of the database before it is given.
+_CHECKED_REFUSALS = frozenset({550})
+_NEGATIVE_CACHE_SIZE = 10_000
+
+
+class RecipientDirectory:
+    """In-process directory: :meth:`decide` answers from memory; :meth:`decide_checked`
+    (what RCPT uses) confirms any refusal with the database first."""
+
+    def __init__(
+        self,
+        *,
+        refresh: float = 2.0,
+        max_staleness: float | None = None,
+        check_misses: bool = True,
+        lookups: int | None = None,
+        lookup_timeout: float | None = None,
+        negative_ttl: float | None = None,
+    ) -> None:
         self.refresh = refresh
         # Positive answers from an old snapshot are still right for accepting (the spool
         # absorbs it); negative ones are not trusted past this age.
         self.max_staleness = max_staleness if max_staleness is not None else max(15.0, refresh * 5)
+        self.check_misses = check_misses
+        self.lookups = lookups if lookups is not None else settings.INGEST_DIRECTORY_LOOKUPS
+        self.lookup_timeout = (
+            lookup_timeout if lookup_timeout is not None else float(settings.INGEST_DIRECTORY_LOOKUP_TIMEOUT)
+        )
+        self.negative_ttl = negative_ttl if negative_ttl is not None else float(settings.INGEST_DIRECTORY_NEGATIVE_TTL)
         self._snapshot: Snapshot | None = None
         self._checked_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight = 0
+        # address -> (refusal, monotonic expiry, the snapshot fingerprint it was made under)
+        self._refused: dict[str, tuple[Decision, float, tuple[object, ...]]] = {}
 
     # --- loading --------------------------------------------------------------------
     def reload(self) -> bool:
@@ -187,6 +291,7 @@ class RecipientDirectory:
             return False
         if snapshot is not None:
             self._snapshot = snapshot
+            self._refused = {}  # something changed: no refusal made before it stands
         self._checked_at = time.monotonic()
         return True
 
@@ -197,6 +302,8 @@ class RecipientDirectory:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh):
@@ -215,17 +322,68 @@ class RecipientDirectory:
         return max(default, snapshot.max_message_size)
 
     # --- deciding -------------------------------------------------------------------
-    def decide(self, address: str) -> Decision:
-        """The RCPT decision for ``address`` (DESIGN section 3 step 1)."""
+    async def decide_checked(self, address: str) -> Decision:
+        """The RCPT decision: from memory when it accepts, from the database when the
+        snapshot would refuse (a snapshot is never fresh enough to bounce mail)."""
+        decision = self.decide(address)
+        if decision.accepted or decision.reply.code not in _CHECKED_REFUSALS or not self.check_misses:
+            return decision
         snapshot = self._snapshot
         if snapshot is None:
             return Decision(DIRECTORY_DOWN)
-        trusted = self.fresh
+        key = address.lower()
+        remembered = self._refused.get(key)
+        if remembered is not None and remembered[1] > time.monotonic() and remembered[2] == snapshot.fingerprint:
+            return remembered[0]
+        if self._in_flight >= self.lookups:
+            logger.warning("recipient directory: every database look-up slot is busy; answering 451")
+            return Decision(DIRECTORY_DOWN)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self.lookups, thread_name_prefix="directory-lookup")
+        self._in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            decision = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._lookup, address), timeout=self.lookup_timeout
+            )
+        except Exception as exc:  # down, slow or broken: delay the mail, never bounce it
+            logger.warning("recipient directory look-up failed: %s: %s", type(exc).__name__, exc)
+            return Decision(DIRECTORY_DOWN)
+        finally:
+            self._in_flight -= 1
+        if not decision.accepted and self.negative_ttl > 0:
+            if len(self._refused) >= _NEGATIVE_CACHE_SIZE:
+                self._refused = {}
+            self._refused[key] = (decision, time.monotonic() + self.negative_ttl, snapshot.fingerprint)
+        return decision
+
+    def _lookup(self, address: str) -> Decision:
+        """The authoritative decision for one address (runs in a look-up thread)."""
+        close_old_connections()  # this thread's own connection: drop it if it broke or aged
+        try:
+            parts = address_split(address)
+            if parts is None:
+                return Decision(Reply(501, "5.1.3 Bad recipient address syntax"))
+            local, domain_name, tags = parts
+            return self._decide_for(domain_entry_load(domain_name, local), local, tags, trusted=True)
+        except Exception:
+            with contextlib.suppress(Exception):  # a broken connection may refuse to close
+                connection.close()
+            raise
+
+    def decide(self, address: str) -> Decision:
+        """The RCPT decision for ``address`` from the snapshot alone (DESIGN section 3 step 1)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return Decision(DIRECTORY_DOWN)
         parts = address_split(address)
         if parts is None:
             return Decision(Reply(501, "5.1.3 Bad recipient address syntax"))
         local, domain_name, tags = parts
-        domain = snapshot.domains.get(domain_name)
+        return self._decide_for(snapshot.domains.get(domain_name), local, tags, trusted=self.fresh)
+
+    @staticmethod
+    def _decide_for(domain: DomainEntry | None, local: str, tags: tuple[str, ...], *, trusted: bool) -> Decision:
         if domain is None:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)
         common = {"tenant_id": domain.tenant_id, "tags": tags, "max_message_size": domain.max_message_size}

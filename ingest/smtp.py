@@ -191,7 +191,7 @@ class IngestHandler:
         if self.spool_low():
             metrics.LIMITED.labels("spool_space").inc()
             return SPOOL_FULL
-        decision = self.directory.decide(address)
+        decision = await self.directory.decide_checked(address)  # a refusal is confirmed by the database
         if not decision.accepted:
             return str(decision.reply)
         tenant = decision.tenant_id or ""
