@@ -3,7 +3,9 @@
 
 Children: the web server (uvicorn on mailplatform.asgi), the Celery worker with embedded beat
 and, once the command exists, the SMTP server (runsmtp). Their output is prefixed with their
-name. Ctrl-C (or SIGTERM) stops them all; so does any one of them exiting.
+name. Ctrl-C (or SIGTERM) stops them all; so does any one of them exiting. The banner (demo
+tenant, key, login link) is printed once the web server and SMTP answer; BASE_URL, unless set,
+follows --host/--port so the links in it (and in sign-in mail) reach this web server.
 """
 
 from __future__ import annotations
@@ -112,6 +114,49 @@ def web_command(host: str, port: int) -> list[str]:
     ]
 
 
+def reachable_host(host: str) -> str:
+    """The address a browser on this machine uses for a server listening on ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def wait_until_answering(
+    web: tuple[str, int], smtp: tuple[str, int] | None, children: list[Child], stopping: threading.Event
+) -> bool:
+    """Poll the web server's /healthz and the SMTP greeting until both answer.
+
+    False if a child ends or a stop is asked for first.
+    """
+    import http.client
+    import socket
+
+    web_up, smtp_up = False, smtp is None
+    started = time.monotonic()
+    told = False
+    while not stopping.is_set():
+        if any(child.process.poll() is not None for child in children):
+            return False
+        if not web_up:
+            connection = http.client.HTTPConnection(*web, timeout=2)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                connection.request("GET", "/healthz")
+                web_up = connection.getresponse().status == 200
+            connection.close()
+        if not smtp_up and smtp is not None:
+            with contextlib.suppress(OSError), socket.create_connection(smtp, timeout=2) as greeting:
+                smtp_up = greeting.recv(4).startswith(b"220")
+        if web_up and smtp_up:
+            return True
+        if not told and time.monotonic() - started > 30:
+            print("== waiting for the web server and SMTP to answer", flush=True)
+            told = True
+        stopping.wait(0.2)
+    return False
+
+
 def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
     mailbox, key = demo["mailbox"], demo["api_key"]
     lines = [
@@ -134,7 +179,17 @@ def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
         host, _, port = smtp.rpartition(":")
         lines.append(f"    swaks --server {host} --port {port} --to {mailbox} --from you@example.com")
         lines.append(f'    curl -H "Authorization: Bearer {key}" "{web}/api/v1/messages/?mailbox={demo["mailbox_id"]}"')
-    lines += ["", "  Ctrl-C stops everything.", "=" * 78, ""]
+    lines += [
+        "",
+        "  Real mail: point a domain's MX record at a public name of this host, e.g.",
+        "    example.com.  MX  10  mx.example.com.",
+        "  set MX_HOSTS=mx.example.com (the name domain checks expect) and BASE_URL to the public URL,",
+        "  and run SMTP on port 25: --host 0.0.0.0 --smtp-port 25 (README: Trying it, Custom domains).",
+        "",
+        "  Ctrl-C stops everything.",
+        "=" * 78,
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -143,12 +198,22 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--smtp-port", type=int, default=2525)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("INGEST_METRICS_PORT") or 9125),
+        help="runsmtp's Prometheus port (0: none)",
+    )
     parser.add_argument("--no-smtp", action="store_true", help="do not start the SMTP server")
     options = parser.parse_args()
 
     os.chdir(ROOT)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailplatform.settings")
     os.environ.setdefault("LOG_FORMAT", "text")  # people read this terminal; production keeps JSON
+    web = f"http://{reachable_host(options.host)}:{options.port}"
+    # Links in the banner and in sign-in mail, and signed URLs, point at this web server.
+    os.environ.setdefault("BASE_URL", web)
+    os.environ["INGEST_METRICS_PORT"] = str(options.metrics_port)  # read by runsmtp
 
     print("== migrating the database", flush=True)
     migrated = manage("migrate", "--noinput", "--verbosity=0")
@@ -162,7 +227,6 @@ def main() -> int:
     demo = json.loads(result.stdout.strip().splitlines()[-1])
 
     smtp_enabled = not options.no_smtp and has_command("runsmtp")
-    web = f"http://{options.host}:{options.port}"
     commands: list[tuple[str, list[str]]] = [
         ("web", web_command(options.host, options.port)),
         (
@@ -186,7 +250,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     for name, arguments in commands:
         children.append(Child(name, arguments, color))
-    print(banner(demo, web, f"{options.host}:{options.smtp_port}" if smtp_enabled else None), flush=True)
+    local = reachable_host(options.host).strip("[]")
+    smtp_address = (local, options.smtp_port) if smtp_enabled else None
+    if wait_until_answering((local, options.port), smtp_address, children, stopping):
+        print(banner(demo, web, f"{options.host}:{options.smtp_port}" if smtp_enabled else None), flush=True)
 
     exit_code = 0
     while not stopping.wait(0.2):

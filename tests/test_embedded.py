@@ -210,3 +210,45 @@ def test_it_reads_secrets_from_file_variants(tmp_path: Path) -> None:
     result = manage(missing, "check", timeout=60)
     assert result.returncode != 0
     assert "SECRET_KEY_FILE" in result.stderr
+
+
+def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_port(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    web_port, smtp_port, metrics_port = free_port(), free_port(), free_port()
+    env = embedded_env(tmp_path / "var")
+    env.pop("BASE_URL", None)
+    run = ChildProcess(
+        [
+            sys.executable,
+            "scripts/run.py",
+            "--port",
+            str(web_port),
+            "--smtp-port",
+            str(smtp_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        run.wait_for_line("login link", timeout=300)
+        # Printed only now that both answer: nothing here waits.
+        assert requests.get(f"http://127.0.0.1:{web_port}/healthz", timeout=5).status_code == 200
+        with socket.create_connection(("127.0.0.1", smtp_port), timeout=5) as smtp:
+            assert smtp.recv(100).startswith(b"220")
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert metrics.status_code == 200  # runsmtp got --metrics-port through INGEST_METRICS_PORT
+        [login] = [line for line in run.lines if "login link" in line]
+        assert f"http://127.0.0.1:{web_port}/login/link/" in login
+        assert sum("login link" in line for line in run.lines) == 1
+        assert any("MX" in line and "MX_HOSTS" in line for line in run.lines)
+        link = login.split("login link", 1)[1].split()[0]
+        landing = requests.get(link, timeout=10, allow_redirects=False)
+        assert landing.status_code == 302  # the link is served by this very web server
+        os.kill(run.process.pid, signal.SIGTERM)
+        assert run.process.wait(60) == 0
+    finally:
+        run.stop(timeout=60)
