@@ -109,6 +109,17 @@ def test_it_stops_at_start_when_the_smtp_port_is_busy(world: Any, runsmtp: Any) 
     ]
 
 
+def test_it_stops_at_start_when_the_spool_cannot_be_written(world: Any, runsmtp: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    server = runsmtp(SPOOL_DIR=str(blocker / "spool"))  # root ignores modes; a file in the path stops anyone
+    result = run_to_exit(server, 0)
+    assert result.returncode != 0
+    [problem] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert problem.startswith(f"CommandError: the spool {blocker / 'spool'} is not writable"), problem
+    assert not listening(server.port)
+
+
 def test_it_stops_its_accept_processes_when_the_supervisor_is_killed(world: Any, runsmtp: Any) -> None:
     server = runsmtp(INGEST_WORKERS="2")
     server.start()
