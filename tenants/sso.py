@@ -110,9 +110,19 @@ def discovery(provider: SsoProvider, *, refresh: bool = False) -> dict[str, Any]
     # Section 4.3: the issuer in the document must be exactly the one configured.
     if document.get("issuer") != provider.issuer:
         raise SsoError(UNREACHABLE, "discovery: the document names another issuer")
-    for field in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
-        if not isinstance(document.get(field), str):
+    policy = transport.Policy.outbound()
+    for field in ("authorization_endpoint", "token_endpoint", "jwks_uri", "userinfo_endpoint"):
+        value = document.get(field)
+        if value is None and field == "userinfo_endpoint":
+            continue
+        if not isinstance(value, str):
             raise SsoError(UNREACHABLE, f"discovery: the document lacks {field}")
+        # The browser is sent to the authorization endpoint, we call the others: all of them
+        # must be http(s) URLs of the allowed shape (a javascript: or file: URL is refused here).
+        try:
+            transport.url_parse(value, policy)
+        except transport.UrlRefused as exc:
+            raise SsoError(UNREACHABLE, f"discovery: {field}: {exc}") from None
     SsoProvider.objects.filter(pk=provider.pk).update(discovery=document, discovery_fetched_at=timezone.now())
     provider.discovery, provider.discovery_fetched_at = document, timezone.now()
     return dict(document)

@@ -255,3 +255,21 @@ def test_it_gives_up_on_a_slow_provider_within_the_timeout(enterprise, settings,
         assert time.monotonic() - started < 3
     finally:
         close()
+
+
+@pytest.mark.parametrize("endpoint", ["javascript:alert(1)", "file:///etc/passwd", "ftp://idp.example/auth"])
+def test_it_refuses_a_document_whose_endpoints_are_not_web_urls(enterprise, settings, endpoint):
+    settings.OUTBOUND_ALLOW_PRIVATE = True
+    server = Receiver()
+    try:
+        issuer = server.url(path="")
+        document = {
+            "issuer": issuer,
+            "authorization_endpoint": endpoint,
+            "token_endpoint": f"{issuer}/token",
+            "jwks_uri": f"{issuer}/jwks",
+        }
+        server.respond(Scripted(200, headers={"Content-Type": "application/json"}, body=json.dumps(document).encode()))
+        _assert_generic(_configure(enterprise, issuer))
+    finally:
+        server.close()
