@@ -3,6 +3,9 @@
 The bytes take the same way as mail received over SMTP: ``ingest.services.accept`` into the
 spool, then the drainer, parsing and the events. The answer is 202 with the queue id; the
 Message appears once the entry is drained (``ingest.received`` then carries the same id).
+
+An ``Idempotency-Key`` header makes a retried upload safe (ingest/idempotency.py): the same
+key and request within IDEMPOTENCY_KEY_TTL answer the first answer again, and queue nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from audit.middleware import client_ip
+from ingest.idempotency import (
+    Answer,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyReused,
+    idempotency_key_clean,
+    idempotent_answer,
+    request_fingerprint,
+)
 from ingest.services import message_upload
 from ingest.spool import is_disk_full
 from mailboxes import selectors
@@ -38,6 +49,31 @@ class SpoolUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = "The message could not be queued; try again later."
     default_code = "spool_unavailable"
+
+
+class IdempotencyKeyReusedError(exceptions.APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "This Idempotency-Key was used for a different request; use a new key for a new request."
+    default_code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInvalidError(exceptions.APIException):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "idempotency_key_invalid"
+
+
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    location=OpenApiParameter.HEADER,
+    required=False,
+    description=(
+        "Makes retries safe: the same key with the same request within 24 hours answers the first "
+        "answer again (same status and body, header `Idempotent-Replayed: true`) and queues nothing; "
+        "the same key with a different request answers 422 `idempotency_key_reused`. Keys are scoped "
+        "to the API key (or member) that sends them; 1 to 255 printable ASCII characters."
+    ),
+)
 
 
 class RawMessageParser(BaseParser):
@@ -75,7 +111,10 @@ class MessageUploadView(APIView):
     @extend_schema(
         operation_id="mailbox_messages_upload",
         request={"message/rfc822": OpenApiTypes.BINARY, "application/octet-stream": OpenApiTypes.BINARY},
-        parameters=[OpenApiParameter("mail_from", OpenApiTypes.STR, description="Envelope sender to record")],
+        parameters=[
+            OpenApiParameter("mail_from", OpenApiTypes.STR, description="Envelope sender to record"),
+            IDEMPOTENCY_KEY,
+        ],
         responses={
             202: inline_serializer(
                 "MessageQueued",
@@ -86,6 +125,7 @@ class MessageUploadView(APIView):
                 },
             ),
             413: OpenApiResponse(description="Larger than the tenant's maximum message size"),
+            422: OpenApiResponse(description="`idempotency_key_reused`: the key was used for another request"),
         },
     )
     def post(self, request: Request, pk: UUID) -> Response:
@@ -103,17 +143,36 @@ class MessageUploadView(APIView):
         if len(content) > limit:
             raise MessageTooLarge()
         mail_from = request.query_params.get("mail_from", "")[:320]
-        try:
-            queue_id = message_upload(
-                principal=principal,
-                mailbox=mailbox,
-                content=content,
-                mail_from=mail_from,
-                remote_ip=client_ip(request),
-                tls=request.is_secure(),
-            )
-        except OSError as exc:
-            raise SpoolUnavailable("The spool is full; try again later." if is_disk_full(exc) else None) from None
-        return Response(
-            {"queue_id": queue_id, "mailbox": str(mailbox.pk), "status": "queued"}, status=status.HTTP_202_ACCEPTED
-        )
+
+        def upload() -> Answer:
+            try:
+                queue_id = message_upload(
+                    principal=principal,
+                    mailbox=mailbox,
+                    content=content,
+                    mail_from=mail_from,
+                    remote_ip=client_ip(request),
+                    tls=request.is_secure(),
+                )
+            except OSError as exc:
+                raise SpoolUnavailable("The spool is full; try again later." if is_disk_full(exc) else None) from None
+            body = {"queue_id": queue_id, "mailbox": str(mailbox.pk), "status": "queued"}
+            return Answer(status=status.HTTP_202_ACCEPTED, body=body)
+
+        offered = request.headers.get("Idempotency-Key")
+        if offered is None:
+            answer = upload()
+        else:
+            try:
+                key = idempotency_key_clean(offered)
+            except IdempotencyKeyInvalid as exc:
+                raise IdempotencyKeyInvalidError(str(exc)) from None
+            fingerprint = request_fingerprint("mailbox-upload", str(mailbox.pk), mail_from, content)
+            try:
+                answer = idempotent_answer(principal=principal, key=key, fingerprint=fingerprint, produce=upload)
+            except IdempotencyKeyReused:
+                raise IdempotencyKeyReusedError() from None
+        response = Response(answer.body, status=answer.status)
+        if answer.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
