@@ -172,7 +172,13 @@ class SsoConfigureSerializer(serializers.Serializer[Any]):
     client_secret = serializers.CharField(
         max_length=2000, required=False, write_only=True, help_text="Omit to keep the current secret"
     )
-    email_domains = serializers.ListField(child=serializers.CharField(max_length=253), min_length=1, max_length=100)
+    email_domains = serializers.ListField(
+        child=serializers.CharField(max_length=253),
+        min_length=1,
+        max_length=100,
+        help_text="The e-mail domains your people use; each must be a verified domain of this tenant "
+        "(else sso_domain_not_verified), and stops signing anyone in if its DNS TXT record goes",
+    )
     scopes = serializers.CharField(max_length=255, required=False, default="openid email profile")
     default_role = serializers.ChoiceField(choices=SsoProvider.Role.choices, required=False, default="member")
     role_claim = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
