@@ -367,6 +367,9 @@ def serve(options: ServerOptions) -> None:
     if options.drain:
         drainer = Drainer(spool, threads=settings.INGEST_DRAIN_THREADS, wake=wake_read)
         drainer.start()
+    from ingest.heartbeats import smtp_heartbeat_start
+
+    heartbeat = smtp_heartbeat_start(spool, port=options.port)  # /readyz: this node and its spool
 
     try:
         while not stopping.is_set():
@@ -398,6 +401,7 @@ def serve(options: ServerOptions) -> None:
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        heartbeat.stop()
         if drainer is not None:
             drainer.stopping.set()
             drainer.join(timeout=30)

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_process_shutdown
+from celery.signals import task_postrun, task_prerun, worker_process_shutdown, worker_ready, worker_shutdown
 from django.conf import settings
 from kombu import Exchange, Queue
 
@@ -37,6 +37,8 @@ app.conf.beat_schedule = {
     "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": float(settings.DOMAIN_CHECK_SWEEP)},
     # Sign-in links that expired or were used more than a day ago.
     "login-tokens-purge": {"task": "webinbox.tasks.login_tokens_purge", "schedule": 3600.0},
+    # Upload idempotency keys past their lifetime, heartbeats of nodes gone for a day.
+    "ingest-rows-purge": {"task": "ingest.tasks.ingest_rows_purge", "schedule": 600.0},
 }
 
 
@@ -60,3 +62,20 @@ def _metrics_process_dead(pid: int | None = None, **kwargs: Any) -> None:
     from mailplatform.metrics import process_dead
 
     process_dead(pid or os.getpid())
+
+
+@worker_ready.connect
+def _heartbeat_start(sender: Any = None, **kwargs: Any) -> None:
+    """The worker says it is alive (ingest/heartbeats.py: /readyz and /metrics show it)."""
+    import socket
+
+    from ingest.heartbeats import worker_heartbeat_start
+
+    worker_heartbeat_start(node=getattr(sender, "hostname", None) or socket.gethostname())
+
+
+@worker_shutdown.connect
+def _heartbeat_stop(**kwargs: Any) -> None:
+    from ingest.heartbeats import worker_heartbeat_stop
+
+    worker_heartbeat_stop()

@@ -115,14 +115,47 @@ def readyz(request: HttpRequest) -> JsonResponse:
     """Ready when the database, the broker and blob storage all answer; 503 otherwise.
 
     The body names each check with ``ok``, the error's type when it failed (never its text,
-    which may hold a URL with credentials) and how long it took.
+    which may hold a URL with credentials) and how long it took; then whether mail flows
+    through the rest of the platform (``mail_flow``, ``warnings``: stale SMTP nodes, no live
+    worker, an old spool entry or unparsed backlog), which leaves the status code alone.
     """
     results = _run_checks()
     failed = [name for name, result in results.items() if not result["ok"]]
     for name in failed:
         logger.warning("readiness check %s failed: %s", name, results[name]["error"])
-    body = {"status": "unavailable" if failed else "ok", "failed": failed, "checks": results}
+    body: dict[str, object] = {"status": "unavailable" if failed else "ok", "failed": failed, "checks": results}
+    body.update(_mail_flow(detailed=_metrics_allowed(request), database_ok=results["database"]["ok"]))
     return JsonResponse(body, status=503 if failed else 200)
+
+
+def _mail_flow(*, detailed: bool, database_ok: object) -> dict[str, object]:
+    """Whether mail flows beyond this web node: a warning section, never a reason for 503.
+
+    The web node can serve while a worker or an SMTP node is down, so readiness (which
+    takes it out of a balancer) stays with the checks above; ``mail_flow`` is "ok",
+    "degraded" (see ``warnings``) or "unknown" (the database did not answer). Node names
+    are shown only to those who may read /metrics.
+    """
+    if not database_ok:
+        return {"mail_flow": "unknown", "warnings": []}
+    from ingest.heartbeats import mail_flow_status
+
+    try:
+        flow = mail_flow_status()
+    except Exception as exc:
+        logger.warning("mail flow status unavailable: %s", type(exc).__name__)
+        return {"mail_flow": "unknown", "warnings": []}
+    warnings = flow["warnings"]
+    if not detailed:
+        warnings = [{key: value for key, value in warning.items() if key != "node"} for warning in warnings]
+    body: dict[str, object] = {"mail_flow": flow["status"], "warnings": warnings}
+    if detailed:
+        body["nodes"] = flow["nodes"]
+        body["backlog"] = {
+            "spool_oldest_age_seconds": flow["spool_oldest_age_seconds"],
+            "unparsed_oldest_age_seconds": flow["unparsed_oldest_age_seconds"],
+        }
+    return body
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -130,6 +163,13 @@ def _is_loopback(address: str | None) -> bool:
         return address is not None and ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def _metrics_allowed(request: HttpRequest) -> bool:
+    token = settings.METRICS_TOKEN
+    offered = request.headers.get("Authorization", "")
+    authorized = bool(token) and hmac.compare_digest(offered.encode(), f"Bearer {token}".encode())
+    return authorized or _is_loopback(request.META.get("REMOTE_ADDR"))
 
 
 @never_cache
@@ -140,10 +180,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     In multiprocess mode (METRICS_DIR) the sum over every process of this node: the web
     processes, the Celery workers and beat (mailplatform/metrics.py).
     """
-    token = settings.METRICS_TOKEN
-    offered = request.headers.get("Authorization", "")
-    authorized = bool(token) and hmac.compare_digest(offered.encode(), f"Bearer {token}".encode())
-    if not (authorized or _is_loopback(request.META.get("REMOTE_ADDR"))):
+    if not _metrics_allowed(request):
         return json_error_response(
             request, 403, "permission_denied", "Metrics are served to loopback or with the metrics token."
         )
