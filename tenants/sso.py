@@ -290,6 +290,9 @@ class TenantOIDCBackend(OIDCAuthenticationBackend):
         if domain not in sso_domains_verified(self.provider.tenant_id, [domain]):
             self.refusal = DOMAIN_NOT_VERIFIED
             return False
+        if self.matched_user is not None and not self.matched_user.is_active:
+            self.refusal = CLAIMS_REFUSED  # a deactivated account stays out, whoever vouches for it
+            return False
         if self.matched_user is not None and (self.matched_user.is_staff or self.matched_user.is_superuser):
             # The platform's own people sign in with their own credentials, never a tenant's.
             self.refusal = STAFF_REFUSED

@@ -97,6 +97,13 @@ def test_it_never_signs_in_a_staff_account(client, enterprise, world):
     assert all(e.after["reason"] == "sso_staff_refused" for e in AuditEntry.objects.filter(action="auth.login_failed"))
 
 
+def test_it_never_signs_in_a_deactivated_account(client, enterprise, world):
+    User.objects.create_user("alice@corp.example.test", is_active=False)
+    assert sign_in(client, "alice@corp.example.test").status_code == 403
+    assert "_auth_user_id" not in client.session
+    assert _refusals(world.tenant.pk)[-1].after["reason"] == "sso_claims_refused"
+
+
 def test_it_stops_signing_in_once_the_domain_loses_its_verification(client, enterprise, world, dns_zone):
     from tenants.services import domain_check
 
