@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
+from django.core.exceptions import PermissionDenied
 from django.db.models import Model, Q, QuerySet
 
 from audit.services import Actor
@@ -196,6 +197,24 @@ class Principal:
     def may_use_domain(self, domain_id: UUID) -> bool:
         """Whether new things (mailboxes) may be created under this domain."""
         return self.is_tenant_wide or domain_id in (self.granted_domain_ids or ())
+
+
+class TenantSuspended(PermissionDenied):
+    """The tenant is suspended: every door refuses it alike, with 403 and this message (the
+    API with the error code ``tenant_suspended``; the web pages with templates/403.html)."""
+
+    code = "tenant_suspended"
+
+    def __init__(self) -> None:
+        # The staff's reason (Tenant.status_reason) stays in the admin.
+        super().__init__("This tenant is suspended. Its owners can ask support to reactivate it.")
+
+
+def tenant_ensure_active(tenant: Tenant) -> None:
+    """The rule for a suspended tenant, one for every door: the API (DRF permission), the
+    console, the inbox, signed downloads and temporary inboxes. Raises :class:`TenantSuspended`."""
+    if not tenant.is_active:
+        raise TenantSuspended
 
 
 def _allowlists(*lists: Sequence[str]) -> tuple[tuple[Network, ...], ...]:

@@ -27,7 +27,7 @@ from mailboxes.api.message_serializers import MessageDetailSerializer
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError, query_parse
 from mailplatform.api import error_body
-from tenants.access import Permission, Principal
+from tenants.access import Permission, Principal, TenantSuspended, tenant_ensure_active
 from tenants.services import KeyRejected, api_key_authenticate
 
 MAX_TIMEOUT = 300.0
@@ -60,8 +60,10 @@ def _authenticate(request: HttpRequest) -> Principal:
         raise ApiError(401, rejected.code, str(rejected)) from None
     context.set_tenant(str(api_key.tenant_id))
     principal = Principal.for_api_key(api_key)
-    if not principal.tenant.is_active:
-        raise ApiError(403, "tenant_suspended", "This tenant is suspended.")
+    try:
+        tenant_ensure_active(principal.tenant)
+    except TenantSuspended as refusal:
+        raise ApiError(403, refusal.code, str(refusal)) from None
     if not principal.allows_ip(ip):
         raise ApiError(403, "ip_not_allowed", "This API key may not be used from your address (IP allowlist).")
     if not principal.has_perm(Permission.MESSAGES_READ):

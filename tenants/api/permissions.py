@@ -15,7 +15,7 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from audit import context
-from tenants.access import Principal
+from tenants.access import Principal, TenantSuspended, tenant_ensure_active
 
 _UNDECLARED = object()
 
@@ -48,8 +48,10 @@ class KeyPermission(BasePermission):
         principal = request.user
         if not isinstance(principal, Principal):
             raise exceptions.NotAuthenticated("Send an API key as 'Authorization: Bearer mp_...'.")
-        if not principal.tenant.is_active:
-            raise exceptions.PermissionDenied("This tenant is suspended.", code="tenant_suspended")
+        try:
+            tenant_ensure_active(principal.tenant)
+        except TenantSuspended as refusal:
+            raise exceptions.PermissionDenied(str(refusal), code=refusal.code) from None
         if not principal.allows_ip(context.current().ip):
             raise exceptions.PermissionDenied(
                 "This API key may not be used from your address (IP allowlist).", code="ip_not_allowed"

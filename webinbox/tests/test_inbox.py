@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from html import unescape
 from typing import Any
 
 import pytest
@@ -210,3 +211,19 @@ def test_it_shows_no_queue_id_and_its_notice_on_the_right_page(world: Any, signe
     landed = client.post(_url(world, gone), {"action": "delete"}, follow=True).content.decode()
     assert "Message deleted." in landed and "Kept" in landed and kept.trace_id not in landed
     assert "Message deleted." not in client.get("/inbox/").content.decode()
+
+
+def test_it_says_when_the_tenants_ip_allowlist_blocks_this_address(world: Any) -> None:
+    message_deliver(world.mailbox, simple_message("Behind the allowlist"))
+    world.tenant.ip_allowlist = ["192.0.2.0/24"]
+    world.tenant.save()
+    elsewhere = Client(REMOTE_ADDR="198.51.100.4")
+    elsewhere.force_login(world.member)
+    html = unescape(elsewhere.get("/inbox/").content.decode())
+    assert "Behind the allowlist" not in html and "not a member of any tenant" not in html
+    assert f"{world.tenant.name}: the tenant's IP allowlist blocks your address (198.51.100.4)" in html
+    blocked = elsewhere.get(f"/inbox/{world.tenant.slug}/")
+    assert blocked.status_code == 403 and "IP allowlist blocks your address" in unescape(blocked.content.decode())
+    inside = Client(REMOTE_ADDR="192.0.2.10")
+    inside.force_login(world.member)
+    assert "Behind the allowlist" in inside.get("/inbox/").content.decode()

@@ -30,7 +30,7 @@ from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
-from tenants.access import Permission, Principal, session_memberships, session_reaches
+from tenants.access import Permission, Principal, session_memberships, session_reaches, tenant_ensure_active
 from tenants.models import Membership
 from webhooks import selectors as webhook_selectors
 from webhooks import services as webhook_services
@@ -46,6 +46,7 @@ from webinbox.forms import (
     TenantSettingsForm,
     WebhookForm,
 )
+from webinbox.views.common import ip_blocked_reason
 
 View = Callable[..., HttpResponseBase]
 
@@ -80,8 +81,10 @@ def console_view(view: View) -> View:
         if not session_reaches(request.session, membership.tenant_id):
             raise Http404  # a session from another tenant's SSO: this tenant needs its own sign-in
         principal = Principal.for_member(membership)
-        if not principal.allows_ip(services.client_ip()):
-            return _forbidden(request, "The tenant's IP allowlist does not include your address.")
+        tenant_ensure_active(principal.tenant)  # the API's rule: TenantSuspended, a 403 page
+        ip = services.client_ip()
+        if not principal.allows_ip(ip):
+            return _forbidden(request, ip_blocked_reason(ip))
         request.console_principal = principal  # type: ignore[attr-defined]
         try:
             return view(request, principal, *args, **kwargs)

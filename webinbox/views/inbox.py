@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from mailboxes.selectors import mailbox_get, mailbox_list, message_get
-from tenants.access import Permission, Principal, session_memberships
+from tenants.access import Permission, Principal, TenantSuspended, session_memberships, tenant_ensure_active
 from tenants.selectors import memberships_of
 from webinbox import services
 from webinbox.forms import TagsForm
@@ -21,17 +21,41 @@ from webinbox.views import common
 from webinbox.views.public import _message_action
 
 
-def _principals(request: HttpRequest) -> list[Principal]:
-    """The member's principal in each tenant they may reach from this address and this session."""
-    ip = services.client_ip()
+def _member_principals(request: HttpRequest) -> list[Principal]:
+    """The member's principal in each tenant this session may use (one, after a tenant's SSO)."""
     memberships = session_memberships(request.session, memberships_of(request.user))  # type: ignore[arg-type]
-    principals = [Principal.for_member(membership) for membership in memberships]
-    return [principal for principal in principals if principal.allows_ip(ip)]
+    return [Principal.for_member(membership) for membership in memberships]
+
+
+def _ensure_usable(principal: Principal) -> None:
+    """The console's rules, and the API's: a suspended tenant, then the tenant's IP allowlist."""
+    tenant_ensure_active(principal.tenant)
+    ip = services.client_ip()
+    if not principal.allows_ip(ip):
+        raise PermissionDenied(common.ip_blocked_reason(ip))
+
+
+def _principals(request: HttpRequest) -> tuple[list[Principal], list[str]]:
+    """The principals usable from here, and a line for each tenant that refuses this request."""
+    usable, refused = [], []
+    for principal in _member_principals(request):
+        try:
+            _ensure_usable(principal)
+        except TenantSuspended:
+            refused.append(f"{principal.tenant.name} is suspended.")
+        except PermissionDenied as refusal:
+            reason = str(refusal)
+            refused.append(f"{principal.tenant.name}: {reason[:1].lower()}{reason[1:]}")
+        else:
+            usable.append(principal)
+    return usable, refused
 
 
 def _principal_for(request: HttpRequest, tenant_slug: str) -> Principal:
-    for principal in _principals(request):
+    """Another tenant's slug answers 404; a tenant that refuses this request, 403 saying why."""
+    for principal in _member_principals(request):
         if principal.tenant.slug == tenant_slug:
+            _ensure_usable(principal)
             return principal
     raise Http404
 
@@ -47,9 +71,9 @@ def _uuid(value: str) -> UUID:
 @require_GET
 def inbox(request: HttpRequest) -> HttpResponse:
     """Every tenant's mailboxes; the first tenant's messages across its mailboxes."""
-    principals = _principals(request)
+    principals, refused = _principals(request)
     tenants = [{"principal": principal, "mailboxes": list(mailbox_list(principal)[:200])} for principal in principals]
-    context: dict[str, Any] = {"tenants": tenants}
+    context: dict[str, Any] = {"tenants": tenants, "refused": refused}
     if principals:
         principal = principals[0]
         context.update(
@@ -73,10 +97,12 @@ def tenant_inbox(request: HttpRequest, tenant_slug: str, mailbox_id: str | None 
             mailbox = mailbox_get(principal, _uuid(mailbox_id))
         except ObjectDoesNotExist:
             raise Http404 from None
-    tenants = [{"principal": p, "mailboxes": list(mailbox_list(p)[:200])} for p in _principals(request)]
+    usable, refused = _principals(request)
+    tenants = [{"principal": p, "mailboxes": list(mailbox_list(p)[:200])} for p in usable]
     poll_kwargs = {"tenant_slug": tenant_slug, **({"mailbox_id": mailbox.pk} if mailbox else {})}
     context = {
         "tenants": tenants,
+        "refused": refused,
         "current_tenant": principal.tenant,
         "mailbox": mailbox,
         "poll_url": reverse("webinbox:mailbox-poll" if mailbox else "webinbox:tenant-poll", kwargs=poll_kwargs),

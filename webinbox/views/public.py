@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,7 +20,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from mailboxes.selectors import message_get
-from tenants.access import session_scope_clear
+from tenants.access import TenantSuspended, session_scope_clear, tenant_ensure_active
 from webinbox import selectors, services
 from webinbox.forms import LoginForm, TagsForm
 from webinbox.models import TempInbox
@@ -142,7 +144,24 @@ def _not_found(request: HttpRequest) -> HttpResponse:
 
 
 def _open(token: str) -> TempInbox | None:
-    return selectors.temp_inbox_by_token(token[:128])
+    """The live inbox the token opens; TenantSuspended if its tenant is suspended (every door's rule)."""
+    inbox = selectors.temp_inbox_by_token(token[:128])
+    if inbox is not None:
+        tenant_ensure_active(inbox.mailbox.tenant)
+    return inbox
+
+
+def _temp_door(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A temporary-inbox page: a suspended tenant answers 403, private like the page itself."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, token: str, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, token, *args, **kwargs)
+        except TenantSuspended as refusal:
+            return _private(render(request, "403.html", {"exception": str(refusal)}, status=403))
+
+    return wrapper
 
 
 def _private(response: HttpResponse) -> HttpResponse:
@@ -155,6 +174,7 @@ def _private(response: HttpResponse) -> HttpResponse:
     return response
 
 
+@_temp_door
 @require_GET
 def temp_inbox(request: HttpRequest, token: str) -> HttpResponse:
     inbox = _open(token)
@@ -174,6 +194,7 @@ def temp_inbox(request: HttpRequest, token: str) -> HttpResponse:
     return _private(common.render_list(request, "webinbox/temp_inbox.html", context))
 
 
+@_temp_door
 @require_GET
 def temp_poll(request: HttpRequest, token: str) -> HttpResponse:
     inbox = _open(token)
@@ -183,6 +204,7 @@ def temp_poll(request: HttpRequest, token: str) -> HttpResponse:
     return _private(common.poll_response(principal, request, mailbox_id=inbox.mailbox_id))
 
 
+@_temp_door
 @require_POST
 def temp_extend(request: HttpRequest, token: str) -> HttpResponse:
     inbox = _open(token)
@@ -196,6 +218,7 @@ def temp_extend(request: HttpRequest, token: str) -> HttpResponse:
     return _private(redirect("webinbox:temp-inbox", token=token))
 
 
+@_temp_door
 @require_POST
 def temp_delete(request: HttpRequest, token: str) -> HttpResponse:
     inbox = _open(token)
@@ -218,6 +241,7 @@ def _temp_message(token: str, message_id: str) -> tuple[TempInbox, Any] | None:
     return inbox, message
 
 
+@_temp_door
 @require_http_methods(["GET", "POST"])
 def temp_message(request: HttpRequest, token: str, message_id: str) -> HttpResponse:
     found = _temp_message(token, message_id)
@@ -243,6 +267,7 @@ def temp_message(request: HttpRequest, token: str, message_id: str) -> HttpRespo
     return _private(render(request, "webinbox/message.html", context))
 
 
+@_temp_door
 @require_GET
 def temp_message_body(request: HttpRequest, token: str, message_id: str) -> HttpResponse:
     found = _temp_message(token, message_id)
