@@ -58,6 +58,8 @@ def mailbox_create(
     require(principal, Permission.MAILBOXES_MANAGE)
     if domain.tenant_id != principal.tenant.pk or not principal.may_use_domain(domain.pk):
         raise PermissionDenied("This key cannot create mailboxes on that domain.")
+    if is_catch_all:
+        _catch_all_require(principal, domain)
     local = local_part_normalize(local_part) if local_part else random_local_part()
     if local in RESERVED_LOCAL_PARTS:
         raise ValidationError({"local_part": f"{local}@ is reserved for the platform."})
@@ -103,8 +105,17 @@ def mailbox_create(
 _EDITABLE = frozenset({"name", "is_catch_all", "expires_at", "retention_days"})
 
 
+def _catch_all_require(principal: Principal, domain: Domain) -> None:
+    """Which mailbox is the catch-all is the domain's setting, not the mailbox's: it reads the
+    mail of every unknown address of the domain, so a key scoped to one mailbox cannot set it."""
+    if not principal.may_manage_domain(domain.pk):
+        raise PermissionDenied("The catch-all is a domain-wide setting: it needs domains:manage on the domain itself.")
+
+
 def mailbox_update(*, principal: Principal, mailbox: Mailbox, **changes: Any) -> Mailbox:
     require(principal, Permission.MAILBOXES_MANAGE)
+    if "is_catch_all" in changes and bool(changes["is_catch_all"]) != mailbox.is_catch_all:
+        _catch_all_require(principal, mailbox.domain)
     before = _summary(mailbox)
     for field, value in changes.items():
         if field not in _EDITABLE:

@@ -123,15 +123,20 @@ class Principal:
         domain_ids = frozenset(api_key.allowed_domains.values_list("id", flat=True))
         mailbox_rows = list(api_key.allowed_mailboxes.values_list("id", "domain_id"))
         scoped = bool(domain_ids or mailbox_rows)
+        # A minted key is never wider than the keys above it, whatever happened since.
+        chain = api_key.ancestors()
+        permissions = frozenset(api_key.permissions).intersection(*(key.permissions for key in chain))
         return cls(
             tenant=api_key.tenant,
-            permissions=frozenset(api_key.permissions),
+            permissions=permissions,
             actor=Actor(type="api_key", label=f"{api_key.name} (mp_…{api_key.last_four})", api_key_id=api_key.pk),
             api_key=api_key,
             granted_domain_ids=domain_ids if scoped else None,
             granted_mailbox_ids=frozenset(row[0] for row in mailbox_rows) if scoped else None,
             mailbox_domain_ids=frozenset(row[1] for row in mailbox_rows),
-            ip_allowlists=_allowlists(api_key.tenant.ip_allowlist, api_key.ip_allowlist),
+            ip_allowlists=_allowlists(
+                api_key.tenant.ip_allowlist, api_key.ip_allowlist, *(key.ip_allowlist for key in chain)
+            ),
         )
 
     @classmethod
@@ -197,6 +202,12 @@ class Principal:
     def may_use_domain(self, domain_id: UUID) -> bool:
         """Whether new things (mailboxes) may be created under this domain."""
         return self.is_tenant_wide or domain_id in (self.granted_domain_ids or ())
+
+    def may_manage_domain(self, domain_id: UUID) -> bool:
+        """Whether domain-wide settings (the recipient policy, which mailbox is the catch-all)
+        may be changed: ``domains:manage`` with the domain itself in scope, never a grant of
+        one of its mailboxes."""
+        return self.has_perm(Permission.DOMAINS_MANAGE) and self.may_use_domain(domain_id)
 
 
 class TenantSuspended(PermissionDenied):

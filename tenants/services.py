@@ -294,8 +294,12 @@ def api_key_mint(
     """Mint a key and return it with its secret, which is never available again.
 
     The new key can hold only permissions and resources the minting principal holds itself.
+    A key minted by a key is its child: never wider than its parent in permissions, resources,
+    IP allowlist and expiry (what the request leaves out is inherited, what it asks beyond
+    the parent is a 400 with a ``*_exceed(s)_parent`` code), and it dies with the parent.
     """
     require(principal, Permission.KEYS_MANAGE)
+    parent = principal.api_key
     wanted = sorted(set(permissions))
     unknown = [perm for perm in wanted if perm not in ALL_PERMISSIONS]
     if unknown:
@@ -303,19 +307,35 @@ def api_key_mint(
     if not wanted:
         raise ValidationError({"permissions": "Give the key at least one permission."})
     if not principal.can_grant(wanted):
+        if parent is not None:
+            raise _exceeds("permissions", "permissions_exceed_parent", "The key's own permissions are the limit.")
         raise PermissionDenied("A key cannot be given permissions its creator does not hold.")
     domains, mailboxes = list(domains), list(mailboxes)
     for resource in [*domains, *mailboxes]:
         if resource.tenant_id != principal.tenant.pk:
             raise ValidationError({"resources": "Unknown resource."})
+    if not principal.is_tenant_wide:
+        if not (domains or mailboxes):  # inherit the parent's allow-list rather than the whole tenant
+            domains = list(Domain.objects.filter(pk__in=principal.granted_domain_ids or ()))
+            mailboxes = list(parent.allowed_mailboxes.all()) if parent is not None else []
+        granted_domains = principal.granted_domain_ids or frozenset()
+        outside = [domain for domain in domains if domain.pk not in granted_domains] + [
+            mailbox
+            for mailbox in mailboxes
+            if mailbox.pk not in (principal.granted_mailbox_ids or ()) and mailbox.domain_id not in granted_domains
+        ]
+        if outside:
+            raise _exceeds("resources", "resources_exceed_parent", "Only resources within the key's own allow-list.")
     if (domains or mailboxes) and TENANT_WIDE_PERMISSIONS & set(wanted):
         raise ValidationError(
             {"permissions": "keys:manage and tenant:manage need a key for the whole tenant."}, code="invalid"
         )
-    if not principal.is_tenant_wide and not (domains or mailboxes):
-        raise PermissionDenied("A scoped key can only mint keys within its own scope.")
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationError({"expires_at": "The expiry must be in the future."})
+    allowlist = ip_allowlist_normalize(ip_allowlist)
+    if parent is not None:
+        expires_at = _child_expiry(parent, expires_at)
+        allowlist = _child_allowlist(parent, allowlist)
 
     generated = keys.generate()
     api_key = ApiKey(
@@ -327,7 +347,8 @@ def api_key_mint(
         permissions=wanted,
         expires_at=expires_at,
         created_by=created_by or principal.user,
-        ip_allowlist=ip_allowlist_normalize(ip_allowlist),
+        ip_allowlist=allowlist,
+        parent=parent,
     )
     api_key.full_clean()
     with transaction.atomic():
@@ -347,27 +368,76 @@ def api_key_mint(
                 "mailboxes": [str(mailbox.pk) for mailbox in mailboxes],
                 "expires_at": expires_at,
                 "ip_allowlist": api_key.ip_allowlist,
+                "parent": str(parent.pk) if parent is not None else None,
                 "last_four": api_key.last_four,
             },
         )
     return api_key, generated.secret
 
 
+def _exceeds(field: str, code: str, message: str) -> ValidationError:
+    return ValidationError(
+        {field: ValidationError(f"This asks for more than the minting key has. {message}", code=code)}
+    )
+
+
+def _child_expiry(parent: ApiKey, wanted: datetime | None) -> datetime | None:
+    """The child's expiry: the one asked for, or the parent's (the nearest of its chain)."""
+    limits = [key.expires_at for key in (parent, *parent.ancestors()) if key.expires_at is not None]
+    limit = min(limits) if limits else None
+    if limit is None:
+        return wanted
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise _exceeds("expires_at", "expiry_exceeds_parent", f"The key expires at {limit.isoformat()}.")
+    return wanted
+
+
+def _child_allowlist(parent: ApiKey, wanted: list[str]) -> list[str]:
+    """The child's IP allowlist: the parent's when none is asked, else networks inside it."""
+    chain = [networks(key.ip_allowlist) for key in (parent, *parent.ancestors()) if key.ip_allowlist]
+    if not chain:
+        return wanted
+    if not wanted:
+        return list(parent.ip_allowlist or next(key.ip_allowlist for key in parent.ancestors() if key.ip_allowlist))
+    for network in networks(wanted):
+        if not all(any(_subnet_of(network, allowed) for allowed in allowlist) for allowlist in chain):
+            raise _exceeds(
+                "ip_allowlist", "ip_allowlist_exceeds_parent", f"{network} is outside the key's own IP allowlist."
+            )
+    return wanted
+
+
+def _subnet_of(network: Any, allowed: Any) -> bool:
+    return bool(network.version == allowed.version and network.subnet_of(allowed))
+
+
 def api_key_revoke(*, principal: Principal | None, api_key: ApiKey, actor: Actor | None = None) -> ApiKey:
     """Revoke a key at once. Revoking twice is harmless."""
     if principal is not None:
         require(principal, Permission.KEYS_MANAGE)
-    if api_key.revoked_at is None:
-        with transaction.atomic():
-            api_key.revoked_at = timezone.now()
+    now = timezone.now()
+    with transaction.atomic():
+        if api_key.revoked_at is None:
+            api_key.revoked_at = now
             api_key.save(update_fields=["revoked_at"])
+        # Every key minted from it, at any depth, dies with it (also when it was revoked
+        # before this rule: revoking again reaches the children it left behind).
+        descendants, frontier = [], [api_key.pk]
+        while frontier:
+            children = list(ApiKey.objects.filter(parent_id__in=frontier).values_list("pk", flat=True))
+            descendants += children
+            frontier = children
+        revoked_children = ApiKey.objects.filter(pk__in=descendants, revoked_at__isnull=True).update(revoked_at=now)
+        if api_key.revoked_at == now or revoked_children:
             audit_entry_record(
                 tenant_id=api_key.tenant_id,
                 actor=actor or (principal.actor if principal else Actor.system()),
                 action="api_key.revoke",
                 resource_type="api_key",
                 resource_id=api_key.pk,
-                after={"name": api_key.name, "last_four": api_key.last_four},
+                after={"name": api_key.name, "last_four": api_key.last_four, "children_revoked": revoked_children},
             )
     return api_key
 
@@ -398,6 +468,11 @@ def api_key_authenticate(*, secret: str, ip: str | None) -> ApiKey:
         raise KeyRejected("api_key_revoked", "The API key has been revoked.")
     if api_key.is_expired:
         raise KeyRejected("api_key_expired", "The API key has expired.")
+    for ancestor in api_key.ancestors():  # a child dies with the key that minted it
+        if ancestor.is_revoked:
+            raise KeyRejected("api_key_revoked", "The API key has been revoked.")
+        if ancestor.is_expired:
+            raise KeyRejected("api_key_expired", "The API key has expired.")
     now = timezone.now()
     stale = api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > (
         settings.API_KEY_LAST_USED_RESOLUTION

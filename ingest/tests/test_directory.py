@@ -58,7 +58,7 @@ def test_it_accepts_mailboxes_and_temporary_inboxes_the_moment_the_api_creates_t
             assert created.status_code == 201, created.content
             replies.append((created.json()["address"], *rcpt_once(smtp, created.json()["address"])))
         for _ in range(200):  # the first one also creates the temporary-inbox domain itself
-            created = anonymous.post("/api/v1/temp-inboxes/")
+            created = anonymous.post("/api/v1/temp-inboxes/", {}, format="json")
             assert created.status_code == 201, created.content
             replies.append((created.json()["address"], *rcpt_once(smtp, created.json()["address"])))
         refused = [(address, code, text) for address, code, text in replies if code != 250]

@@ -119,7 +119,8 @@ def test_it_does_not_let_a_key_grant_permissions_it_lacks(world):
     response = world.client(limited).post(
         "/api/v1/api-keys/", {"name": "escalate", "permissions": ["domains:manage"]}, format="json"
     )
-    assert response.status_code == 403
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "permissions_exceed_parent"
     assert not ApiKey.objects.filter(name="escalate").exists()
 
 
@@ -151,3 +152,112 @@ def test_it_refuses_every_key_of_a_suspended_tenant(world):
     response = world.client(world.owner_key).get("/api/v1/mailboxes/")
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "tenant_suspended"
+
+
+def mint(client, **body):
+    return client.post("/api/v1/api-keys/", {"name": "child", "permissions": ["messages:read"], **body}, format="json")
+
+
+@pytest.fixture
+def parent(world):
+    """A keys:manage key limited to loopback and expiring in two minutes, and its client."""
+    expires = timezone.now() + timedelta(minutes=2)
+    response = mint(
+        world.client(world.owner_key),
+        name="parent",
+        permissions=["keys:manage", "messages:read"],
+        ip_allowlist=["127.0.0.0/8"],
+        expires_at=expires.isoformat(),
+    )
+    assert response.status_code == 201, response.content
+    return ApiKey.objects.get(pk=response.json()["id"]), world.client(response.json()["key"])
+
+
+def test_it_mints_a_child_no_wider_than_its_parent_when_the_request_leaves_limits_out(parent):
+    key, client = parent
+    response = mint(client)
+    assert response.status_code == 201, response.content
+    child = ApiKey.objects.get(pk=response.json()["id"])
+    assert child.parent == key
+    assert child.ip_allowlist == ["127.0.0.0/8"]
+    assert child.expires_at == key.expires_at
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"ip_allowlist": ["0.0.0.0/0"]}, "ip_allowlist_exceeds_parent"),
+        ({"ip_allowlist": ["127.0.0.1/32", "192.0.2.0/24"]}, "ip_allowlist_exceeds_parent"),
+        ({"expires_at": "2999-01-01T00:00:00Z"}, "expiry_exceeds_parent"),
+        ({"permissions": ["messages:read", "domains:manage"]}, "permissions_exceed_parent"),
+    ],
+)
+def test_it_refuses_a_child_wider_than_its_parent_with_a_stable_code(parent, body, code):
+    _, client = parent
+    response = mint(client, **body)
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == code
+    assert not ApiKey.objects.filter(name="child").exists()
+
+
+def test_it_lets_a_child_narrow_its_parent(parent):
+    key, client = parent
+    soon = key.expires_at - timedelta(seconds=30)
+    response = mint(client, ip_allowlist=["127.0.0.1"], expires_at=soon.isoformat())
+    assert response.status_code == 201, response.content
+    assert response.json()["ip_allowlist"] == ["127.0.0.1/32"]
+
+
+def test_it_revokes_the_children_with_their_parent(world, parent):
+    key, client = parent
+    child_secret = mint(client, permissions=["keys:manage", "messages:read"]).json()["key"]
+    grandchild = mint(world.client(child_secret), name="grandchild").json()
+    assert world.client(grandchild["key"]).get("/api/v1/mailboxes/").status_code == 200
+    assert world.client(world.owner_key).post(f"/api/v1/api-keys/{key.pk}/revoke/").status_code == 200
+    response = world.client(child_secret).get("/api/v1/mailboxes/")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "api_key_revoked"
+    assert ApiKey.objects.filter(parent=key, revoked_at__isnull=True).count() == 0
+    assert ApiKey.objects.get(pk=grandchild["id"]).revoked_at is not None
+    assert world.client(grandchild["key"]).get("/api/v1/mailboxes/").status_code == 401
+
+
+def test_it_refuses_a_child_once_its_parent_is_revoked_or_expired_even_if_the_child_is_not(world, parent):
+    key, client = parent
+    child = mint(client).json()
+    ApiKey.objects.filter(pk=child["id"]).update(expires_at=None, ip_allowlist=[])  # as minted before the rule
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    response = world.client(child["key"]).get("/api/v1/mailboxes/")
+    assert (response.status_code, response.json()["error"]["code"]) == (401, "api_key_expired")
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=None, revoked_at=timezone.now())
+    response = world.client(child["key"]).get("/api/v1/mailboxes/")
+    assert (response.status_code, response.json()["error"]["code"]) == (401, "api_key_revoked")
+
+
+def test_it_holds_a_child_to_its_parents_ip_allowlist_at_authentication(world, parent):
+    key, client = parent
+    child = mint(client).json()
+    ApiKey.objects.filter(pk=child["id"]).update(ip_allowlist=[])  # as minted before the rule
+    ApiKey.objects.filter(pk=key.pk).update(ip_allowlist=["192.0.2.0/24"])
+    response = world.client(child["key"]).get("/api/v1/mailboxes/")
+    assert (response.status_code, response.json()["error"]["code"]) == (403, "ip_not_allowed")
+
+
+def test_it_gives_a_scoped_parents_child_the_parents_resources_when_none_are_asked(world):
+    from tenants import keys as key_format
+
+    generated = key_format.generate()
+    scoped = ApiKey.objects.create(
+        tenant=world.tenant,
+        name="scoped manager",
+        prefix=generated.prefix,
+        secret_hash=generated.secret_hash,
+        last_four=generated.last_four,
+        permissions=["keys:manage", "messages:read"],
+    )
+    scoped.allowed_mailboxes.set([world.mailbox])
+    response = mint(world.client(generated.secret))
+    assert response.status_code == 201, response.content
+    assert response.json()["mailboxes"] == [str(world.mailbox.pk)]
+    outside = mint(world.client(generated.secret), name="wider", mailboxes=[str(world.sibling.pk)])
+    assert outside.status_code == 400
