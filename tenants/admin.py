@@ -177,8 +177,18 @@ class DomainForm(forms.ModelForm):  # type: ignore[type-arg]
 class DomainAdmin(StaffAuditedAdmin):
     audit_resource_type = "domain"
     form = DomainForm
-    list_display = ("name", "tenant", "state", "recipient_policy", "verified_at", "last_checked_at", "created_at")
-    list_filter = ("state", "recipient_policy", "tenant__plan", "created_at")
+    list_display = (
+        "name",
+        "tenant",
+        "state",
+        "platform_managed",
+        "recipient_policy",
+        "verified_at",
+        "last_checked_at",
+        "failed_checks",
+        "created_at",
+    )
+    list_filter = ("state", "platform_managed", "recipient_policy", "tenant__plan", "created_at")
     list_select_related = ("tenant",)
     search_fields = ("name", "tenant__name", "tenant__slug", "=id")
     autocomplete_fields = ("tenant",)
@@ -191,6 +201,8 @@ class DomainAdmin(StaffAuditedAdmin):
         "last_checked_at",
         "mx_lost_at",
         "suspended_at",
+        "failed_checks",
+        "failing_since",
         "created_at",
         "updated_at",
     )
