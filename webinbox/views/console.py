@@ -1,7 +1,7 @@
 """The tenant console: settings, domains, mailboxes, members, API keys, webhooks, event and audit logs.
 
-Every page resolves the member's Principal first (another tenant answers 404, an address
-outside the tenant's IP allowlist 403). Reads go through selectors; writes through services,
+Every page resolves the member's Principal first (another tenant answers 404, a suspended
+tenant or an address outside the tenant's IP allowlist 403). Reads go through selectors; writes through services,
 which check the permission (PermissionDenied answers 403) and write the audit entry.
 """
 
