@@ -19,11 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import F, Min, Q, QuerySet
 
 from audit.services import event_record
 from webhooks import clock, metrics, services, transport
@@ -85,7 +86,9 @@ def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
     """Claim up to ``limit`` due deliveries, oldest due first: ``[(delivery id, claim)]``.
 
     PostgreSQL: ``FOR UPDATE SKIP LOCKED`` so concurrent dispatchers take disjoint rows.
-    SQLite (one writer at a time): a conditional update per candidate.
+    SQLite (one writer at a time): a conditional update per candidate. Replayed deliveries
+    keep their log order per endpoint (:func:`_replay_in_order`); an endpoint's replayed
+    ones come out of this list next to each other, in log order.
     """
     now = clock.now()
     token = secrets.token_hex(8)
@@ -93,10 +96,79 @@ def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
     if connection.vendor == "postgresql":
         return [(pk, token) for pk in _claim_locked(candidates, limit, token, now)]
     claimed = []
-    for pk in candidates.values_list("pk", flat=True)[:limit]:
+    for pk in _replay_in_order(list(candidates.values_list(*_ORDER_FIELDS)[:limit])):
         if Delivery.objects.filter(_due(now), pk=pk).update(**_claim_values(token, now)):
             claimed.append((str(pk), token))
     return claimed
+
+
+def deliveries_claim_due_batches(limit: int, size: int) -> list[tuple[list[str], str]]:
+    """:func:`deliveries_claim_due` cut into batches for the send tasks: ``[(ids, claim)]``.
+
+    An endpoint's replayed deliveries make one batch of their own, so one task sends them in
+    log order; the others go ``size`` to a batch.
+    """
+    claimed = deliveries_claim_due(limit)
+    if not claimed:
+        return []
+    token = claimed[0][1]
+    replay_of = dict(
+        Delivery.objects.filter(pk__in=[pk for pk, _ in claimed], origin=Delivery.Origin.REPLAY).values_list(
+            "pk", "endpoint_id"
+        )
+    )
+    replays: dict[Any, list[str]] = {}
+    others: list[str] = []
+    for pk, _ in claimed:
+        endpoint_id = replay_of.get(UUID(pk))
+        if endpoint_id is None:
+            others.append(pk)
+        else:
+            replays.setdefault(endpoint_id, []).append(pk)
+    batches = [(ids, token) for ids in replays.values()]
+    batches += [(others[start : start + size], token) for start in range(0, len(others), size)]
+    return batches
+
+
+_ORDER_FIELDS = ("pk", "endpoint_id", "next_attempt_at", "origin")
+# Replayed deliveries of one endpoint sent by one task, one after the other: few enough that
+# a receiver taking WEBHOOK_TIMEOUT on each still ends within the task's time limit.
+REPLAY_CHAIN = max(1, 60 // max(1, settings.WEBHOOK_TIMEOUT))
+
+
+def _replay_in_order(rows: list[tuple[Any, ...]]) -> list[Any]:
+    """The ids of ``rows`` (``_ORDER_FIELDS``, due order) to claim, keeping replays in log order.
+
+    A replay's due times grow with the event log (txid, seq), so due order is log order;
+    what could break it is another claimer sending an earlier part of the same replay in
+    parallel. So an endpoint's replayed deliveries are taken only while none due before them
+    waits for its first attempt or is being sent elsewhere, and at most REPLAY_CHAIN at a time
+    (sent in one chain, see :func:`deliveries_send`). A replayed delivery that fails is
+    retried on its schedule and no longer holds the later ones back.
+    """
+    replay_endpoints = {row[1] for row in rows if row[3] == Delivery.Origin.REPLAY}
+    if not replay_endpoints:
+        return [row[0] for row in rows]
+    ours = [row[0] for row in rows]
+    earliest_elsewhere = dict(
+        Delivery.objects.filter(endpoint_id__in=replay_endpoints, origin=Delivery.Origin.REPLAY)
+        .filter(Q(state=Delivery.State.PENDING, attempts=0) | Q(state=Delivery.State.SENDING))
+        .exclude(pk__in=ours)
+        .order_by()
+        .values("endpoint_id")
+        .annotate(first=Min("next_attempt_at"))
+        .values_list("endpoint_id", "first")
+    )
+    taken: dict[Any, int] = {}
+    allowed = []
+    for pk, endpoint_id, due, origin in rows:
+        if origin == Delivery.Origin.REPLAY:
+            first = earliest_elsewhere.get(endpoint_id)
+            if (first is not None and first < due) or taken.get(endpoint_id, 0) >= REPLAY_CHAIN:
+                continue  # its turn comes after the earlier ones
+            taken[endpoint_id] = taken.get(endpoint_id, 0) + 1
+        allowed.append(pk)
+    return allowed
 
 
 def _claim_locked(
@@ -108,7 +180,8 @@ def _claim_locked(
         if plain_index_scan:
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL enable_bitmapscan = off")
-        ids = list(candidates.select_for_update(skip_locked=True, of=("self",)).values_list("pk", flat=True)[:limit])
+        rows = list(candidates.select_for_update(skip_locked=True, of=("self",)).values_list(*_ORDER_FIELDS)[:limit])
+        ids = _replay_in_order(rows)
         if ids:
             Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
     return [str(pk) for pk in ids]
@@ -211,10 +284,14 @@ def deliveries_claim(delivery_ids: list[str], *, along: int = 0) -> tuple[str, l
         # so the next claim skips them.
         ids = _claim_locked(pending, len(delivery_ids) + along, token, now, plain_index_scan=True)
         return (token, ids) if ids else None
-    claimed = Delivery.objects.filter(_due(now), pk__in=delivery_ids, endpoint__enabled=True).update(
-        **_claim_values(token, now)
+    rows = list(
+        Delivery.objects.filter(_due(now), pk__in=delivery_ids, endpoint__enabled=True)
+        .order_by("next_attempt_at")
+        .values_list(*_ORDER_FIELDS)
     )
-    return (token, delivery_ids) if claimed else None
+    ids = _replay_in_order(rows)
+    claimed = Delivery.objects.filter(_due(now), pk__in=ids).update(**_claim_values(token, now)) if ids else 0
+    return (token, [str(pk) for pk in ids]) if claimed else None
 
 
 def deliveries_send(delivery_ids: list[str], claim: str | None = None, *, along: int = 0) -> list[Delivery]:
@@ -250,11 +327,17 @@ def deliveries_send(delivery_ids: list[str], claim: str | None = None, *, along:
         return _attempt(delivery, secrets_by_endpoint[delivery.endpoint_id])
 
     # Deliveries to one endpoint about one message go one after the other, in log order
-    # (ingest.received before objectstore.uploaded); everything else in parallel.
-    deliveries.sort(key=lambda d: d.event_id)
+    # (ingest.received before objectstore.uploaded), and so do the replayed deliveries of an
+    # endpoint (docs/webhooks.md, "Replay"); everything else in parallel.
+    # Log order is (txid, seq); a replay's due times follow it.
+    deliveries.sort(key=lambda d: (d.event.txid or 0, d.event_id))
     chains: dict[tuple[UUID, object], list[Delivery]] = {}
     for delivery in deliveries:
-        chains.setdefault((delivery.endpoint_id, delivery.event.message_id or delivery.pk), []).append(delivery)
+        if delivery.origin == Delivery.Origin.REPLAY:
+            chain_key: object = Delivery.Origin.REPLAY
+        else:
+            chain_key = delivery.event.message_id or delivery.pk
+        chains.setdefault((delivery.endpoint_id, chain_key), []).append(delivery)
 
     def send_chain(chain: list[Delivery]) -> list[Outcome]:
         return [attempt(delivery) for delivery in chain]

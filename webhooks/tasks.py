@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from mailplatform.enqueue import TasksEnqueue
 from webhooks import delivery
+from webhooks.models import Delivery
 
 # Longer than one attempt (WEBHOOK_TIMEOUT, at most 60 s; a batch's requests run in parallel)
 # plus recording it.
@@ -17,14 +19,19 @@ def deliveries_send(delivery_ids: list[str], claim: str | None = None) -> None:
     """One attempt of each delivery; those not due or held by someone else are skipped.
 
     Unclaimed (enqueued on commit), it takes other due deliveries along, up to a batch."""
-    delivery.deliveries_send(delivery_ids, claim, along=0 if claim else max(0, BATCH - len(delivery_ids)))
+    sent = delivery.deliveries_send(delivery_ids, claim, along=0 if claim else max(0, BATCH - len(delivery_ids)))
+    if any(each.origin == Delivery.Origin.REPLAY for each in sent):
+        # A replay goes out a few deliveries per endpoint at a time, in log order: the next
+        # ones are claimed as soon as these are done, not at the next beat.
+        next_round = TasksEnqueue(deliveries_dispatch)
+        next_round.add()
+        next_round()
 
 
 @shared_task(acks_late=True, ignore_result=True, soft_time_limit=30, time_limit=45)
 def deliveries_dispatch(limit: int = 500) -> int:
     """Beat: claim due deliveries (new, retries, expired leases) and hand them to workers."""
-    claimed = delivery.deliveries_claim_due(limit)
-    for start in range(0, len(claimed), BATCH):
-        chunk = claimed[start : start + BATCH]
-        deliveries_send.delay([delivery_id for delivery_id, _ in chunk], chunk[0][1])
-    return len(claimed)
+    batches = delivery.deliveries_claim_due_batches(limit, BATCH)
+    for ids, claim in batches:
+        deliveries_send.delay(ids, claim)
+    return sum(len(ids) for ids, _ in batches)
