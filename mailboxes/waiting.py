@@ -43,6 +43,8 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections, transaction
 from prometheus_client import Gauge
 
+from mailplatform.database import is_pooled
+
 logger = logging.getLogger(__name__)
 
 CHANNEL = "mailplatform_indexed"
@@ -117,7 +119,13 @@ def _job(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if getattr(_thread_state, "checked", 0.0) + CONNECTION_CHECK < now or connection.errors_occurred:
         close_old_connections()
         _thread_state.checked = now
-    return func(*args, **kwargs)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        if is_pooled():
+            # Borrowed from the web process's pool (mailplatform/database.py): give it back, so
+            # idle waiter threads do not sit on connections that requests are waiting for.
+            connection.close()
 
 
 async def db(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

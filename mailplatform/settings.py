@@ -68,6 +68,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "mailplatform.unavailable.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "webinbox.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -104,6 +105,16 @@ TEMPLATES = [
 ]
 
 # --- Database -----------------------------------------------------------------------------
+# The web server pools its PostgreSQL connections (DATABASE_POOL, applied by asgi.py
+# through mailplatform/database.py, which says why); at most DATABASE_POOL_MAX
+# sessions per web process, and a request that finds none free within DATABASE_POOL_TIMEOUT
+# seconds answers 503. Every other process keeps DATABASE_CONN_MAX_AGE connections.
+DATABASE_POOL = config.boolean("DATABASE_POOL", True)
+DATABASE_POOL_MIN = config.integer("DATABASE_POOL_MIN", 2, minimum=0, maximum=100)
+DATABASE_POOL_MAX = config.integer("DATABASE_POOL_MAX", 10, minimum=1, maximum=100)
+DATABASE_POOL_TIMEOUT = config.integer("DATABASE_POOL_TIMEOUT", 10, minimum=1, maximum=300)
+if DATABASE_POOL_MIN > DATABASE_POOL_MAX:
+    raise ImproperlyConfigured("DATABASE_POOL_MIN: must not exceed DATABASE_POOL_MAX")
 _database = config.database("DATABASE_URL", f"sqlite:///{DATA_DIR / 'mailplatform.sqlite3'}")
 if _database["ENGINE"] == "django.db.backends.sqlite3":
     _database["OPTIONS"] = {

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import View
 
 from audit import context
@@ -27,6 +27,7 @@ from mailboxes.api.message_serializers import MessageDetailSerializer
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError, query_parse
 from mailplatform.api import error_body
+from mailplatform.unavailable import DATABASE_UNAVAILABLE, database_unavailable_response
 from tenants.access import Permission, Principal, TenantSuspended, tenant_ensure_active
 from tenants.services import KeyRejected, api_key_authenticate
 
@@ -173,13 +174,16 @@ class WaitingView(View):
     required_permissions = {"get": Permission.MESSAGES_READ}
     http_method_names = ["get", "options"]
 
-    async def get(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
+    async def get(self, request: HttpRequest, **kwargs: Any) -> HttpResponse:
         correlation = context.new_correlation_id()
+        response: HttpResponse
         with context.bind(correlation_id=correlation, ip=client_ip(request)):
             try:
                 response = await self.answer(request, **kwargs)
             except ApiError as error:
                 response = error.response()
+            except DATABASE_UNAVAILABLE as error:  # no middleware here to answer it
+                response = database_unavailable_response(request, error)
         response["X-Request-ID"] = correlation
         response["Cache-Control"] = "no-store"
         response["Content-Length"] = str(len(response.content))  # no middleware here sets it
