@@ -76,7 +76,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, ObjectDoesNotExist | Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
-        exc = exceptions.PermissionDenied(detail=str(exc) or None)
+        # A refusal with a code of its own (tenants.access.TenantSuspended) keeps it.
+        exc = exceptions.PermissionDenied(detail=str(exc) or None, code=getattr(exc, "code", None))
 
     response = drf_exception_handler(exc, context)
     if response is None:

@@ -22,7 +22,7 @@ from django.utils import timezone
 from audit import context
 from audit.services import Actor, audit_entry_record
 from ingest.platform_mail import signin_mail_headers
-from tenants.access import Permission, Principal
+from tenants.access import Permission, Principal, tenant_ensure_active
 from tenants.models import Domain, Membership, Tenant, User
 from tenants.services import require
 from webinbox import ratelimit
@@ -258,9 +258,10 @@ def temp_inbox_create(*, ip: str | None) -> tuple[TempInbox, str]:
     from mailboxes.models import Mailbox
     from mailboxes.services import mailbox_create
 
+    tenant, domain = temp_tenant_get_or_create()
+    tenant_ensure_active(tenant)  # suspended by staff: no new inboxes either (TenantSuspended)
     if not ratelimit.hit_ip("temp-inbox", ip, limit=settings.TEMP_INBOX_RATE_PER_HOUR, window=3600):
         raise RateLimited(ratelimit.seconds_left(3600))
-    tenant, domain = temp_tenant_get_or_create()
     principal = Principal.system(tenant, "temporary inboxes")
     token = secrets.token_urlsafe(32)
     with transaction.atomic():

@@ -97,3 +97,15 @@ def test_it_refuses_the_temporary_inboxes_of_a_suspended_tenant() -> None:
     _refused(client.post(f"/t/{token}/delete/"))
     temp.refresh_from_db()
     assert temp.extensions == 0
+
+
+def test_it_creates_no_temporary_inbox_while_their_tenant_is_suspended() -> None:
+    from webinbox.models import TempInbox
+    from webinbox.services import temp_tenant_get_or_create
+
+    tenant, _ = temp_tenant_get_or_create()
+    _suspend(tenant)
+    _refused(Client().post("/"))
+    answer = Client().generic("POST", "/api/v1/temp-inboxes/")
+    assert answer.status_code == 403 and answer.json()["error"]["code"] == "tenant_suspended"
+    assert not TempInbox.objects.exists()
