@@ -7,12 +7,13 @@ seconds), so accepting an RCPT costs a dict lookup, never a database round trip.
 A snapshot is never trusted to *refuse*: a mailbox created a second ago is not in it yet, and
 a ``550`` is permanent (RFC 5321 section 4.2.1), so the sender would drop the mail. A miss is
 asked of the database (:meth:`RecipientDirectory.decide_checked`, off the event loop in a
-bounded thread pool), and only the database's answer refuses. Refusals are remembered for
-INGEST_DIRECTORY_NEGATIVE_TTL seconds at most, and forgotten as soon as a new snapshot shows
-a change, so a flood of unknown recipients costs one query per address per second, not one
-per RCPT. With the database unreachable (or slow, or every look-up slot busy), or a snapshot
-missing or too old, what would be refused becomes ``451 4.3.0``: mail may be delayed, never
-bounced.
+bounded thread pool), and only the database's answer, just given, refuses. A refused address
+is remembered for INGEST_DIRECTORY_NEGATIVE_TTL seconds (forgotten as soon as a new snapshot
+shows a change), and asked again within that time it is deferred with ``450 4.1.1``, not
+refused: a flood of unknown recipients costs one query per address per second, not one per
+RCPT, and a mailbox created within that second is merely retried. With the database
+unreachable (or slow, or every look-up slot busy), or a snapshot missing or too old, what
+would be refused becomes ``451 4.3.0``: mail may be delayed, never bounced.
 
 Domain names: several tenants may hold the same name pending (tenants.services.domain_create).
 The verified (or mx_lost, suspended) row is the only one that routes; without one, a pending
@@ -59,6 +60,8 @@ RELAY_DENIED = Reply(550, "5.7.1 Relaying denied: not a domain this server recei
 SUSPENDED = Reply(550, "5.7.1 Mail for this domain is not accepted")
 MX_LOST = Reply(451, "4.7.1 Mail for this domain is temporarily not accepted, try again later")
 DIRECTORY_DOWN = Reply(451, "4.3.0 Recipient directory unavailable, try again later")
+# A recipient the database refused a moment ago: remembered, but memory never bounces mail.
+REFUSED_RECENTLY = Reply(450, "4.1.1 Recipient not accepted right now, try again later")
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,7 @@ class RecipientDirectory:
         key = address.lower()
         remembered = self._refused.get(key)
         if remembered is not None and remembered[1] > time.monotonic() and remembered[2] == snapshot.fingerprint:
-            return remembered[0]
+            return Decision(REFUSED_RECENTLY)
         if self._in_flight >= self.lookups:
             logger.warning("recipient directory: every database look-up slot is busy; answering 451")
             return Decision(DIRECTORY_DOWN)

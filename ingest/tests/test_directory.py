@@ -151,3 +151,22 @@ def test_it_routes_a_name_shared_by_pending_tenants_only_to_its_verified_owner(w
     assert directory.reload()
     decision = directory.decide("one@shared.example.test")  # the only one whose plan receives unverified
     assert (decision.reply.code, decision.tenant_id) == (250, str(first.pk))
+
+
+def test_it_defers_rather_than_refuses_an_address_it_only_remembers_refusing(world: Any) -> None:
+    import asyncio
+    import time
+
+    directory = RecipientDirectory(negative_ttl=1.0)
+    assert directory.reload()
+    directory.max_staleness = 3600
+    try:
+        first = asyncio.run(directory.decide_checked("later@acme.example.test"))
+        assert (first.reply.code, first.reply.text[:5]) == (550, "5.1.1")  # the database's own answer
+        MailboxFactory(domain=world.domain, local_part="later")  # created right after that refusal
+        again = asyncio.run(directory.decide_checked("later@acme.example.test"))
+        assert (again.reply.code, again.reply.text[:5]) == (450, "4.1.1")  # remembered: retried, not bounced
+        time.sleep(1.1)
+        assert asyncio.run(directory.decide_checked("later@acme.example.test")).reply.code == 250
+    finally:
+        directory.stop()
