@@ -14,6 +14,10 @@ from django.utils import timezone
 
 from audit.admin import ReadOnlyAdmin, StaffAuditedAdmin
 from webinbox.models import LoginToken, SessionGeneration, TempInbox
+from webinbox.staff_login import StaffAuthenticationForm
+
+# The admin's password sign-in is throttled and audited (webinbox/staff_login.py).
+admin.site.login_form = StaffAuthenticationForm
 
 
 class LoginTokenStateFilter(admin.SimpleListFilter):

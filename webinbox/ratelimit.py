@@ -33,5 +33,10 @@ def hit_ip(scope: str, ip: str | None, *, limit: int, window: int) -> bool:
     return hit(scope, rate_limit_subject(ip), limit=limit, window=window)
 
 
+def used(scope: str, subject: str, *, window: int) -> int:
+    """How many times ``subject`` has used ``scope`` this window (without counting one more)."""
+    return int(cache.get(_key(scope, subject, window)) or 0)
+
+
 def seconds_left(window: int) -> int:
     return window - int(time.time()) % window
