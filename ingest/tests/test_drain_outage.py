@@ -103,3 +103,28 @@ def test_it_leaves_the_unsent_parses_to_the_sweeper(world: Any, tmp_path: Any, p
 
     assert messages_stuck_requeue(older_than=timedelta(0))[Message.State.STORED] == 1
     assert parse_sends == [str(message.pk)]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_it_drains_each_entry_once_in_a_real_runsmtp_whose_broker_is_unreachable(world: Any, runsmtp: Any) -> None:
+    import smtplib
+    import time
+
+    server = runsmtp(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0", LOG_LEVEL="INFO")
+    server.start()
+    time.sleep(1.5)  # the directory has loaded
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as smtp:
+        for number in range(3):
+            assert smtp.sendmail("a@example.org", ["inbox@acme.example.test"], BODY % number) == {}
+    deadline = time.monotonic() + 60
+    while Message.objects.count() < 3 or list((server.spool_dir / "new").iterdir()):
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # a failed batch would be drained again by now
+    server.stop()
+
+    log = server.log_text()
+    assert "drain of" not in log  # no batch reported failed
+    assert "could not enqueue" in log  # the parses were tried, and left to the sweeper
+    assert Message.objects.filter(state=Message.State.STORED).count() == 3
