@@ -61,17 +61,20 @@ def test_it_logs_the_webhook_dispatch_tick_only_when_it_did_work(live_env: dict[
     from webhooks.models import Delivery
     from webhooks.services import endpoint_create
 
-    # -B: the worker runs beat too, whose dispatch tick comes every 2 seconds.
+    # The compose file's shape: a worker and one beat, whose dispatch tick comes every 2 seconds.
+    celery = [sys.executable, "-m", "celery", "-A", "mailplatform"]
     worker = ChildProcess(
-        [sys.executable, "-m", "celery", "-A", "mailplatform", "worker", "-B", "-Q", "webhooks", "-c", "1",
-         "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        [*celery, "worker", "-Q", "webhooks", "-c", "1", "-l", "INFO",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
         env=live_env,
         cwd=ROOT,
     )  # fmt: skip
+    beat = ChildProcess([*celery, "beat", "-l", "INFO"], env=live_env, cwd=ROOT)
     try:
         worker.wait_for_line(" ready.", timeout=120)
+        beat.wait_for_line("beat: Starting...", timeout=60)
         time.sleep(6.5)  # three idle ticks
-        idle = [line for line in worker.lines if re.search(_TICK_LINE, line)]
+        idle = [line for line in worker.lines + beat.lines if re.search(_TICK_LINE, line)]
         # Now a due delivery (straight into the table, so only the dispatcher can find it).
         event = event_record(tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.mailbox.pk)
         endpoint, _ = endpoint_create(principal=Principal.system(world.tenant), url="http://127.0.0.1:9/hook")
@@ -80,7 +83,8 @@ def test_it_logs_the_webhook_dispatch_tick_only_when_it_did_work(live_env: dict[
         )
         worker.wait_for_line("Task webhooks.tasks.deliveries_dispatch[", timeout=30)
     finally:
+        beat.stop()
         worker.stop()
     assert idle == [], idle
-    worked = [line for line in worker.lines if re.search(_TICK_LINE, line)]
+    worked = [line for line in worker.lines + beat.lines if re.search(_TICK_LINE, line)]
     assert len(worked) == 1 and "succeeded" in worked[0] and worked[0].endswith(": 1"), worked
