@@ -60,7 +60,7 @@ def _attribute_filter(element: str, attribute: str, value: str) -> str | None:
 def html_sanitize(raw_html: str) -> str:
     """Sanitize an HTML body for storage; remote images blocked (see the module docstring)."""
     cleaned = nh3.clean(
-        raw_html,
+        html_depth_bound(raw_html),
         tags=_TAGS,
         clean_content_tags={"script", "style", "title", "head", "textarea", "select", "svg", "math", "noscript"},
         attributes=_ATTRIBUTES,
@@ -87,6 +87,164 @@ def html_render(stored_html: str, *, cid_url: Callable[[str], str | None], remot
     if remote_images:
         rendered = _BLOCKED_SRC.sub(r'\1 src="\2"', rendered)
     return rendered
+
+
+# Markup tokens as the HTML tokenizer (WHATWG HTML section 13.2.5) reads them, bounded so that a
+# token that would need more than a few thousand characters is read as text instead.
+_TOKEN = re.compile(
+    r"<(?:"
+    r"(?P<comment>!--)"
+    r"|(?P<bogus>[!?]|/(?![A-Za-z]))"
+    r"|/(?P<end>[A-Za-z][^\t\n\f\r />]{0,60}+)(?>[^<>]{0,2000})>"
+    r"|(?P<start>[A-Za-z][^\t\n\f\r />=<]{0,60}+)"
+    r"(?>[\t\n\f\r /]++|[^\t\n\f\r />=<]{1,200}+(?>[\t\n\f\r ]*+=[\t\n\f\r ]*+"
+    r"(?>\"[^\"<]{0,4000}+\"|'[^'<]{0,4000}+'|[^\t\n\f\r >\"'<][^\t\n\f\r ><]{0,4000}+))?+"
+    r"|=[^\t\n\f\r />=<]{0,200}+){0,200}+>"
+    r")"
+)
+# A tag never holds "<" here (the tokenizer allows it): so a failed match costs no more than
+# the distance to the next "<", and the pass stays linear whatever the input.
+# Elements whose content the tokenizer does not read as markup (section 13.2.5.2-5): dropped
+# whole here, as the sanitizer drops them or their content anyway.
+_RAW_TEXT = {"script", "style", "title", "textarea", "xmp", "iframe", "noembed", "noframes", "noscript"}
+_VOID = {
+    "area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr", "image", "img", "input",
+    "keygen", "link", "meta", "param", "source", "track", "wbr",
+}  # fmt: skip
+# Section 13.2.4.2: the elements that bound "has an element in scope" (and button scope).
+_SCOPE = {"applet", "caption", "html", "table", "td", "th", "marquee", "object", "template", "button"}
+_TABLE_SCOPE = {"html", "table", "template"}
+_SPECIAL = _VOID | _SCOPE | _RAW_TEXT | {
+    "address", "article", "aside", "blockquote", "body", "center", "colgroup", "dd", "details", "dir", "div",
+    "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "frameset", "h1", "h2", "h3", "h4", "h5",
+    "h6", "head", "header", "hgroup", "li", "listing", "main", "menu", "nav", "ol", "p", "plaintext", "pre",
+    "section", "select", "summary", "tbody", "tfoot", "thead", "tr", "ul",
+}  # fmt: skip
+# Start tags that close an open <p> (section 13.2.6.4.7, "in body").
+_CLOSES_P = {
+    "address", "article", "aside", "blockquote", "center", "details", "dialog", "dir", "div", "dl", "fieldset",
+    "figcaption", "figure", "footer", "header", "hgroup", "main", "menu", "nav", "ol", "p", "search", "section",
+    "summary", "ul", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "listing", "form", "table", "hr", "dd", "dt",
+    "li", "plaintext", "xmp",
+}  # fmt: skip
+# Start tags that end an open element of their own kind (section 13.2.6.4.7 and 13.2.6.4.13-15):
+# name -> (the elements they end, the elements the look-up stops at).
+_LIST_BARRIER = _SPECIAL - {"address", "div", "p"}
+_IMPLIED_END: dict[str, tuple[set[str], set[str]]] = {
+    "li": ({"li"}, _LIST_BARRIER),
+    "dd": ({"dd", "dt"}, _LIST_BARRIER),
+    "dt": ({"dd", "dt"}, _LIST_BARRIER),
+    "tr": ({"tr"}, _TABLE_SCOPE),
+    "td": ({"td", "th"}, _TABLE_SCOPE | {"tr"}),
+    "th": ({"td", "th"}, _TABLE_SCOPE | {"tr"}),
+    "option": ({"option"}, _SPECIAL),
+}
+_TABLE_PARTS = {"table", "caption", "tbody", "thead", "tfoot", "tr", "td", "th"}
+MAX_HTML_DEPTH = 128
+_P = {"p"}
+_FEW_TAGS = 5_000
+_LOOKUP = 32  # how far down the stack an implied or explicit close is looked for
+
+
+def _open_index(stack: list[str], names: set[str], barrier: set[str]) -> int:
+    """Where the nearest open element named in ``names`` sits, -1 when a barrier comes first.
+
+    Looking no further than ``_LOOKUP`` elements down keeps every token cheap; an element
+    not found stays open, which errs towards deeper, the safe side.
+    """
+    for position in range(len(stack) - 1, max(-1, len(stack) - 1 - _LOOKUP), -1):
+        if stack[position] in names:
+            return position
+        if stack[position] in barrier:
+            return -1
+    return -1
+
+
+def html_depth_bound(raw_html: str, max_depth: int = MAX_HTML_DEPTH) -> str:
+    """The HTML with elements nested deeper than ``max_depth`` unwrapped (their text kept).
+
+    html5ever, under nh3, looks up the stack of open elements on every block start tag
+    (section 13.2.6.4.7, "close a p element"), so 100,000 nested ``<div>`` cost it minutes.
+    This one linear pass tracks that stack the way the tree builder does, erring towards
+    deeper: it closes elements only where the tree builder surely closes them. What it does
+    not read as markup it escapes, so the tree builder sees exactly the tags counted here;
+    comments and raw-text elements (script, style) go, as the sanitizer drops them anyway.
+    A document with fewer tags than ``_FEW_TAGS`` costs html5ever little however it nests,
+    and is left as it is.
+    """
+    if raw_html.count("<") <= _FEW_TAGS:
+        return raw_html
+    out: list[str] = []
+    stack: list[str] = []
+    open_count: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    lowered = raw_html.lower()
+    position, length = 0, len(raw_html)
+
+    def close_from(index: int) -> None:
+        for name in stack[index:]:
+            open_count[name] -= 1
+        del stack[index:]
+
+    def nearest(names: set[str], barrier: set[str]) -> int:
+        if not any(open_count.get(name) for name in names):
+            return -1
+        return _open_index(stack, names, barrier)
+
+    while position < length:
+        match = _TOKEN.search(raw_html, position)
+        if match is None:
+            out.append(raw_html[position:].replace("<", "&lt;"))
+            break
+        # A "<" that begins no token is text: escaped, so the tree builder reads it as text too.
+        out.append(raw_html[position : match.start()].replace("<", "&lt;"))
+        position = match.end()
+        kind = match.lastgroup
+        if kind == "comment":
+            close = raw_html.find("-->", match.start() + 4)
+            position = length if close == -1 else close + 3
+            continue
+        if kind == "bogus":
+            close = raw_html.find(">", match.end())
+            position = length if close == -1 else close + 1
+            continue
+        name = lowered[match.start(kind) : match.end(kind)]
+        if kind == "end":
+            if dropped.get(name):
+                dropped[name] -= 1
+                continue
+            # The scope an end tag looks in (section 13.2.4.2); a non-special element's end
+            # tag also stops at any special element ("any other end tag").
+            barrier = _TABLE_SCOPE if name in _TABLE_PARTS else _SCOPE if name in _SPECIAL else _SCOPE | _SPECIAL
+            index = nearest({name}, barrier - {name})
+            if index >= 0:
+                close_from(index)
+                out.append(match.group(0))
+            continue
+        if name in _RAW_TEXT or name == "plaintext":
+            close = lowered.find(f"</{name}", position) if name != "plaintext" else -1
+            close = raw_html.find(">", close) if close != -1 else -1
+            position = length if close == -1 else close + 1
+            continue
+        if name in _VOID:
+            out.append(match.group(0))
+            continue
+        if name in _CLOSES_P:
+            index = nearest(_P, _SCOPE)
+            if index >= 0:
+                close_from(index)
+        if name in _IMPLIED_END:
+            names, barrier = _IMPLIED_END[name]
+            index = nearest(names, barrier)
+            if index >= 0:
+                close_from(index)
+        if len(stack) >= max_depth:
+            dropped[name] = dropped.get(name, 0) + 1
+            continue
+        stack.append(name)
+        open_count[name] = open_count.get(name, 0) + 1
+        out.append(match.group(0))
+    return "".join(out)
 
 
 class _TextExtractor(HTMLParser):

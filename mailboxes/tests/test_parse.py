@@ -172,3 +172,84 @@ def test_it_parses_and_indexes_in_one_transaction_like_the_two_steps(world):
         found = set(message_list(principal, query=query).values_list("pk", flat=True))
         assert found == {one_step.pk, two_steps.pk}, query
     assert Event.objects.filter(type="indexer.indexed", message_id=one_step.pk).count() == 1
+
+
+def _corpus(name: str) -> bytes:
+    return fixture_bytes(f"corpus/{name}")
+
+
+def test_it_decodes_raw_utf8_headers_and_finds_them_by_search(world):
+    from mailboxes.selectors import message_list
+    from tenants.access import Principal
+
+    message = message_deliver(world.mailbox, _corpus("utf8_raw_headers.eml"))
+    assert message.subject == "Grüße aus Köln \u2013 Ihre Bestellung 日本語"
+    assert (message.from_name, message.from_address) == ("René Müller", "rene@bäckerei.example")
+    assert message.to[0] == {"name": "Zoë Ångström", "address": "zoe@example.org"}
+    found = message_list(Principal.system(world.tenant), query="subject:Grüße").values_list("pk", flat=True)
+    assert list(found) == [message.pk]
+
+
+def test_it_reads_undeclared_latin1_headers_without_surrogates():
+    parsed = message_bytes_parse(_corpus("latin1_raw_headers.eml"))
+    assert parsed.subject == "Re: Café crème à 8€"
+    assert parsed.from_name == "René Dupré"
+    assert parsed.to == [{"name": "Françoise", "address": "francoise@example.fr"}]
+    for value in (parsed.subject, parsed.from_name, *(v for _, v in parsed.headers)):
+        assert "\ufffd" not in value and not any("\ud800" <= ch <= "\udfff" for ch in value), value
+
+
+def test_it_indexes_hundreds_of_sibling_parts_and_quarantines_only_real_depth(world):
+    siblings = message_deliver(world.mailbox, _corpus("many_shallow_parts.eml"))
+    assert siblings.state == Message.State.INDEXED, siblings.state_reason
+    assert "Item 219 of the digest" in siblings.text
+    deep = message_deliver(world.mailbox, fixture_bytes("deep_nesting.eml"))
+    assert deep.state == Message.State.QUARANTINED
+    assert "nesting deeper than 200" in deep.state_reason
+
+
+def test_it_reads_a_named_inline_text_part_as_the_body():
+    parsed = message_bytes_parse(_corpus("named_text_parts.eml"))
+    assert parsed.text.strip() == "Your verification code is 613207."
+    assert parsed.codes == ["613207"]
+    assert [a.filename for a in parsed.attachments] == ["notes.txt"]
+
+
+def test_it_keeps_text_attachments_as_files_and_falls_back_to_one_when_there_is_no_body():
+    cast = message_bytes_parse(fixture_bytes("cast_message.eml"))
+    assert cast.text.strip() == "Your code is 246810."
+    assert [a.filename for a in cast.attachments] == ["notes.txt"]
+    only = message_bytes_parse(_corpus("attachment_only_text.eml"))
+    assert only.text.strip() == "Export code 884213, 42 rows."
+    assert only.codes == ["884213"]
+    assert [a.filename for a in only.attachments] == ["export.txt"]
+
+
+def test_it_decodes_rfc2231_and_rfc2047_file_names():
+    parsed = message_bytes_parse(_corpus("rfc2231_nonascii_filename.eml"))
+    assert [a.filename for a in parsed.attachments] == ["Rechnung für Jürgen € 500.pdf", "图片.png"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "<div>" * 100_000 + "x" + "</div>" * 100_000,
+        "<blockquote>" * 100_000 + "x",
+        "<div><!--</div>-->" * 100_000 + "x",
+        "<span><div></span>" * 100_000 + "x",
+    ],
+    ids=["nested-div", "unclosed-blockquote", "comment-hidden-ends", "ignored-ends"],
+)
+def test_it_parses_deeply_nested_html_in_well_under_two_seconds(shape):
+    import time
+
+    raw = (
+        "From: a@sender.example\r\nTo: inbox@acme.example.test\r\nSubject: deep\r\n"
+        "Content-Type: text/html; charset=utf-8\r\n\r\n" + shape
+    ).encode()
+    started = time.perf_counter()
+    parsed = message_bytes_parse(raw)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    assert parsed.html.count("<div") + parsed.html.count("<blockquote") <= 200
+    assert parsed.text.strip().endswith("x") or shape.startswith("<span")
