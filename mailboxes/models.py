@@ -26,8 +26,10 @@ class Mailbox(models.Model):
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="mailboxes")
     domain = models.ForeignKey("tenants.Domain", on_delete=models.PROTECT, related_name="mailboxes")
     local_part = models.CharField(max_length=64)
-    # local_part@domain, lowercase: the case-insensitive identity of the mailbox.
-    address = models.CharField(max_length=320, unique=True)
+    # local_part@domain, lowercase. Unique per domain row, not globally: several tenants may
+    # hold the same domain name pending (tenants.models.Domain), and a squatter's mailbox on
+    # its pending row must not keep the owner from creating that address once it verifies.
+    address = models.CharField(max_length=320, db_index=True)
     name = models.CharField(max_length=200, blank=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.STANDARD)
     is_catch_all = models.BooleanField(default=False)
@@ -45,6 +47,7 @@ class Mailbox(models.Model):
             models.UniqueConstraint(
                 fields=["domain"], condition=Q(is_catch_all=True), name="mailbox_one_catch_all_per_domain"
             ),
+            models.UniqueConstraint(fields=["domain", "local_part"], name="mailbox_unique_per_domain"),
         ]
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="mailbox_tenant_recent"),

@@ -395,7 +395,7 @@ def demo_bootstrap() -> dict[str, str]:
         if domain.tenant_id != tenant.pk:
             raise RuntimeError(f"DEMO_DOMAIN {domain.name} belongs to another tenant")
         domain = platform_domain_ensure(domain)
-        mailbox = Mailbox.objects.filter(address=f"hello@{domain.name}").first() or mailbox_create(
+        mailbox = Mailbox.objects.filter(domain=domain, local_part="hello").first() or mailbox_create(
             principal=principal, domain=domain, local_part="hello", name="Demo inbox"
         )
         api_key, secret = api_key_mint(

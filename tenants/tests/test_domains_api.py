@@ -127,3 +127,23 @@ def test_it_lets_a_tenant_add_subdomains_of_its_own_verified_domain(world):
         "/api/v1/domains/", {"name": "us.acme.example.test"}, format="json"
     )
     assert outsider.status_code == 400
+
+
+def test_it_lets_the_verified_owner_create_addresses_a_pending_squatter_created_first(world, dns_zone):
+    from ingest.directory import RecipientDirectory
+
+    squatter, owner = world.client(world.outsider_key), world.client(world.owner_key)
+    theirs = squatter.post("/api/v1/domains/", {"name": "owned.example.test"}, format="json").json()
+    assert squatter.post("/api/v1/mailboxes/", {"address": "info@owned.example.test"}, format="json").status_code == 201
+    mine = owner.post("/api/v1/domains/", {"name": "owned.example.test"}, format="json").json()
+    created = owner.post("/api/v1/mailboxes/", {"address": "info@owned.example.test"}, format="json")
+    assert created.status_code == 201, created.content  # nothing said about the other tenant's mailbox
+    domain = Domain.objects.get(pk=mine["id"])
+    dns_zone.set(domain.name, "TXT", [domain.verification_record])
+    dns_zone.set(domain.name, "MX", [(10, "mx1.mailplatform.test.")])
+    assert owner.post(f"/api/v1/domains/{domain.pk}/verify/").json()["state"] == "verified"
+    directory = RecipientDirectory(check_misses=False)
+    assert directory.reload()
+    decision = directory.decide("info@owned.example.test")
+    assert (decision.reply.code, decision.mailbox_id) == (250, created.json()["id"])
+    assert Domain.objects.get(pk=theirs["id"]).state == "pending"
