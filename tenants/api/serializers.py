@@ -88,9 +88,11 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
             "expires_at",
             "revoked_at",
             "last_used_at",
+            "parent",
             "created_at",
         ]
         read_only_fields = fields
+        extra_kwargs = {"parent": {"help_text": "The key that minted this one: it is never wider and dies with it"}}
 
     def get_domains(self, api_key: ApiKey) -> list[str]:
         return [str(domain.pk) for domain in api_key.allowed_domains.all()]

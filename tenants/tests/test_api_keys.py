@@ -178,7 +178,7 @@ def test_it_mints_a_child_no_wider_than_its_parent_when_the_request_leaves_limit
     response = mint(client)
     assert response.status_code == 201, response.content
     child = ApiKey.objects.get(pk=response.json()["id"])
-    assert child.parent == key
+    assert child.parent == key and response.json()["parent"] == str(key.pk)
     assert child.ip_allowlist == ["127.0.0.0/8"]
     assert child.expires_at == key.expires_at
 
