@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """`make run`: migrate, create the demo tenant, then run every process under one supervisor.
 
-Children: the web server (uvicorn on mailplatform.asgi), the Celery worker with embedded beat
-and, once the command exists, the SMTP server (runsmtp). Their output is prefixed with their
+Children: the web server (uvicorn on mailplatform.asgi), the Celery worker, Celery beat (its own
+process, as in docker-compose.yml: the beat that `worker -B` embeds closes the open files of the
+process it forks from, the metrics files among them) and the SMTP server (runsmtp). Their output is prefixed with their
 name. Ctrl-C (or SIGTERM) stops them all; so does any one of them exiting. The banner (demo
 tenant, key, login link) is printed once the web server and SMTP answer; BASE_URL, unless set,
 follows --host/--port so the links in it (and in sign-in mail) reach this web server.
@@ -25,7 +26,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 QUEUES = "ingest,parse,index,webhooks,maintenance"
-COLORS = {"web": "36", "worker": "35", "smtp": "33"}
+COLORS = {"web": "36", "worker": "35", "beat": "34", "smtp": "33"}
 
 
 def manage(*arguments: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -231,8 +232,9 @@ def main() -> int:
         ("web", web_command(options.host, options.port)),
         (
             "worker",
-            [PYTHON, "-m", "celery", "-A", "mailplatform", "worker", "-B", "-Q", QUEUES, "-c", "2", "-l", "INFO"],
+            [PYTHON, "-m", "celery", "-A", "mailplatform", "worker", "-Q", QUEUES, "-c", "2", "-l", "INFO"],
         ),
+        ("beat", [PYTHON, "-m", "celery", "-A", "mailplatform", "beat", "-l", "INFO"]),
     ]
     if smtp_enabled:
         commands.append(
