@@ -1,11 +1,14 @@
 """HTML bodies made harmless, and the rewrites applied when one is shown.
 
-:func:`html_sanitize` runs at parse time (nh3, an allow-list sanitizer built on html5ever):
-no scripts, styles blocks, forms, frames, SVG, meta refresh or event handlers; ``style``
-attributes keep only presentational properties (no ``url()``, no ``expression()``); links
-only http/https/mailto. Remote images are not loaded: their ``src`` moves to
-``data-remote-src`` until a viewer opts in (:func:`html_render`), and ``cid:`` URLs
-(RFC 2392) stay in place until :func:`html_render` points them at our attachment URLs.
+:func:`html_sanitize` runs at parse time (nh3, an allow-list sanitizer built on html5ever),
+after :func:`html_depth_bound` has unwrapped nesting deep enough to cost html5ever minutes:
+no scripts, styles blocks, forms, frames, media, objects, SVG, ``<link>``, meta refresh or
+event handlers; ``style`` attributes keep only presentational properties (no ``url()``,
+``image-set()``, ``@import``, ``expression()`` or CSS escapes); links only http/https/mailto.
+Nothing in the stored HTML loads from elsewhere: a remote image (absolute, scheme-relative
+``//host`` or written with backslashes) has its ``src`` moved to ``data-remote-src`` until a
+viewer opts in (:func:`html_render`); ``cid:`` URLs (RFC 2392) stay in place until
+:func:`html_render` points them at our attachment URLs; raster ``data:`` images stay.
 """
 
 from __future__ import annotations
@@ -43,18 +46,56 @@ _STYLE_PROPERTIES = {
     "border-left", "border-color", "border-style", "border-width", "border-collapse", "border-radius", "width",
     "height", "max-width", "min-width", "display",
 }  # fmt: skip
-_URL_SCHEMES = {"http", "https", "mailto", "cid"}
-_REMOTE_SRC = re.compile(r'(<img\b[^>]*?)\ssrc="(https?://[^"]*)"', re.IGNORECASE)
+_URL_SCHEMES = {"http", "https", "mailto", "cid", "data"}  # data: only for images (_attribute_filter)
+_IMG_SRC = re.compile(r'(<img\b[^>]*?)\ssrc="([^"]*)"', re.IGNORECASE)
+# Raster images only: an SVG document can itself reference remote resources.
+_SAFE_DATA_IMAGE = re.compile(r"data:image/(?:png|gif|jpe?g|webp|bmp|x-icon)[;,]", re.IGNORECASE)
+# CSS that can fetch (url(), image-set(), @import) or that hides a word behind an escape (u\72l).
+_STYLE_FETCH = re.compile(
+    r"\\|(?:url|image|image-set|cross-fade|element|src|expression)\s*\(|javascript:|@import|behavior|binding",
+    re.IGNORECASE,
+)
+_URL_IGNORED = re.compile(r"[\t\n\r]")  # the URL parser drops these anywhere (WHATWG URL, basic URL parser)
 _BLOCKED_SRC = re.compile(r'(<img\b[^>]*?)\sdata-remote-src="([^"]*)"', re.IGNORECASE)
 _CID_SRC = re.compile(r'\s(src|href)="cid:([^"]*)"', re.IGNORECASE)
 
 
 def _attribute_filter(element: str, attribute: str, value: str) -> str | None:
-    if attribute == "href" and value.lower().startswith("cid:"):
-        return None  # cid: is for embedded images only
-    if attribute == "style" and re.search(r"url\s*\(|expression\s*\(|javascript:|@import", value, re.IGNORECASE):
+    scheme = _URL_IGNORED.sub("", value).strip().lower()
+    if attribute == "href" and scheme.startswith(("cid:", "data:")):
+        return None  # cid: and data: are for embedded images only
+    if attribute == "src" and scheme.startswith("data:") and not _SAFE_DATA_IMAGE.match(scheme):
+        return None
+    if attribute == "style" and _STYLE_FETCH.search(value):
         return None
     return value
+
+
+def _remote_url(value: str) -> str | None:
+    """The absolute http(s) URL a browser would fetch for an image ``src``, if any.
+
+    Browsers drop tabs and newlines, trim spaces, and read a backslash as a slash
+    (WHATWG URL), so ``\\\\host/p.gif`` and `` //host/p.gif`` are remote just as
+    ``https://host/p.gif`` is; a scheme-relative URL is shown as https.
+    """
+    url = _URL_IGNORED.sub("", value).strip().replace("\\", "/")
+    if url.startswith("//"):
+        return f"https:{url}"
+    if re.match(r"https?:", url, re.IGNORECASE):
+        return url
+    return None
+
+
+def _image_source(match: re.Match[str]) -> str:
+    """An ``<img src>`` as stored: embedded images kept, remote ones blocked, the rest dropped."""
+    value = html_lib.unescape(match.group(2))
+    lowered = _URL_IGNORED.sub("", value).strip().lower()
+    if lowered.startswith("cid:") or _SAFE_DATA_IMAGE.match(lowered):
+        return match.group(0)
+    remote = _remote_url(value)
+    if remote is None:  # relative or unknown: nothing an e-mail can point at
+        return match.group(1)
+    return f'{match.group(1)} data-remote-src="{html_lib.escape(remote, quote=True)}"'
 
 
 def html_sanitize(raw_html: str) -> str:
@@ -70,7 +111,7 @@ def html_sanitize(raw_html: str) -> str:
         strip_comments=True,
         filter_style_properties=_STYLE_PROPERTIES,
     )
-    return _REMOTE_SRC.sub(r'\1 data-remote-src="\2"', cleaned)
+    return _IMG_SRC.sub(_image_source, cleaned)
 
 
 def html_render(stored_html: str, *, cid_url: Callable[[str], str | None], remote_images: bool = False) -> str:
