@@ -175,7 +175,7 @@ class EventAdmin(AppendOnlyAdmin):
 @admin.register(AuditEntry)
 class AuditEntryAdmin(AppendOnlyAdmin):
     list_display = ("created_at", "actor_type", "actor_label", "action", "resource_type", "resource_id", "tenant", "ip")
-    list_filter = ("actor_type", "resource_type", "action", "created_at")
+    list_filter = ("actor_type", "anonymous", "resource_type", "action", "created_at")
     list_select_related = ("tenant",)
     search_fields = ("actor_label", "action", "resource_id", "correlation_id", "ip", "tenant__slug", "tenant__name")
     date_hierarchy = "created_at"

@@ -1,4 +1,10 @@
-"""The audit trail as a downloadable file (CSV or JSON), streamed; used by the API and the console."""
+"""The audit trail as a downloadable file (CSV or JSON), streamed; used by the API and the console.
+
+CSV cells are escaped against formula injection: a spreadsheet runs a cell that starts with
+``=``, ``+``, ``-`` or ``@`` (or tab or carriage return, which some strip before reading) as a
+formula, and the trail holds text that callers chose, such as user agents. Such a cell gets a
+leading single quote, as OWASP's CSV Injection guidance advises; JSON is left as it is.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ FIELDS = [
     "created_at",
     "actor_type",
     "actor",
+    "anonymous",
     "ip",
     "user_agent",
     "action",
@@ -37,6 +44,7 @@ def audit_entry_row(entry: AuditEntry) -> dict[str, Any]:
         "created_at": entry.created_at.isoformat(),
         "actor_type": entry.actor_type,
         "actor": entry.actor_label,
+        "anonymous": entry.anonymous,
         "ip": entry.ip,
         "user_agent": entry.user_agent,
         "action": entry.action,
@@ -62,11 +70,23 @@ def _csv(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     writer = csv.DictWriter(buffer, fieldnames=FIELDS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: json.dumps(value) if isinstance(value, dict) else value for key, value in row.items()})
+        writer.writerow({key: csv_cell(value) for key, value in row.items()})
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
     yield buffer.getvalue()
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """One value as a CSV cell that a spreadsheet shows as text, never runs as a formula."""
+    if isinstance(value, dict | list):
+        value = json.dumps(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _json(rows: Iterable[dict[str, Any]]) -> Iterator[str]:

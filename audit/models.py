@@ -143,6 +143,8 @@ class AuditEntry(models.Model):
     before = models.JSONField(null=True, blank=True)
     after = models.JSONField(null=True, blank=True)
     correlation_id = models.CharField(max_length=64, blank=True)
+    # Nobody proved who they are (a refused sign-in): what it says about itself is only a claim.
+    anonymous = models.BooleanField(default=False)
 
     class Meta:
         verbose_name_plural = "audit entries"
@@ -150,6 +152,10 @@ class AuditEntry(models.Model):
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="audit_tenant_recent"),
             models.Index(fields=["tenant", "action"], name="audit_tenant_action"),
+            # The per-address bound on anonymous entries counts these (audit.services).
+            models.Index(
+                fields=["tenant", "ip", "created_at"], name="audit_anonymous_by_ip", condition=Q(anonymous=True)
+            ),
         ]
 
     def __str__(self) -> str:

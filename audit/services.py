@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.utils import timezone
 
 from audit import context
@@ -37,6 +39,19 @@ class Actor:
     @classmethod
     def system(cls, label: str = "system") -> Actor:
         return cls(type=AuditEntry.ActorType.SYSTEM, label=label)
+
+    @property
+    def is_anonymous(self) -> bool:
+        """A person who proved no identity (a refused sign-in): the label is only their claim."""
+        return self.type == AuditEntry.ActorType.USER and self.user_id is None
+
+
+# Anonymous entries are written on behalf of whoever calls a public page (a failed sign-in),
+# so they are bounded: what they carry is cut short, and one address writes at most
+# AUDIT_ANONYMOUS_PER_IP of them per tenant in AUDIT_ANONYMOUS_WINDOW seconds; past that
+# they are logged, not stored, and a flood cannot bury a tenant's real trail.
+ANONYMOUS_USER_AGENT_MAX = 128
+ANONYMOUS_LABEL_MAX = 254  # an e-mail address at most (RFC 5321 section 4.5.3.1.3)
 
 
 def event_listener_register(listener: EventListener) -> None:
@@ -124,17 +139,30 @@ def audit_entry_record(
     resource_id: object = "",
     before: Mapping[str, Any] | None = None,
     after: Mapping[str, Any] | None = None,
-) -> AuditEntry:
-    """Write one audit entry for a control-plane write, with the request's IP and correlation id."""
+) -> AuditEntry | None:
+    """Write one audit entry for a control-plane write, with the request's IP and correlation id.
+
+    An anonymous actor's entry (see :attr:`Actor.is_anonymous`) is marked ``anonymous``, its
+    user agent and label are cut short, and it is not written (None) once the caller's
+    address has written its share for the tenant in the current window.
+    """
     request = context.current()
+    anonymous = actor.is_anonymous
+    label, user_agent = actor.label[:320], request.user_agent
+    if anonymous:
+        label, user_agent = _printable(label)[:ANONYMOUS_LABEL_MAX], _printable(user_agent)[:ANONYMOUS_USER_AGENT_MAX]
+        if _anonymous_quota_spent(tenant_id, request.ip):
+            logger.warning("audit %s by an anonymous caller from %s not recorded: over its quota", action, request.ip)
+            return None
     entry = AuditEntry(
         tenant_id=tenant_id,
         actor_type=actor.type,
         actor_user_id=actor.user_id,
         actor_api_key_id=actor.api_key_id,
-        actor_label=actor.label[:320],
+        actor_label=label,
+        anonymous=anonymous,
         ip=request.ip,
-        user_agent=request.user_agent,
+        user_agent=user_agent,
         action=action,
         resource_type=resource_type,
         resource_id=str(resource_id),
@@ -145,6 +173,25 @@ def audit_entry_record(
     entry.save(force_insert=True)
     logger.info("audit %s %s:%s by %s", action, resource_type, resource_id, actor.label)
     return entry
+
+
+def _printable(text: str) -> str:
+    """Control characters (CR, LF, tab, escapes) out: they forge lines in logs and exports."""
+    return "".join(char for char in text if char.isprintable())
+
+
+def _anonymous_quota_spent(tenant_id: UUID | None, ip: str | None) -> bool:
+    """Has ``ip`` written its anonymous entries for this tenant in the current window?
+
+    A count over a partial index; two concurrent requests may both pass at the edge, so the
+    bound can be overshot by the number of requests in flight, never more.
+    """
+    limit = int(getattr(settings, "AUDIT_ANONYMOUS_PER_IP", 20))
+    window = timedelta(seconds=int(getattr(settings, "AUDIT_ANONYMOUS_WINDOW", 600)))
+    recent = AuditEntry.objects.filter(anonymous=True, created_at__gte=timezone.now() - window)
+    recent = recent.filter(tenant_id=tenant_id) if tenant_id is not None else recent.filter(tenant__isnull=True)
+    recent = recent.filter(ip=ip) if ip is not None else recent.filter(ip__isnull=True)
+    return recent[:limit].count() >= limit
 
 
 def redact(values: dict[str, Any]) -> dict[str, Any]:
