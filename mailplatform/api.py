@@ -6,12 +6,14 @@ Errors always look like ``{"error": {"code": "...", "message": "...", "details":
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
-from rest_framework import exceptions
+from rest_framework import exceptions, serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
@@ -57,6 +59,30 @@ _GENERIC_CODES = frozenset(
 )
 
 
+# Field-level codes that name the whole error: a program reacts to them, not to the message.
+_PROMOTED_CODES = ("unknown_field", "read_only_field", "invalid_cursor")
+
+
+def _promoted_code(details: Any) -> str | None:
+    """``unknown_field`` (or another of _PROMOTED_CODES) when every field error has that code."""
+    codes: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, ErrorDetail):
+            codes.add(str(value.code))
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(details)
+    if codes and codes <= {"unknown_field", "read_only_field"}:
+        return "unknown_field" if "unknown_field" in codes else "read_only_field"
+    return next((code for code in _PROMOTED_CODES if codes == {code}), None)
+
+
 def _django_validation_code(exc: DjangoValidationError) -> str | None:
     """A service's own specific code (``domain_not_empty``, ``lockout``) when it raised one."""
     errors = (
@@ -94,7 +120,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             message, details = str(details[0]), {"non_field_errors": details}
         else:
             message = "The request is not valid."
-        response.data = error_body(code or "validation_error", message, details)
+        promoted = None if code else _promoted_code(details)
+        if promoted in {"unknown_field", "read_only_field"} and isinstance(details, dict):
+            message = f"Fields not accepted here: {', '.join(sorted(details))}."
+        response.data = error_body(code or promoted or "validation_error", message, details)
         return response
 
     codes = exc.get_codes()
@@ -118,3 +147,61 @@ class BoundedJSONParser(JSONParser):
             return super().parse(stream, media_type, parser_context)
         except RecursionError:
             raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
+
+
+class StrictSerializer(serializers.Serializer[Any]):
+    """An input serializer that refuses fields it does not take, instead of dropping them.
+
+    A client that sends ``{"retention_days": 7}`` where it is not accepted, or misspells a
+    field, must learn it: ``400 unknown_field``, or ``400 read_only_field`` for a field the
+    resource shows but cannot be changed (those of ``output_serializer_class``), with each
+    field named in ``details``. The schema says the same (``additionalProperties: false``).
+    """
+
+    # The serializer that shows the resource: its fields are known, but read-only here.
+    output_serializer_class: ClassVar[type[serializers.Serializer[Any]] | None] = None
+    # Extra JSON Schema keywords for the request body (anyOf/oneOf between fields).
+    schema_constraints: ClassVar[dict[str, Any]] = {}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            fields_refused(data, writable=self.fields, shown=self.shown_fields())
+        return super().to_internal_value(data)
+
+    @classmethod
+    def shown_fields(cls) -> frozenset[str]:
+        output = cls.output_serializer_class
+        if output is None:
+            return frozenset()
+        return frozenset(output().fields)
+
+
+def fields_refused(
+    data: Mapping[str, Any], *, writable: Mapping[str, Any] | None = None, shown: frozenset[str] = frozenset()
+) -> None:
+    """Raise 400 ``unknown_field``/``read_only_field`` for every key of ``data`` not writable."""
+    errors: dict[str, list[ErrorDetail]] = {}
+    for name in data:
+        field = (writable or {}).get(name)
+        if field is not None and not getattr(field, "read_only", False):
+            continue
+        if field is not None or name in shown:
+            errors[str(name)] = [ErrorDetail("This field cannot be changed.", code="read_only_field")]
+        else:
+            errors[str(name)] = [ErrorDetail("This field is not known.", code="unknown_field")]
+    if errors:
+        raise exceptions.ValidationError(errors)
+
+
+def no_body_expected(request: Any) -> None:
+    """For actions that take no body: fields sent anyway answer 400 ``unknown_field``.
+
+    Only a JSON body is read (the API's one parser): any other body, such as the empty form
+    some clients send with every POST, means nothing here and is left alone as before.
+    """
+    try:
+        data = request.data
+    except exceptions.UnsupportedMediaType:
+        return
+    if isinstance(data, Mapping) and data:
+        fields_refused(data)

@@ -367,6 +367,11 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # Error answers on every operation, and the long-polling endpoints (mailplatform/schema.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "mailplatform.schema.error_responses_hook",
+    ],
     # The documentation page loads Swagger UI from our own static files, not a CDN: it works
     # offline and its Content-Security-Policy allows only 'self'.
     "SWAGGER_UI_DIST": "SIDECAR",

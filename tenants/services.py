@@ -90,7 +90,7 @@ def tenant_create(
     return tenant
 
 
-_TENANT_EDITABLE = ("name", "ip_allowlist")
+_TENANT_EDITABLE = ("name", "ip_allowlist", "retention_days")
 
 
 def ip_allowlist_normalize(cidrs: Iterable[str], *, field: str = "ip_allowlist") -> list[str]:

@@ -33,8 +33,8 @@ _FILTERS = [
     OpenApiParameter("action", OpenApiTypes.STR, description="Exact action or prefix (domain.*)"),
     OpenApiParameter("resource_type", OpenApiTypes.STR),
     OpenApiParameter("resource_id", OpenApiTypes.STR),
-    OpenApiParameter("after", OpenApiTypes.DATETIME, description="Only entries after this time"),
-    OpenApiParameter("before", OpenApiTypes.DATETIME, description="Only entries before this time"),
+    OpenApiParameter("after", OpenApiTypes.DATETIME, description="Only entries after this point: an ISO 8601 time"),
+    OpenApiParameter("before", OpenApiTypes.DATETIME, description="Only entries before this point: an ISO 8601 time"),
 ]
 
 
@@ -81,7 +81,10 @@ class AuditExportView(APIView):
 
     @extend_schema(
         parameters=[*_FILTERS, OpenApiParameter("format", OpenApiTypes.STR, enum=["csv", "json"])],
-        responses={(200, "text/csv"): OpenApiTypes.STR, (200, "application/json"): OpenApiTypes.OBJECT},
+        responses={
+            (200, "text/csv"): OpenApiTypes.STR,
+            (200, "application/json"): AuditEntrySerializer(many=True),
+        },
     )
     def get(self, request: Request) -> StreamingHttpResponse:
         kind = request.query_params.get("format", "csv")

@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 from audit import selectors
 from audit.api.serializers import EventPageSerializer, EventSerializer
 from audit.models import EVENT_ID_PATTERN, EVENT_TYPE_PATTERN, Event
+from mailplatform.pagination import CURSOR_DESCRIPTION, invalid_cursor
 
 EVENTS_READ = "events:read"  # tenants.access.Permission.EVENTS_READ; audit cannot import it
 _DEFAULT_LIMIT, _MAX_LIMIT = 100, 500
@@ -33,12 +34,19 @@ class EventListView(APIView):
     @extend_schema(
         operation_id="events_list",
         parameters=[
-            OpenApiParameter("after", OpenApiTypes.STR, description="Start after this event id (evt_...)"),
-            OpenApiParameter("cursor", OpenApiTypes.STR, description="Opaque cursor from a previous page"),
+            OpenApiParameter(
+                "after",
+                OpenApiTypes.STR,
+                pattern=f"^{EVENT_ID_PATTERN}$",
+                description="Only events after this point: an event id (evt_..., exclusive); `cursor` wins over it",
+            ),
+            OpenApiParameter("cursor", OpenApiTypes.STR, description=CURSOR_DESCRIPTION),
             OpenApiParameter("type", OpenApiTypes.STR, description="Comma-separated types or prefixes (message.*)"),
             OpenApiParameter("mailbox", OpenApiTypes.UUID, description="Only events about this mailbox"),
             OpenApiParameter("message", OpenApiTypes.UUID, description="Only events about this message"),
-            OpenApiParameter("limit", OpenApiTypes.INT, description=f"Page size, at most {_MAX_LIMIT}"),
+            OpenApiParameter(
+                "limit", OpenApiTypes.INT, description=f"Page size (default {_DEFAULT_LIMIT}, at most {_MAX_LIMIT})."
+            ),
         ],
         responses=EventPageSerializer,
     )
@@ -65,7 +73,7 @@ class EventListView(APIView):
             try:
                 queryset = selectors.events_after_cursor(queryset, params["cursor"])
             except selectors.InvalidCursor:
-                raise exceptions.ValidationError({"cursor": ["The cursor is not valid."]}) from None
+                raise invalid_cursor() from None
         elif params.get("after"):
             try:
                 queryset = selectors.events_after_event(queryset, principal, params["after"])

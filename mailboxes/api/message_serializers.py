@@ -12,6 +12,7 @@ from rest_framework import serializers
 from mailboxes import blobs
 from mailboxes.models import Attachment, Message
 from mailboxes.sanitize import html_render
+from mailplatform.api import StrictSerializer
 
 MAX_TAGS = 20
 
@@ -87,10 +88,10 @@ class MessageSummarySerializer(serializers.ModelSerializer[Message]):
         ]
         read_only_fields = fields
 
-    def to_representation(self, instance: Message) -> dict[str, Any]:
-        data = super().to_representation(instance)
-        data["from"] = data.pop("from_")
-        return data
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        # "from" is a Python keyword, so the field is declared as from_ and named here,
+        # where the API (and the schema) call it.
+        return {("from" if name == "from_" else name): field for name, field in super().get_fields().items()}
 
 
 class MessageDetailSerializer(MessageSummarySerializer):
@@ -145,7 +146,9 @@ class MessageDetailSerializer(MessageSummarySerializer):
         return html_render(message.html, cid_url=cid_url, remote_images=bool(self.context.get("remote_images")))
 
 
-class MessageUpdateSerializer(serializers.Serializer[Any]):
+class MessageUpdateSerializer(StrictSerializer):
+    output_serializer_class = MessageDetailSerializer
+
     is_read = serializers.BooleanField(required=False)
     tags = serializers.ListField(
         child=serializers.RegexField(r"^[\w.:-]{1,64}$", max_length=64),

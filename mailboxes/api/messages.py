@@ -13,7 +13,6 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -27,17 +26,15 @@ from mailboxes.api.message_serializers import (
 )
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError
+from mailplatform.pagination import CreatedCursorPagination
 from tenants.access import Permission
 from tenants.api.views import principal_of
 
 
-class NewestFirstPagination(CursorPagination):
+class NewestFirstPagination(CreatedCursorPagination):
     """Newest received first; an opaque cursor, stable while mail arrives."""
 
     ordering = ("-received_at", "-id")
-    page_size = 50
-    page_size_query_param = "limit"
-    max_page_size = 200
 
 
 def _uuid_param(request: Request, name: str) -> UUID | None:

@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from mailboxes.models import Mailbox
+from mailplatform.api import StrictSerializer
 
 
 class MailboxSerializer(serializers.ModelSerializer[Mailbox]):
@@ -28,7 +29,16 @@ class MailboxSerializer(serializers.ModelSerializer[Mailbox]):
         read_only_fields = fields
 
 
-class MailboxCreateSerializer(serializers.Serializer[Any]):
+class MailboxCreateSerializer(StrictSerializer):
+    output_serializer_class = MailboxSerializer
+    # An address, or a domain id with an optional local part (validate() says the same).
+    schema_constraints = {
+        "oneOf": [
+            {"required": ["address"], "not": {"anyOf": [{"required": ["domain"]}, {"required": ["local_part"]}]}},
+            {"required": ["domain"], "not": {"required": ["address"]}},
+        ]
+    }
+
     address = serializers.EmailField(required=False, max_length=320, help_text="local@domain, on one of your domains")
     domain = serializers.UUIDField(required=False, help_text="The domain's id (instead of address)")
     local_part = serializers.CharField(
@@ -47,7 +57,9 @@ class MailboxCreateSerializer(serializers.Serializer[Any]):
         return attrs
 
 
-class MailboxUpdateSerializer(serializers.Serializer[Any]):
+class MailboxUpdateSerializer(StrictSerializer):
+    output_serializer_class = MailboxSerializer
+
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
     is_catch_all = serializers.BooleanField(required=False)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)

@@ -18,7 +18,9 @@ from typing import Any
 from uuid import UUID
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.decorators import method_decorator
 from django.views import View
+from django.views.decorators.csrf import csrf_exempt
 
 from audit import context
 from audit.middleware import client_ip
@@ -168,11 +170,24 @@ async def _answer_body(kind: str, message_id: UUID) -> dict[str, Any]:
     return body
 
 
+# Keys come in the Authorization header, never in cookies: CSRF does not apply (and must not
+# turn another method into an HTML 403 instead of the 405 below).
+@method_decorator(csrf_exempt, name="dispatch")
 class WaitingView(View):
     """Shared plumbing: authenticate, parse, wait, answer JSON (408 on timeout)."""
 
     required_permissions = {"get": Permission.MESSAGES_READ}
     http_method_names = ["get", "options"]
+
+    def http_method_not_allowed(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        """405 in the API's error shape (Django's own has an empty body), with Allow (RFC 9110 15.5.6)."""
+        response = ApiError(405, "method_not_allowed", f'Method "{request.method}" not allowed.').response()
+        response["Allow"] = ", ".join(name.upper() for name in self.http_method_names if hasattr(self, name))
+
+        async def answer() -> HttpResponse:  # an async view's handlers are coroutines
+            return response
+
+        return answer()
 
     async def get(self, request: HttpRequest, **kwargs: Any) -> HttpResponse:
         correlation = context.new_correlation_id()

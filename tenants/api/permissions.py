@@ -60,8 +60,9 @@ class KeyPermission(BasePermission):
             return True
         permission = required_permission(view, request.method or "get")
         if permission is _UNDECLARED:
-            if getattr(view, "action", "") is None:
-                return True  # an unsupported method: let DRF answer 405
+            # An unsupported method (no viewset action, no handler on a plain view): DRF answers 405.
+            if getattr(view, "action", "") is None or not hasattr(view, (request.method or "get").lower()):
+                return True
             raise exceptions.PermissionDenied("This action is not available to API keys.")
         if permission is not None and not principal.has_perm(permission):
             raise exceptions.PermissionDenied(

@@ -5,6 +5,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
+from mailplatform.api import StrictSerializer
 from tenants.access import ALL_PERMISSIONS
 from tenants.models import ApiKey, Domain, SsoProvider, Tenant
 
@@ -12,7 +13,7 @@ from tenants.models import ApiKey, Domain, SsoProvider, Tenant
 class TenantSerializer(serializers.ModelSerializer[Tenant]):
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "plan", "status", "ip_allowlist", "created_at"]
+        fields = ["id", "slug", "name", "plan", "status", "ip_allowlist", "retention_days", "created_at"]
         read_only_fields = fields
 
 
@@ -20,9 +21,18 @@ def _cidr_list(**kwargs: Any) -> serializers.ListField:
     return serializers.ListField(child=serializers.CharField(max_length=64), max_length=500, **kwargs)
 
 
-class TenantUpdateSerializer(serializers.Serializer[Any]):
+class TenantUpdateSerializer(StrictSerializer):
+    output_serializer_class = TenantSerializer
+
     name = serializers.CharField(max_length=200, required=False)
     ip_allowlist = _cidr_list(required=False, help_text="CIDRs that may use the console and API keys; [] for anywhere")
+    retention_days = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=3650,
+        help_text="Days mail is kept unless a mailbox says otherwise; null for the platform default",
+    )
 
 
 class DnsRecordSerializer(serializers.Serializer[Any]):
@@ -62,12 +72,16 @@ class DomainSerializer(serializers.ModelSerializer[Domain]):
         return records
 
 
-class DomainCreateSerializer(serializers.Serializer[Any]):
+class DomainCreateSerializer(StrictSerializer):
+    output_serializer_class = DomainSerializer
+
     name = serializers.CharField(max_length=253)
     recipient_policy = serializers.ChoiceField(choices=Domain.RecipientPolicy.choices, required=False)
 
 
-class DomainUpdateSerializer(serializers.Serializer[Any]):
+class DomainUpdateSerializer(StrictSerializer):
+    output_serializer_class = DomainSerializer
+
     recipient_policy = serializers.ChoiceField(choices=Domain.RecipientPolicy.choices)
 
 
@@ -112,7 +126,9 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
         return str(self.context["secret"])
 
 
-class ApiKeyCreateSerializer(serializers.Serializer[Any]):
+class ApiKeyCreateSerializer(StrictSerializer):
+    output_serializer_class = ApiKeySerializer
+
     name = serializers.CharField(max_length=200)
     permissions = serializers.ListField(
         child=serializers.ChoiceField(choices=sorted(ALL_PERMISSIONS)), allow_empty=False, max_length=20
@@ -168,7 +184,9 @@ class SsoProviderSerializer(serializers.ModelSerializer[SsoProvider]):
         return callback_url()
 
 
-class SsoConfigureSerializer(serializers.Serializer[Any]):
+class SsoConfigureSerializer(StrictSerializer):
+    output_serializer_class = SsoProviderSerializer
+
     issuer = serializers.URLField(max_length=500)
     client_id = serializers.CharField(max_length=255)
     client_secret = serializers.CharField(

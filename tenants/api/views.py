@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from mailplatform.api import error_body
+from mailplatform.api import error_body, no_body_expected
 from tenants import selectors, services
 from tenants.access import Permission, Principal
 from tenants.api.serializers import (
@@ -85,6 +85,12 @@ class DomainViewSet(
         domain = services.domain_update(principal=principal_of(request), domain=domain, **serializer.validated_data)
         return Response(DomainSerializer(domain).data)
 
+    @extend_schema(
+        responses={204: None, 400: OpenApiResponse(description="The domain still has mailboxes (domain_not_empty)")}
+    )
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().destroy(request, *args, **kwargs)
+
     def perform_destroy(self, instance: Domain) -> None:
         services.domain_delete(principal=principal_of(self.request), domain=instance)
 
@@ -94,6 +100,7 @@ class DomainViewSet(
         """Check the domain's DNS records now: the TXT record proves ownership, the MX record
         must point at us. Answers the domain with what the check found."""
         domain = self.get_object()
+        no_body_expected(request)
         check = services.domain_verify(principal=principal_of(request), domain=domain)
         return Response(DomainVerifySerializer(domain, context={"check": check.as_json()}).data)
 
@@ -152,6 +159,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     @extend_schema(request=None, responses=ApiKeySerializer)
     @action(detail=True, methods=["post"])
     def revoke(self, request: Request, pk: str) -> Response:
+        no_body_expected(request)
         api_key = services.api_key_revoke(principal=principal_of(request), api_key=self.get_object())
         return Response(ApiKeySerializer(api_key).data)
 
@@ -165,7 +173,9 @@ class SsoView(APIView):
         "delete": Permission.TENANT_MANAGE,
     }
 
-    @extend_schema(responses=SsoProviderSerializer)
+    @extend_schema(
+        responses={200: SsoProviderSerializer, 404: OpenApiResponse(description="Single sign-on is not set up")}
+    )
     def get(self, request: Request) -> Response:
         provider = selectors.sso_provider_of(principal_of(request))
         if provider is None:

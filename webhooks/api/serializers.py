@@ -4,6 +4,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from mailplatform.api import StrictSerializer
 from webhooks.models import Attempt, Delivery, Endpoint
 
 
@@ -48,7 +49,9 @@ class EndpointCreatedSerializer(EndpointSerializer):
         return str(self.context["secret"])
 
 
-class EndpointCreateSerializer(serializers.Serializer[Any]):
+class EndpointCreateSerializer(StrictSerializer):
+    output_serializer_class = EndpointSerializer
+
     url = serializers.CharField(max_length=2000)
     description = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
     event_types = serializers.ListField(
@@ -62,11 +65,14 @@ class EndpointUpdateSerializer(EndpointCreateSerializer):
     enabled = serializers.BooleanField(required=False)
 
 
-class RotateSecretSerializer(serializers.Serializer[Any]):
+class RotateSecretSerializer(StrictSerializer):
     overlap_seconds = serializers.IntegerField(min_value=0, max_value=7 * 24 * 3600, required=False)
 
 
-class ReplaySerializer(serializers.Serializer[Any]):
+class ReplaySerializer(StrictSerializer):
+    # validate() needs one of the two (an empty "after" counts as none).
+    schema_constraints = {"anyOf": [{"required": ["after"]}, {"required": ["since"]}]}
+
     after = serializers.CharField(max_length=200, required=False, help_text="An event id (evt_...) or cursor")
     since = serializers.DateTimeField(required=False)
     until = serializers.DateTimeField(required=False)

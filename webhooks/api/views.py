@@ -11,6 +11,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from mailplatform.api import no_body_expected
 from tenants.access import Permission
 from tenants.api.views import principal_of
 from webhooks import selectors, services
@@ -142,5 +143,6 @@ class DeliveryViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, endpoint_id: str, pk: str) -> Response:
         """Send this delivery again now (same ``webhook-id``; the receiver may deduplicate)."""
+        no_body_expected(request)
         delivery = services.delivery_retry(principal=principal_of(request), delivery=self.get_object())
         return Response(DeliverySerializer(delivery).data, status=status.HTTP_202_ACCEPTED)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from mailplatform.api import no_body_expected
 from webinbox import services
 
 
@@ -37,11 +38,14 @@ class TempInboxCreateView(APIView):
                     "token": serializers.CharField(),
                     "expires_at": serializers.DateTimeField(),
                 },
-            )
+            ),
+            403: OpenApiResponse(description="The temporary inboxes' tenant is suspended (tenant_suspended)"),
+            429: OpenApiResponse(description="More than TEMP_INBOX_RATE_PER_HOUR from this address"),
         },
         auth=[],
     )
     def post(self, request: Request) -> Response:
+        no_body_expected(request)
         try:
             temp_inbox, token = services.temp_inbox_create(ip=services.client_ip())
         except services.RateLimited as limited:
