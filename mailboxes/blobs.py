@@ -16,6 +16,8 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.urls import reverse
 
+from mailboxes.headers import filename_sanitize
+
 _SALT = "mailboxes.blob-download"
 
 
@@ -50,11 +52,18 @@ def blob_delete(key: str, storage: Storage | None = None) -> None:
     (storage or blob_storage()).delete(key)
 
 
+def download_filename(filename: str) -> str:
+    """The name a download is offered under: no control characters or path separators."""
+    return filename_sanitize(filename) or "download"
+
+
 def _disposition(filename: str, inline: bool) -> str:
-    # RFC 6266 section 4.3 with an RFC 8187 filename* for non-ASCII names.
+    # RFC 6266 section 4.3 with an RFC 8187 filename* for non-ASCII names. The name is cleaned
+    # here too, not only at parse time: a CR or LF would split the header (a 500, or worse).
     kind = "inline" if inline else "attachment"
-    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "_") or "download"
-    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
+    name = download_filename(filename)
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "'")
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def blob_signed_url(key: str, *, filename: str, content_type: str, inline: bool = False) -> str:
