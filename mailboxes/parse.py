@@ -358,6 +358,7 @@ def message_bytes_parse(raw: bytes) -> ParsedMessage:
         message = _message_from_bytes(raw)
         parsed = ParsedMessage()
         html = _bodies(message, parsed)
+        parsed.defects = _defects(message)
     except RecursionError:
         raise Unparseable("MIME structure too deep to walk") from None
     finally:
@@ -390,7 +391,6 @@ def message_bytes_parse(raw: bytes) -> ParsedMessage:
     parsed.stripped_text = replies.reply_strip(parsed.text)
     parsed.codes = codes_module.codes_extract(parsed.subject, parsed.text)
     parsed.links = codes_module.links_extract(parsed.text, html)
-    parsed.defects = _defects(message)
     return parsed
 
 

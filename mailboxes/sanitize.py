@@ -240,7 +240,7 @@ def html_depth_bound(raw_html: str, max_depth: int = MAX_HTML_DEPTH) -> str:
         # A "<" that begins no token is text: escaped, so the tree builder reads it as text too.
         out.append(raw_html[position : match.start()].replace("<", "&lt;"))
         position = match.end()
-        kind = match.lastgroup
+        kind = match.lastgroup or "start"
         if kind == "comment":
             close = raw_html.find("-->", match.start() + 4)
             position = length if close == -1 else close + 3
