@@ -45,6 +45,18 @@ def _enterprise(world: Any) -> dict[str, Any]:
     return {}
 
 
+def _sso_ready(world: Any) -> dict[str, Any]:
+    """An enterprise tenant that has proven corp.example.test by DNS: only such a domain may be
+    claimed by its SSO (tenants.services.sso_provider_configure)."""
+    from tenants.models import Domain
+
+    _enterprise(world)
+    Domain.objects.update_or_create(
+        tenant=world.tenant, name="corp.example.test", defaults={"state": Domain.State.VERIFIED, "txt_ok": True}
+    )
+    return {}
+
+
 def _sso_body(world: Any) -> dict[str, Any]:
     provider = world.oidc
     return {
@@ -59,7 +71,7 @@ def _configured_sso(world: Any) -> dict[str, Any]:
     from tenants.access import Principal
     from tenants.services import sso_provider_configure
 
-    _enterprise(world)
+    _sso_ready(world)
     world.tenant.refresh_from_db()
     sso_provider_configure(principal=Principal.system(world.tenant), **_sso_body(world))
     return {}
@@ -69,7 +81,7 @@ RAW = b"From: a@example.org\r\nTo: inbox@acme.example.test\r\nSubject: upload\r\
 
 WRITES: dict[tuple[str, str], Write] = {
     ("tenant", "PATCH"): Write(body=lambda w: {"name": "Renamed"}, action="tenant.update"),
-    ("sso", "PUT"): Write(kwargs=lambda w: _enterprise(w) or {}, body=_sso_body, action="sso.configure"),
+    ("sso", "PUT"): Write(kwargs=_sso_ready, body=_sso_body, action="sso.configure"),
     ("sso", "DELETE"): Write(kwargs=_configured_sso, action="sso.delete"),
     ("domain-list", "POST"): Write(body=lambda w: {"name": "new.example.test"}, action="domain.create"),
     ("domain-detail", "PATCH"): Write(
