@@ -34,11 +34,36 @@ def multiprocess_enable(directory: str) -> None:
     except OSError as exc:
         raise ImproperlyConfigured(f"METRICS_DIR: cannot create {path}: {exc}") from exc
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    _closing_tolerates_closed_descriptors()
     if "prometheus_client.values" in sys.modules:  # imported before the settings: switch it now
         from prometheus_client import values
 
         if not getattr(values.ValueClass, "_multiprocess", False):
             values.ValueClass = values.MultiProcessValue()
+
+
+def _closing_tolerates_closed_descriptors() -> None:
+    """After a fork, prometheus_client closes the parent's metrics files and opens its own.
+
+    billiard (Celery's embedded beat, ``worker -B``) closes every inherited descriptor in
+    the child first, so that close fails with EBADF and the child dies on its first metric.
+    A descriptor already closed is what closing wanted: drop it and go on.
+    """
+    from prometheus_client import mmap_dict
+
+    original = mmap_dict.MmapedDict.close
+    if getattr(original, "_tolerant", False):
+        return
+
+    def close(self: Any) -> None:
+        try:
+            original(self)
+        except OSError:
+            self._m = None
+            self._f = None
+
+    close._tolerant = True  # type: ignore[attr-defined]
+    mmap_dict.MmapedDict.close = close  # type: ignore[method-assign]
 
 
 def multiprocess_enabled() -> bool:

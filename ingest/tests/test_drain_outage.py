@@ -36,14 +36,19 @@ def _broker_unreachable() -> Iterator[None]:
     from mailplatform.celery import app
 
     saved = os.environ["CELERY_BROKER_URL"]
-    app.close()  # drop pooled connections to the real broker
+    _pools_drop(app)  # pooled connections and producers of the real broker
     os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     try:
         assert app.connection_for_write().port != urlsplit(saved).port
         yield
     finally:
-        app.close()
+        _pools_drop(app)
         os.environ["CELERY_BROKER_URL"] = saved
+
+
+def _pools_drop(app: Any) -> None:
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 @pytest.fixture
