@@ -43,15 +43,21 @@ def charset_decode(data: bytes, charset: str | None) -> str:
     if name in {"iso-8859-1", "latin-1", "latin1", "iso_8859-1"}:
         name = "cp1252"  # what every browser does: Windows-1252 is what these mailers really mean
     try:
-        codecs.lookup(name)
-    except LookupError:
+        if not getattr(codecs.lookup(name), "_is_text_encoding", True):  # rot13, base64, zlib
+            return bytes_text(data)
+    except (LookupError, ValueError):  # unknown, or not even a name (an embedded NUL)
         return bytes_text(data)
     try:
         return data.decode(name)
-    except UnicodeDecodeError:
+    except UnicodeError:
         if name in {"utf-8", "utf8"}:
             return bytes_text(data)
+    except Exception:  # a codec that fails in its own way (idna, punycode) reads nothing
+        return bytes_text(data)
+    try:
         return data.decode(name, "replace")
+    except Exception:
+        return bytes_text(data)
 
 
 def _undeclared(value: str) -> str:

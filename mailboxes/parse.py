@@ -346,24 +346,8 @@ def _bodies(message: Message, parsed: ParsedMessage) -> str:
     return parsed.html
 
 
-def message_bytes_parse(raw: bytes) -> ParsedMessage:
-    """Parse one raw message; raise :class:`Unparseable` when it is not a message at all."""
-    if not raw.strip():
-        raise Unparseable("empty message")
-    if not _looks_like_a_message(raw):
-        raise Unparseable("no header section (RFC 5322 section 2.1): the bytes do not start with a header field")
-    limit = sys.getrecursionlimit()
-    try:
-        sys.setrecursionlimit(max(limit, 4 * MAX_NESTING + 1000))
-        message = _message_from_bytes(raw)
-        parsed = ParsedMessage()
-        html = _bodies(message, parsed)
-        parsed.defects = _defects(message)
-    except RecursionError:
-        raise Unparseable("MIME structure too deep to walk") from None
-    finally:
-        sys.setrecursionlimit(limit)
-
+def _header_fields(message: Message, parsed: ParsedMessage) -> None:
+    """Fill the fields read from the top-level header section (RFC 5322 section 3.6)."""
     index = _header_index(message)
 
     def first(name: str) -> str:
@@ -388,6 +372,30 @@ def message_bytes_parse(raw: bytes) -> ParsedMessage:
     parsed.authentication_results = "\n".join(every("authentication-results"))[:MAX_HEADER_VALUE]
     parsed.received_spf = "\n".join(every("received-spf"))[:MAX_HEADER_VALUE]
     parsed.x_tags = _tags(" ".join(every("x-tags")))
+
+
+def message_bytes_parse(raw: bytes) -> ParsedMessage:
+    """Parse one raw message; raise :class:`Unparseable` when it is not a message at all."""
+    if not raw.strip():
+        raise Unparseable("empty message")
+    if not _looks_like_a_message(raw):
+        raise Unparseable("no header section (RFC 5322 section 2.1): the bytes do not start with a header field")
+    limit = sys.getrecursionlimit()
+    parsed = ParsedMessage()
+    try:
+        sys.setrecursionlimit(max(limit, 4 * MAX_NESTING + 1000))
+        message = _message_from_bytes(raw)
+        html = _bodies(message, parsed)
+        parsed.defects = _defects(message)
+        _header_fields(message, parsed)
+    except RecursionError:
+        raise Unparseable("MIME structure too deep to walk") from None
+    except Unparseable:
+        raise
+    except Exception as exc:  # bytes the library cannot walk: a permanent condition, quarantined
+        raise Unparseable(f"MIME parser failed: {type(exc).__name__}: {_clean(exc, 300)}") from None
+    finally:
+        sys.setrecursionlimit(limit)
     parsed.stripped_text = replies.reply_strip(parsed.text)
     parsed.codes = codes_module.codes_extract(parsed.subject, parsed.text)
     parsed.links = codes_module.links_extract(parsed.text, html)

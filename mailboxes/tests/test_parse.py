@@ -253,3 +253,16 @@ def test_it_parses_deeply_nested_html_in_well_under_two_seconds(shape):
     assert elapsed < 2.0, f"{elapsed:.2f} s"
     assert parsed.html.count("<div") + parsed.html.count("<blockquote") <= 200
     assert parsed.text.strip().endswith("x") or shape.startswith("<span")
+
+
+@pytest.mark.parametrize("charset", ["rot13", "base64", "idna", "x-\x00nul", "utf-16"])
+def test_it_reads_text_whose_charset_is_not_a_charset(charset):
+    raw = (
+        f"From: a@sender.example\r\nSubject: =?{charset}?Q?caf=C3=A9?=\r\n"
+        f"Content-Type: text/plain; charset={charset}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode() + "café 123456 code\r\n".encode()
+    parsed = message_bytes_parse(raw)
+    assert parsed.subject and parsed.text
+    if charset != "utf-16":
+        assert parsed.subject == "café"
+        assert parsed.text.strip() == "café 123456 code"
