@@ -15,7 +15,12 @@ class LoginForm(forms.Form):
 
 
 class TagsForm(forms.Form):
-    tags = forms.CharField(max_length=500, required=False, help_text="Comma-separated")
+    tags = forms.CharField(
+        max_length=500,
+        required=False,
+        help_text="Comma-separated",
+        widget=forms.TextInput(attrs={"placeholder": "invoices, urgent (comma-separated)"}),
+    )
 
     def tag_list(self) -> list[str]:
         return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()][:20]

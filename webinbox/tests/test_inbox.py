@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from html import unescape
 from typing import Any
 
@@ -143,6 +144,18 @@ def test_it_marks_tags_and_deletes_for_a_member(world: Any, signed_in: Any) -> N
     assert member.post(_url(world, message), {"action": "delete"}).status_code == 302
     message.refresh_from_db()
     assert message.deleted_at is not None
+
+
+def test_it_labels_the_tags_box_visibly_with_a_placeholder(world: Any, signed_in: Any) -> None:
+    message = message_deliver(world.mailbox, simple_message())
+    page = signed_in("member").get(_url(world, message)).content.decode()
+    label = re.search(r"<label([^>]*)for=\"id_tags\"[^>]*>([^<]*)</label>", page)
+    assert label is not None and label.group(2) == "Tags"
+    assert "sr-only" not in label.group(1)  # seen, not only read out by a screen reader
+    field = re.search(r"<input[^>]*id=\"id_tags\"[^>]*>", page)
+    assert field is not None
+    placeholder = re.search(r'placeholder="([^"]+)"', field.group(0))
+    assert placeholder is not None and "comma" in placeholder.group(1)
 
 
 def test_it_refuses_message_writes_without_the_csrf_token(world: Any, signed_in: Any) -> None:
