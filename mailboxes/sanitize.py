@@ -183,7 +183,7 @@ _IMPLIED_END: dict[str, tuple[set[str], set[str]]] = {
 _TABLE_PARTS = {"table", "caption", "tbody", "thead", "tfoot", "tr", "td", "th"}
 MAX_HTML_DEPTH = 128
 _P = {"p"}
-_FEW_TAGS = 5_000
+_FEW_TAGS = 10_000
 _LOOKUP = 32  # how far down the stack an implied or explicit close is looked for
 
 
@@ -223,14 +223,20 @@ def html_depth_bound(raw_html: str, max_depth: int = MAX_HTML_DEPTH) -> str:
     position, length = 0, len(raw_html)
 
     def close_from(index: int) -> None:
+        if index == len(stack) - 1:
+            open_count[stack.pop()] -= 1
+            return
         for name in stack[index:]:
             open_count[name] -= 1
         del stack[index:]
 
     def nearest(names: set[str], barrier: set[str]) -> int:
-        if not any(open_count.get(name) for name in names):
-            return -1
-        return _open_index(stack, names, barrier)
+        if stack and stack[-1] in names:  # the common case: closing the current element
+            return len(stack) - 1
+        for name in names:
+            if open_count.get(name):
+                return _open_index(stack, names, barrier)
+        return -1
 
     while position < length:
         match = _TOKEN.search(raw_html, position)
