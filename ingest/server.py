@@ -150,6 +150,14 @@ async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.
     try:
         await stop.wait()
     finally:
+        sessions = len(handler.sessions)
+        logger.info(
+            "stopping: %d session%s, grace %gs (pid %s)",
+            sessions,
+            "" if sessions == 1 else "s",
+            options.shutdown_grace,
+            os.getpid(),
+        )
         server.close()  # no new connections; then the live sessions, tracked by the handler
         await handler.sessions_close(options.shutdown_grace)
         directory.stop()
@@ -409,3 +417,4 @@ def serve(options: ServerOptions) -> None:
             metrics_server.shutdown()
         os.close(life_write)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        logger.info("stopped")

@@ -284,6 +284,14 @@ class IngestSMTP(SMTP):
         self.ingest.sessions.discard(self)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        # The client closed its side: aiosmtpd cancels the session's task, whose handler closes
+        # the socket, but a task cancelled before it ever ran (the peer left before the
+        # greeting: a port probe) closed nothing, and the socket stayed open, counted as a
+        # session, until the command timeout. False: the transport closes itself.
+        super().eof_received()
+        return False
+
     def _create_envelope(self) -> Envelope:
         return IngestEnvelope()
 

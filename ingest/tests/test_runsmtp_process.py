@@ -174,3 +174,17 @@ def test_it_finishes_data_transactions_on_sigterm_and_tells_idle_sessions_421(wo
     stored = list(Message.objects.values_list("trace_id", flat=True))
     assert sorted(stored) == sorted(queue_ids)  # each acknowledged message exactly once
     assert len(set(stored)) == 20
+
+
+def test_it_says_when_it_stops_and_when_it_has_stopped(world: Any, runsmtp: Any) -> None:
+    server = runsmtp(INGEST_SHUTDOWN_GRACE="3")
+    server.start()  # its probe of the port, closed before the greeting, is no session left open
+    idle, buffer = session(server.port)
+    time.sleep(0.5)
+    os.kill(server.process.pid, signal.SIGTERM)
+    assert reply(idle, buffer).startswith("421 4.3.2")
+    idle.close()
+    assert server.process.wait(30) == 0
+    lines = server.log_text().splitlines()
+    assert [line for line in lines if "stopping: 1 session, grace 3s" in line], lines[-20:]
+    assert lines and lines[-1].endswith("stopped"), lines[-20:]
