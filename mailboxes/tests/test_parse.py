@@ -13,7 +13,7 @@ from mailboxes.models import Message
 from mailboxes.parse import message_bytes_parse
 from mailboxes.tests.helpers import FIXTURES, fixture_bytes, message_deliver, message_store, simple_message
 
-CORPUS = sorted(path.name for path in FIXTURES.glob("*.eml"))
+CORPUS = sorted(path.relative_to(FIXTURES).as_posix() for path in FIXTURES.rglob("*.eml"))
 QUARANTINED = {"garbage.eml", "deep_nesting.eml", "no_headers_text.eml"}
 
 
