@@ -15,7 +15,7 @@ every node that runs workers, or give those nodes a web process for the scrape.
 from __future__ import annotations
 
 import os
-import sys
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from django.core.exceptions import ImproperlyConfigured
 def multiprocess_enable(directory: str) -> None:
     """Switch prometheus_client to multiprocess mode with its files in ``directory``.
 
-    Called by settings.py, before any metric is created in the usual start-up order.
+    Called by settings.py, before any metric is created in the usual start-up order (a
+    metric created earlier keeps its value in memory).
     """
     path = Path(directory).resolve()
     try:
@@ -35,11 +36,19 @@ def multiprocess_enable(directory: str) -> None:
         raise ImproperlyConfigured(f"METRICS_DIR: cannot create {path}: {exc}") from exc
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     _closing_tolerates_closed_descriptors()
-    if "prometheus_client.values" in sys.modules:  # imported before the settings: switch it now
-        from prometheus_client import values
+    from prometheus_client import values
 
-        if not getattr(values.ValueClass, "_multiprocess", False):
-            values.ValueClass = values.MultiProcessValue()
+    # Files are named by process: host and pid, since containers sharing the folder (a
+    # volume) each number their processes from 1.
+    values.ValueClass = values.MultiProcessValue(process_identifier=process_identifier)
+
+
+_HOST = socket.gethostname().replace("_", "-") or "localhost"  # "_" separates the file name's parts
+
+
+def process_identifier(pid: int | None = None) -> str:
+    """This process among all that write into METRICS_DIR."""
+    return f"{_HOST}-{os.getpid() if pid is None else pid}"
 
 
 def _closing_tolerates_closed_descriptors() -> None:
@@ -105,4 +114,4 @@ def process_dead(pid: int) -> None:
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(process_identifier(pid))

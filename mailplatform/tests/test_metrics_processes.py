@@ -46,3 +46,19 @@ def test_it_keeps_the_embedded_beat_of_a_worker_alive(live_env: dict[str, str], 
         worker.stop()
     assert "Bad file descriptor" not in worker.output
     assert "beat raised exception" not in worker.output
+
+
+def test_it_shares_one_metrics_folder_between_the_compose_services() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    folder = compose["x-env"]["METRICS_DIR"]
+    django = {
+        name
+        for name, service in compose["services"].items()
+        if any(word in " ".join(service.get("command") or []) for word in ("manage.py", "celery", "uvicorn"))
+    }
+    assert django == {"migrate", "web", "smtp", "worker", "beat"}
+    for name in django:
+        assert f"metrics:{folder}" in compose["services"][name].get("volumes", []), name
+    assert compose["volumes"]["metrics"]["driver_opts"]["type"] == "tmpfs"  # empty at each start
