@@ -74,6 +74,15 @@ def _blob_storage_on_s3(s3_server: S3Server) -> Iterator[None]:
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def _empty_cache() -> None:
+    """Each test starts with no rate-limit counters (the cache is CACHE_URL, never the broker's database)."""
+    from django.core.cache import cache
+
+    assert settings.CACHES["default"].get("LOCATION") != os.environ.get("CELERY_BROKER_URL"), "CACHE_URL is the broker"
+    cache.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _waiting_queries_in_the_test_thread() -> Iterator[None]:
     """The in-process client must see the test's transaction (child processes keep the pool)."""

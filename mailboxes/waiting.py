@@ -278,9 +278,11 @@ class WakeHub:
         waiter = Waiter()
         for key in keys:
             self.waiters[key].add(waiter)
+        WAITERS.inc()
         try:
             yield waiter
         finally:
+            WAITERS.dec()
             for key in keys:
                 self.waiters[key].discard(waiter)
                 if not self.waiters[key]:
@@ -320,13 +322,16 @@ def hub_current() -> WakeHub | None:
 
 
 def waiter_count() -> int:
-    """Requests waiting in this process (read by the ``mailboxes_waiters`` gauge)."""
+    """Requests waiting in this process."""
     hubs = list(_hubs.values())
     return len({id(waiter) for hub in hubs for waiters in list(hub.waiters.values()) for waiter in list(waiters)})
 
 
-WAITERS = Gauge("mailboxes_waiters", "Long-poll requests waiting for a message in this web process")
-WAITERS.set_function(waiter_count)
+# Counted up and down, not computed when scraped: in multiprocess mode (METRICS_DIR) only what
+# a process writes into its files reaches /metrics, summed over the node's live processes.
+WAITERS = Gauge(
+    "mailboxes_waiters", "Long-poll requests waiting for a message in the web processes", multiprocess_mode="livesum"
+)
 
 
 # --- Waiting ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from mailplatform.testing import ChildProcess, free_port, start_celery_worker, w
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-REMOVED = ("DATABASE_URL", "CELERY_BROKER_URL", "SPOOL_DIR")
+REMOVED = ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL", "SPOOL_DIR")
 
 
 def embedded_env(data_dir: Path, **overrides: str) -> dict[str, str]:
