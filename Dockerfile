@@ -37,5 +37,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"
 
 # --no-proxy-headers: only TRUSTED_PROXIES decides whose X-Forwarded-For is believed (uvicorn
-# would otherwise believe anyone on loopback).
-CMD ["uvicorn", "mailplatform.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-server-header", "--no-proxy-headers"]
+# would otherwise believe anyone on loopback). --lifespan off: Django has no lifespan events.
+CMD ["uvicorn", "mailplatform.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-server-header", "--no-proxy-headers", "--lifespan", "off"]

@@ -10,6 +10,7 @@ from django.views.decorators.http import require_GET
 
 from mailboxes import blobs
 from mailplatform.api import json_error_response
+from mailplatform.streams import stream_for
 from tenants.access import TenantSuspended, tenant_ensure_active
 from tenants.models import Tenant
 
@@ -34,7 +35,7 @@ def blob_download(request: HttpRequest, token: str) -> HttpResponse | FileRespon
     storage = blobs.blob_storage()
     if not storage.exists(key):
         return json_error_response(request, 404, "not_found", "Not found.")
-    response = FileResponse(storage.open(key, "rb"), content_type=str(payload["t"]))
+    response = stream_for(request, FileResponse(storage.open(key, "rb"), content_type=str(payload["t"])))
     response["Content-Disposition"] = blobs.disposition(str(payload["f"]), bool(payload["i"]))
     response["X-Content-Type-Options"] = "nosniff"
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"

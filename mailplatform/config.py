@@ -56,6 +56,27 @@ def raw(name: str) -> str | None:
     return None
 
 
+# The domain that names a local installation in mail (RFC 6761 section 6.3: .localhost never
+# leaves the machine), and the demo's domains live under it.
+LOCAL_MAIL_DOMAIN = "mailplatform.localhost"
+
+
+def mail_domain(host: str) -> str:
+    """The domain that names this platform in mail by default (MX host, sender address): ``host``
+    (BASE_URL's), unless it is an IP literal, ``localhost`` or a single label. None of those is a
+    mail domain: ``mx.127.0.0.1`` is no host name, and an address at an IP must be a bracketed
+    address literal (RFC 5321 section 4.1.3) that mail servers refuse."""
+    import ipaddress
+
+    name = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        if "." in name:  # localhost and other single labels are no mail domain
+            return name
+    return LOCAL_MAIL_DOMAIN
+
+
 def string(name: str, default: str) -> str:
     value = raw(name)
     return default if value is None or value == "" else value

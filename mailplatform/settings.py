@@ -40,6 +40,9 @@ DEBUG = config.boolean("DEBUG", False)
 
 BASE_URL = config.url("BASE_URL", "http://127.0.0.1:8000", schemes={"http", "https"}).rstrip("/")
 _base_host = urlsplit(BASE_URL).hostname or "127.0.0.1"
+# What names the platform in mail (MX host, sender): BASE_URL's host, or mailplatform.localhost
+# when that is an IP or localhost (no mail domain).
+_mail_domain = config.mail_domain(_base_host)
 ALLOWED_HOSTS = config.csv("ALLOWED_HOSTS", sorted({"127.0.0.1", "localhost", "[::1]", _base_host}))
 CSRF_TRUSTED_ORIGINS = [BASE_URL]
 
@@ -71,7 +74,7 @@ MIDDLEWARE = [
     "mailplatform.unavailable.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "webinbox.middleware.ContentSecurityPolicyMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "mailplatform.streams.StaticFilesMiddleware",  # whitenoise, streaming under ASGI
     "audit.middleware.RequestContextMiddleware",
     "tenants.middleware.StaffIpAllowlistMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -195,7 +198,7 @@ WHITENOISE_USE_FINDERS = True
 # --- Celery ----------------------------------------------------------------------------
 CELERY_BROKER_URL = config.url(
     "CELERY_BROKER_URL",
-    "filesystem://",
+    "filesystem://localhost/",  # a hostname, or kombu warns it falls back to localhost
     schemes={"filesystem", "redis", "rediss", "amqp", "amqps", "pyamqp"},
 )
 if CELERY_BROKER_URL.startswith("filesystem://"):
@@ -275,7 +278,9 @@ if SMTP_PROXY_PROTOCOL and not SMTP_TRUSTED_PROXIES:
     raise ImproperlyConfigured("SMTP_TRUSTED_PROXIES: required when SMTP_PROXY_PROTOCOL is true (the balancers' IPs)")
 # Seconds a transaction in DATA may take to finish after SIGTERM (idle sessions get 421 at once).
 INGEST_SHUTDOWN_GRACE = config.integer("INGEST_SHUTDOWN_GRACE", 5, minimum=0, maximum=300)
-_email = config.email("EMAIL_URL", "consolemail://")
+# Unset: outgoing mail (sign-in links) is written one file a message into DATA_DIR/outbox, a
+# private folder; never to the terminal, whose output ends up in logs.
+_email = config.email("EMAIL_URL", "filemail://")
 EMAIL_BACKEND = str(_email["EMAIL_BACKEND"])
 EMAIL_HOST = str(_email.get("EMAIL_HOST") or "")
 EMAIL_PORT = int(str(_email.get("EMAIL_PORT") or 25))
@@ -283,10 +288,11 @@ EMAIL_HOST_USER = str(_email.get("EMAIL_HOST_USER") or "")
 EMAIL_HOST_PASSWORD = str(_email.get("EMAIL_HOST_PASSWORD") or "")
 EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS"))
 EMAIL_USE_SSL = bool(_email.get("EMAIL_USE_SSL"))
-if "EMAIL_FILE_PATH" in _email:
-    EMAIL_FILE_PATH = str(_email["EMAIL_FILE_PATH"])
+EMAIL_FILE_PATH = str(_email.get("EMAIL_FILE_PATH") or DATA_DIR / "outbox")
+if EMAIL_BACKEND == "django.core.mail.backends.filebased.EmailBackend":
+    Path(EMAIL_FILE_PATH).mkdir(parents=True, exist_ok=True, mode=0o700)
 EMAIL_TIMEOUT = 10
-DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", f"mailplatform <noreply@{_base_host}>")
+DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", f"mailplatform <noreply@{_mail_domain}>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
 # Domain under which temporary inboxes and the demo tenant receive mail.
@@ -294,7 +300,7 @@ TEMP_INBOX_DOMAIN = config.string("TEMP_INBOX_DOMAIN", "tmp.mailplatform.localho
 DEMO_DOMAIN = config.string("DEMO_DOMAIN", "demo.mailplatform.localhost").lower()
 DEMO_USER_EMAIL = config.string("DEMO_USER_EMAIL", "demo@mailplatform.localhost").lower()
 # The hosts that custom domains point their MX records at.
-MX_HOSTS = [host.rstrip(".").lower() for host in config.csv("MX_HOSTS", [f"mx.{_base_host}"])]
+MX_HOSTS = [host.rstrip(".").lower() for host in config.csv("MX_HOSTS", [f"mx.{_mail_domain}"])]
 # Domain checks: resolvers as host[:port] (empty: the system's), timeout, how often every
 # domain is re-checked, and how long an MX may be lost before the domain is suspended.
 DNS_RESOLVERS = config.host_ports("DNS_RESOLVERS", default_port=53)

@@ -248,6 +248,17 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_QUEUES = "ingest,parse,index,webhooks,maintenance"
 
 
+def run_script() -> Any:
+    """scripts/run.py (`make run`) as a module: the commands it starts, its banner."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mailplatform_run_script", ROOT / "scripts" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def runtime_venv_python(requirements: Path = ROOT / "requirements.txt") -> str:
     """The python of a virtual environment with ``requirements`` installed and nothing else.
 

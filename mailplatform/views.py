@@ -1,10 +1,11 @@
-"""Error pages: JSON under /api/, HTML elsewhere."""
+"""Error pages (JSON under /api/, HTML elsewhere) and the favicon."""
 
 from __future__ import annotations
 
 import sys
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponsePermanentRedirect
+from django.templatetags.static import static
 from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
 
@@ -31,3 +32,9 @@ def server_error(request: HttpRequest) -> HttpResponse:
     if _is_api(request):
         return json_error_response(request, 500, "server_error", "Something went wrong on our side.")
     return html_server_error(request)
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    """/favicon.ico, which browsers ask for whatever the page links: the static SVG icon,
+    rather than a 404 logged for every first page view."""
+    return HttpResponsePermanentRedirect(static("favicon.svg"))

@@ -101,7 +101,9 @@ def stop_all(children: list[Child], grace: float = 10.0) -> None:
 def web_command(host: str, port: int) -> list[str]:
     """uvicorn on mailplatform.asgi. --no-proxy-headers: uvicorn would otherwise rewrite the
     client address from X-Forwarded-For sent by anyone on loopback (its default trust); only
-    TRUSTED_PROXIES decides which proxy's header is believed (audit.middleware.client_ip)."""
+    TRUSTED_PROXIES decides which proxy's header is believed (audit.middleware.client_ip).
+    --lifespan off: Django's ASGI application has no lifespan events, which uvicorn would
+    otherwise probe for and report unsupported at every start."""
     return [
         PYTHON,
         "-m",
@@ -112,6 +114,8 @@ def web_command(host: str, port: int) -> list[str]:
         "--port",
         str(port),
         "--no-proxy-headers",
+        "--lifespan",
+        "off",
     ]
 
 
@@ -171,15 +175,17 @@ def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
         f"  mailbox      {mailbox}   (id {demo['mailbox_id']})",
         f"  API key      {key}   (shown once; `make run` mints a new one each time)",
         f"  login link   {demo['login_url']}   (single use, 10 minutes)",
+        f"  sign-in mail {demo.get('sign_in_mail', 'EMAIL_URL')}",
         f"  admin        {web}/admin/   (.venv/bin/python manage.py createsuperuser)",
         "",
         "  Try it:",
-        f'    curl -H "Authorization: Bearer {key}" {web}/api/v1/mailboxes/',
+        "    KEY=mp_...   # the API key above",
+        f'    curl -H "Authorization: Bearer $KEY" {web}/api/v1/mailboxes/',
     ]
     if smtp:
         host, _, port = smtp.rpartition(":")
         lines.append(f"    swaks --server {host} --port {port} --to {mailbox} --from you@example.com")
-        lines.append(f'    curl -H "Authorization: Bearer {key}" "{web}/api/v1/messages/?mailbox={demo["mailbox_id"]}"')
+        lines.append(f'    curl -H "Authorization: Bearer $KEY" "{web}/api/v1/messages/?mailbox={demo["mailbox_id"]}"')
     lines += [
         "",
         "  Real mail: point a domain's MX record at a public name of this host, e.g.",

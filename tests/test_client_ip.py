@@ -9,7 +9,6 @@ temporary-inbox rate limit, the stored creator IP, the audit trail and STAFF_IP_
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,10 @@ import httpx
 import pytest
 
 from audit.models import AuditEntry
-from mailplatform.testing import ROOT, ChildProcess, WebServer, free_port, wait_for_port
+from mailplatform.testing import ROOT, ChildProcess, WebServer, free_port, run_script, wait_for_port
 from webinbox.models import TempInbox
 
 FORGED = ("203.0.113.7", "203.0.113.8")
-
-
-def _run_script() -> Any:
-    spec = importlib.util.spec_from_file_location("mailplatform_run_script", ROOT / "scripts" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -47,7 +38,7 @@ def production_web(live_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
             "STAFF_IP_ALLOWLIST": "203.0.113.0/24",
             **extra,
         }
-        child = ChildProcess(_run_script().web_command("127.0.0.1", port), env=env, cwd=ROOT)
+        child = ChildProcess(run_script().web_command("127.0.0.1", port), env=env, cwd=ROOT)
         try:
             wait_for_port("127.0.0.1", port, timeout=60)
         except BaseException:

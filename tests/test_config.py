@@ -68,3 +68,19 @@ def test_it_keeps_a_generated_secret_private_and_stable(environ, tmp_path):
     assert mode == 0o600
     environ.setenv("MP_T", "explicit")
     assert config.persistent_secret("MP_T", tmp_path) == "explicit"
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "mailplatform.localhost"),
+        ("::1", "mailplatform.localhost"),
+        ("[2001:db8::1]", "mailplatform.localhost"),
+        ("localhost", "mailplatform.localhost"),
+        ("testserver", "mailplatform.localhost"),
+        ("Mail.Example.COM.", "mail.example.com"),
+        ("dev.localhost", "dev.localhost"),
+    ],
+)
+def test_it_names_the_platform_in_mail_by_a_domain_never_an_ip(host, expected):
+    assert config.mail_domain(host) == expected

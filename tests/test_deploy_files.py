@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from mailplatform.testing import run_script
+
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = {  # DESIGN section 6
     "DATABASE_URL",
@@ -94,17 +96,24 @@ def test_it_documents_every_setting_in_the_readme() -> None:
 
 def test_it_runs_uvicorn_without_believing_proxy_headers_on_its_own() -> None:
     """uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; only TRUSTED_PROXIES may decide."""
-    import importlib.util
-
     dockerfile = (ROOT / "Dockerfile").read_text()
     cmd = next(line for line in dockerfile.splitlines() if line.startswith("CMD "))
     assert "uvicorn" in cmd and '"--no-proxy-headers"' in cmd
     web = _compose()["services"]["web"]["command"]
     assert web[0] == "uvicorn" and "--no-proxy-headers" in web
-    spec = importlib.util.spec_from_file_location("mailplatform_run_script", ROOT / "scripts" / "run.py")
-    assert spec is not None and spec.loader is not None
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = run_script()
     assert "--no-proxy-headers" in run.web_command("127.0.0.1", 8000)
     for text in (dockerfile, (ROOT / "docker-compose.yml").read_text(), (ROOT / "scripts" / "run.py").read_text()):
         assert "forwarded-allow-ips" not in text.lower() and "FORWARDED_ALLOW_IPS" not in text
+
+
+def test_it_runs_uvicorn_without_probing_for_lifespan_events() -> None:
+    """Django's ASGI application has none; uvicorn's probe only prints that they are unsupported."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = next(line for line in dockerfile.splitlines() if line.startswith("CMD "))
+    assert '"--lifespan", "off"' in cmd
+    web = _compose()["services"]["web"]["command"]
+    assert web[web.index("--lifespan") + 1] == "off"
+    run = run_script()
+    command = run.web_command("127.0.0.1", 8000)
+    assert command[command.index("--lifespan") + 1] == "off"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from mailplatform.testing import ChildProcess, free_port, start_celery_worker, wait_for_port
+from mailplatform.testing import ChildProcess, free_port, run_script, start_celery_worker, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +60,7 @@ class Embedded:
     env: dict[str, str]
     demo: dict[str, str]
     base_url: str
+    web: ChildProcess  # `make run`'s web command, logging at INFO as `make run` does
 
     @property
     def database(self) -> Path:
@@ -75,14 +78,10 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
     demo = json.loads(bootstrapped.stdout.strip().splitlines()[-1])
 
     port = free_port()
-    web = ChildProcess(
-        [sys.executable, "-m", "uvicorn", "mailplatform.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-    )
+    web = ChildProcess(run_script().web_command("127.0.0.1", port), env={**env, "LOG_LEVEL": "INFO"}, cwd=ROOT)
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
-        yield Embedded(data_dir=data_dir, env=env, demo=demo, base_url=f"http://127.0.0.1:{port}")
+        yield Embedded(data_dir=data_dir, env=env, demo=demo, base_url=f"http://127.0.0.1:{port}", web=web)
     finally:
         web.stop()
 
@@ -179,6 +178,95 @@ def test_it_runs_the_maintenance_task_through_the_filesystem_broker(embedded: Em
     assert "succeeded" in worker.output
 
 
+def _web_output_after(embedded: Embedded, path: str) -> str:
+    """The web server's output once it has logged the access line of a last request to ``path``."""
+    requests.get(f"{embedded.base_url}{path}", timeout=10)
+    deadline = time.monotonic() + 10
+    while path not in embedded.web.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return embedded.web.output
+
+
+def test_it_writes_sign_in_mail_to_files_in_the_data_dir_never_to_the_output(embedded: Embedded) -> None:
+    outbox = embedded.data_dir / "outbox"
+    with requests.Session() as browser:
+        page = browser.get(f"{embedded.base_url}/login/", timeout=10)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        assert token is not None, page.text[:2000]
+        sent = browser.post(
+            f"{embedded.base_url}/login/",
+            data={"csrfmiddlewaretoken": token.group(1), "email": embedded.demo["user"]},
+            timeout=10,
+        )
+        assert sent.status_code == 200, sent.text[:2000]
+    deadline = time.monotonic() + 20
+    while not (files := sorted(outbox.glob("*"))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert files, embedded.web.output[-3000:]
+    mail = files[-1].read_text()
+    link = re.search(r"/login/link/([A-Za-z0-9_-]{20,})/", mail)
+    assert link is not None, mail
+    assert "From: mailplatform <noreply@mailplatform.localhost>" in mail  # no IP for a sender domain
+    assert oct(outbox.stat().st_mode & 0o777) == "0o700"  # the links are for the recipient alone
+    output = _web_output_after(embedded, "/healthz")
+    assert link.group(1) not in output and "X-Mailplatform-Signin" not in output, output[-3000:]
+
+
+def test_it_streams_the_raw_message_download_exactly_without_a_warning(embedded: Embedded) -> None:
+    import hashlib
+
+    raw = b"From: a@example.org\r\nSubject: big\r\n\r\n" + b"".join(
+        hashlib.sha256(str(n).encode()).hexdigest().encode() + b"\r\n" for n in range(12000)
+    )
+    source = embedded.data_dir / "big.eml"
+    source.write_bytes(raw)  # about 800 KB: many chunks of the response
+    store = "\n".join(
+        [
+            "from pathlib import Path",
+            "from mailboxes import blobs",
+            "from mailboxes.models import Mailbox",
+            "from mailboxes.tests.helpers import message_store",
+            f"mailbox = Mailbox.objects.get(pk={embedded.demo['mailbox_id']!r})",
+            f"message = message_store(mailbox, Path({str(source)!r}).read_bytes())",
+            "name = f'{message.pk}.eml'",
+            "print(blobs.blob_signed_url(message.storage_key, filename=name, content_type='message/rfc822'))",
+        ]
+    )
+    stored = manage(embedded.env, "shell", "--verbosity=0", "-c", store)
+    assert stored.returncode == 0, stored.stderr[-3000:]
+    path = "/blobs/" + stored.stdout.strip().splitlines()[-1].split("/blobs/", 1)[1]
+    download = requests.get(embedded.base_url + path, timeout=30)
+    assert download.status_code == 200
+    assert download.content == raw
+    assert download.headers["Content-Length"] == str(len(raw))
+    exported = requests.get(
+        f"{embedded.base_url}/api/v1/audit/export/?format=csv",
+        headers={"Authorization": f"Bearer {embedded.demo['api_key']}"},
+        timeout=30,
+    )
+    assert exported.status_code == 200 and exported.text.count("\n") > 1, exported.text[:500]
+    output = _web_output_after(embedded, "/healthz")
+    assert "StreamingHttpResponse must consume" not in output, output[-3000:]
+
+
+def test_it_serves_a_favicon_so_page_views_log_no_not_found(embedded: Embedded) -> None:
+    page = requests.get(f"{embedded.base_url}/login/", timeout=10)
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', page.text)
+    assert icon is not None
+    linked = requests.get(embedded.base_url + icon.group(1), timeout=10)
+    assert linked.status_code == 200 and linked.headers["Content-Type"].startswith("image/svg+xml")
+    asked = requests.get(f"{embedded.base_url}/favicon.ico", timeout=10)  # what browsers ask regardless
+    assert asked.status_code == 200 and asked.content == linked.content
+    output = _web_output_after(embedded, "/healthz")
+    assert "/favicon.ico" in output and "Not Found" not in output, output[-3000:]
+
+
+def test_it_starts_the_web_server_without_noise(embedded: Embedded) -> None:
+    output = _web_output_after(embedded, "/healthz")
+    assert "lifespan" not in output.lower(), output[-3000:]
+    assert "No hostname was supplied" not in output, output[-3000:]
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -193,6 +281,35 @@ def test_it_refuses_to_start_with_a_bad_setting_and_names_it(tmp_path: Path, nam
     assert result.returncode != 0
     assert name in result.stderr
     assert "pw@" not in result.stderr or name != "DATABASE_URL" or "mysql" in result.stderr
+
+
+_MAIL_SETTINGS = (
+    "import json; from django.conf import settings; print(json.dumps([settings.MX_HOSTS, settings.DEFAULT_FROM_EMAIL,"
+    " settings.EMAIL_BACKEND, settings.EMAIL_FILE_PATH]))"
+)
+
+
+def _mail_settings(env: dict[str, str]) -> list[Any]:
+    env.pop("EMAIL_URL", None)
+    result = manage(env, "shell", "--verbosity=0", "-c", _MAIL_SETTINGS, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return list(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_it_names_mail_hosts_by_a_domain_when_base_url_is_an_ip(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    assert _mail_settings(embedded_env(data_dir, BASE_URL="http://127.0.0.1:8400")) == [
+        ["mx.mailplatform.localhost"],
+        "mailplatform <noreply@mailplatform.localhost>",
+        "django.core.mail.backends.filebased.EmailBackend",
+        str(data_dir.resolve() / "outbox"),
+    ]
+    public = _mail_settings(embedded_env(data_dir, BASE_URL="https://mail.example.com"))
+    assert public[:2] == [["mx.mail.example.com"], "mailplatform <noreply@mail.example.com>"]
+    explicit = embedded_env(
+        data_dir, BASE_URL="http://127.0.0.1:8400", MX_HOSTS="mx1.example.net", DEFAULT_FROM_EMAIL="ops@example.net"
+    )
+    assert _mail_settings(explicit)[:2] == [["mx1.example.net"], "ops@example.net"]
 
 
 def test_it_reads_secrets_from_file_variants(tmp_path: Path) -> None:
@@ -217,8 +334,9 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
     import socket
 
     web_port, smtp_port, metrics_port = free_port(), free_port(), free_port()
-    env = embedded_env(tmp_path / "var")
+    env = embedded_env(tmp_path / "var", LOG_LEVEL="INFO")  # what `make run` shows
     env.pop("BASE_URL", None)
+    env.pop("EMAIL_URL", None)
     run = ChildProcess(
         [
             sys.executable,
@@ -248,7 +366,17 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
         link = login.split("login link", 1)[1].split()[0]
         landing = requests.get(link, timeout=10, allow_redirects=False)
         assert landing.status_code == 302  # the link is served by this very web server
+        [key] = [line.split()[2] for line in run.lines if line.strip().startswith("API key ")]
+        assert sum(key in line for line in run.lines) == 1  # the curl lines say $KEY
+        [mail] = [line for line in run.lines if line.strip().startswith("sign-in mail ")]
+        assert str((tmp_path / "var" / "outbox").resolve()) in mail
         os.kill(run.process.pid, signal.SIGTERM)
         assert run.process.wait(60) == 0
     finally:
         run.stop(timeout=60)
+    output = run.output
+    assert "No hostname was supplied" not in output, output[-4000:]  # kombu, of the embedded broker
+    assert "lifespan" not in output.lower(), output[-4000:]  # uvicorn's probe, off
+    smtp = [line for line in run.lines if line.startswith("smtp ")]
+    assert any("stopping: 0 sessions" in line for line in smtp), smtp[-10:]
+    assert smtp[-1].endswith("stopped"), smtp[-10:]

@@ -100,6 +100,16 @@ def signin_mail_send(*, subject: str, body: str, recipient: str) -> None:
     EmailMessage(subject, body, None, [recipient], headers=signin_mail_headers(recipient)).send()
 
 
+def signin_mail_destination() -> str:
+    """Where sign-in mail goes, for the operator: the folder of the file backend (the embedded
+    default, one file a message), else the mail server of EMAIL_URL. Never a credential."""
+    if settings.EMAIL_BACKEND == "django.core.mail.backends.filebased.EmailBackend":
+        return f"{settings.EMAIL_FILE_PATH}/ (one file a message)"
+    if settings.EMAIL_HOST:
+        return f"{settings.EMAIL_HOST}:{settings.EMAIL_PORT} (EMAIL_URL)"
+    return settings.EMAIL_BACKEND.rsplit(".", 2)[-2] + " backend (EMAIL_URL)"
+
+
 def _send_in_background(subject: str, body: str, recipient: str) -> None:
     _in_background(lambda: signin_mail_send(subject=subject, body=body, recipient=recipient), "sign-in mail")
 
@@ -121,9 +131,7 @@ def login_request(*, email: str, ip: str | None, binding: str = "") -> None:
     allowed_address = ratelimit.hit(
         "login-address", email, limit=settings.LOGIN_RATE_PER_ADDRESS, window=settings.LOGIN_RATE_WINDOW
     )
-    allowed_ip = ratelimit.hit_ip(
-        "login-ip", ip, limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW
-    )
+    allowed_ip = ratelimit.hit_ip("login-ip", ip, limit=settings.LOGIN_RATE_PER_IP, window=settings.LOGIN_RATE_WINDOW)
     if not (allowed_address and allowed_ip):
         logger.info("sign-in link request rate-limited")
         return
@@ -411,6 +419,7 @@ def demo_bootstrap() -> dict[str, str]:
         "api_key_id": str(api_key.pk),
         "login_url": login_link_create(user=user),
         "user": user.email,
+        "sign_in_mail": signin_mail_destination(),
     }
 
 

@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from audit import selectors
 from audit.exports import FIELDS, FORMATS, audit_export_response
 from audit.models import AuditEntry
+from mailplatform.streams import stream_for
 
 AUDIT_READ = "audit:read"  # tenants.access.Permission.AUDIT_READ; audit cannot import it
 
@@ -90,4 +91,4 @@ class AuditExportView(APIView):
         kind = request.query_params.get("format", "csv")
         if kind not in FORMATS:
             raise exceptions.ValidationError({"format": ["Use csv or json."]})
-        return audit_export_response(_filtered(request), kind)
+        return stream_for(request, audit_export_response(_filtered(request), kind), uses_database=True)

@@ -28,6 +28,7 @@ from audit.exports import FORMATS as EXPORT_FORMATS
 from audit.exports import audit_export_response
 from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
+from mailplatform.streams import stream_for
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
 from tenants.access import Permission, Principal, session_memberships, session_reaches, tenant_ensure_active
@@ -439,4 +440,5 @@ def audit_export(request: HttpRequest, principal: Principal) -> StreamingHttpRes
     """The filtered audit trail as a CSV or JSON file."""
     entries, _, _ = _audit_entries(request, principal)
     kind = request.GET.get("format", "csv")
-    return audit_export_response(entries, kind if kind in EXPORT_FORMATS else "csv")
+    response = audit_export_response(entries, kind if kind in EXPORT_FORMATS else "csv")
+    return stream_for(request, response, uses_database=True)
