@@ -395,14 +395,6 @@ API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most th
 # process (mailboxes/waiting.py); 0 uses Django's one thread-sensitive thread (in-process tests).
 WAITING_DB_THREADS = config.integer("WAITING_DB_THREADS", 4, minimum=0, maximum=32)
 METRICS_TOKEN = config.string("METRICS_TOKEN", "")
-# Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
-# The only place that decides: uvicorn runs with --no-proxy-headers (scripts/run.py, Dockerfile).
-TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
-# Per-IP rate limits count an IPv6 client by its network of this many bits (mailplatform/clientip.py).
-RATE_LIMIT_IPV6_PREFIX = config.integer("RATE_LIMIT_IPV6_PREFIX", 64, minimum=32, maximum=128)
-# Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo), the
-# whole exchange, and the largest answer taken from it.
-SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
 # Every process of a node (web, Celery workers, beat, runsmtp's drainer) writes its metrics
 # into this one folder (prometheus_client's multiprocess mode), and the web's /metrics adds
 # them up: the workers' counters reach the one place that is scraped. Empty: each process
@@ -424,6 +416,14 @@ HEARTBEAT_INTERVAL = config.integer("HEARTBEAT_INTERVAL", 15, minimum=1, maximum
 HEARTBEAT_STALE_AFTER = config.integer("HEARTBEAT_STALE_AFTER", 60, minimum=1)
 MAIL_FLOW_SPOOL_MAX_AGE = config.integer("MAIL_FLOW_SPOOL_MAX_AGE", 300, minimum=1)
 MAIL_FLOW_UNPARSED_MAX_AGE = config.integer("MAIL_FLOW_UNPARSED_MAX_AGE", 300, minimum=1)
+# Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
+# The only place that decides: uvicorn runs with --no-proxy-headers (scripts/run.py, Dockerfile).
+TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])
+# Per-IP rate limits count an IPv6 client by its network of this many bits (mailplatform/clientip.py).
+RATE_LIMIT_IPV6_PREFIX = config.integer("RATE_LIMIT_IPV6_PREFIX", 64, minimum=32, maximum=128)
+# Timeout of every call to a tenant's OpenID provider (discovery, token, JWKS, userinfo), the
+# whole exchange, and the largest answer taken from it.
+SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
 SSO_DOCUMENT_LIMIT = config.integer("SSO_DOCUMENT_LIMIT", 256 * 1024, minimum=4096, maximum=4 * 1024 * 1024)
 # Who may reach the Django admin (CIDRs; empty: anywhere).
 STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])
