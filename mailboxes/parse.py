@@ -42,6 +42,9 @@ _BOUNDARY_OR_DELIMITER = re.compile(
     rb'boundary\s*=\s*(?:"(?P<quoted>[^"\r\n]{1,200})"|(?P<token>[^\s;"]{1,200}))|^--(?P<line>[^\r\n]*)',
     re.IGNORECASE | re.MULTILINE,
 )
+# Depth never exceeds the number of boundaries declared: counting them (one pass in C) spares
+# the exact walk for every message that declares no more than MAX_NESTING.
+_BOUNDARY_DECLARATION = re.compile(rb"boundary\s*=", re.IGNORECASE)
 Message = email.message.Message
 
 
@@ -307,7 +310,7 @@ def _defects(message: Message) -> list[str]:
 
 
 def _message_from_bytes(raw: bytes) -> Message:
-    if _nesting_depth(raw) > MAX_NESTING:
+    if len(_BOUNDARY_DECLARATION.findall(raw)) > MAX_NESTING and _nesting_depth(raw) > MAX_NESTING:
         raise Unparseable(f"MIME nesting deeper than {MAX_NESTING} levels")
     try:
         # compat32: the tolerant parser that never raises on a header; the text is decoded by us.
