@@ -266,6 +266,11 @@ def session_reaches(session: Any, tenant_id: UUID) -> bool:
     return scope is None or str(scope) == str(tenant_id)
 
 
+def session_is_limited(session: Any) -> bool:
+    """Whether the session was opened by one tenant's SSO (and so vouches for nobody's staff rights)."""
+    return session.get(SESSION_TENANT_SCOPE_KEY) is not None
+
+
 def session_memberships(session: Any, memberships: QuerySet[M]) -> QuerySet[M]:
     """The memberships a session may use: all of them, or the one tenant it is limited to."""
     scope = session.get(SESSION_TENANT_SCOPE_KEY)

@@ -13,11 +13,22 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.admin import ReadOnlyAdmin, StaffAuditedAdmin
+from tenants.access import session_is_limited
 from webinbox.models import LoginToken, SessionGeneration, TempInbox
 from webinbox.staff_login import StaffAuthenticationForm
 
 # The admin's password sign-in is throttled and audited (webinbox/staff_login.py).
 admin.site.login_form = StaffAuthenticationForm
+_site_has_permission = admin.site.has_permission
+
+
+def _staff_session_has_permission(request: HttpRequest) -> bool:
+    # A session a tenant's SSO opened is that tenant's alone (tenants/access.py): even if its
+    # user has since been made staff, the admin wants the staff sign-in of its own.
+    return _site_has_permission(request) and not session_is_limited(request.session)
+
+
+admin.site.has_permission = _staff_session_has_permission  # type: ignore[method-assign]
 
 
 class LoginTokenStateFilter(admin.SimpleListFilter):

@@ -90,3 +90,16 @@ def test_it_audits_staff_sign_ins_good_and_bad_with_the_ip_and_never_the_passwor
 
     stored = json.dumps(json.loads(serializers.serialize("json", AuditEntry.objects.all())))
     assert PASSWORD not in stored and WRONG not in stored
+
+
+def test_it_keeps_a_session_opened_by_a_tenants_sso_out_of_the_admin(staff: User, world: Any) -> None:
+    from tenants.access import session_scope_limit
+
+    client = Client()
+    client.force_login(staff)
+    assert client.get("/admin/").status_code == 200  # the same staff user, signed in by the admin
+    session = client.session
+    session_scope_limit(session, world.tenant.pk)  # what a sign-in through tenant A's SSO leaves
+    session.save()
+    answer = client.get("/admin/")
+    assert answer.status_code == 302 and answer["Location"].startswith("/admin/login/")
