@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,12 +76,17 @@ def _blob_storage_on_s3(s3_server: S3Server) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _empty_cache() -> None:
-    """Each test starts with no rate-limit counters (the cache is CACHE_URL, never the broker's database)."""
-    from django.core.cache import cache
+def _cache_of_its_own(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test counts rate limits afresh, in this process and in the processes it starts.
 
-    assert settings.CACHES["default"].get("LOCATION") != os.environ.get("CELERY_BROKER_URL"), "CACHE_URL is the broker"
-    cache.clear()
+    Redis outlives a run and is shared by runs side by side: a key prefix of the test's own
+    (CACHE_KEY_PREFIX for children) keeps counters left by anyone else out of its way.
+    """
+    prefix = f"mp-test-{uuid.uuid4().hex[:16]}"
+    monkeypatch.setenv("CACHE_KEY_PREFIX", prefix)
+    caches = {name: {**options, "KEY_PREFIX": prefix} for name, options in settings.CACHES.items()}
+    with override_settings(CACHES=caches):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

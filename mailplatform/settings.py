@@ -463,7 +463,7 @@ if _cache_url.startswith(("redis://", "rediss://")):
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": _cache_url,
-            "KEY_PREFIX": "mp-cache",
+            "KEY_PREFIX": config.string("CACHE_KEY_PREFIX", "mp-cache"),
             "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
         }
     }
