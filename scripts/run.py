@@ -220,6 +220,10 @@ def main() -> int:
     web = f"http://{reachable_host(options.host)}:{options.port}"
     # Links in the banner and in sign-in mail, and signed URLs, point at this web server.
     os.environ.setdefault("BASE_URL", web)
+    if "OUTBOUND_ALLOW_PRIVATE" not in os.environ:
+        # A laptop's: webhooks (and a test SSO provider) may be servers on this machine. The
+        # deployed platform keeps the default, refusing loopback and private addresses.
+        os.environ.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
     os.environ["INGEST_METRICS_PORT"] = str(options.metrics_port)  # read by runsmtp
 
     print("== migrating the database", flush=True)

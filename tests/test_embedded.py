@@ -335,8 +335,8 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
 
     web_port, smtp_port, metrics_port = free_port(), free_port(), free_port()
     env = embedded_env(tmp_path / "var", LOG_LEVEL="INFO")  # what `make run` shows
-    env.pop("BASE_URL", None)
-    env.pop("EMAIL_URL", None)
+    for name in ("BASE_URL", "EMAIL_URL", "WEBHOOK_ALLOW_PRIVATE", "OUTBOUND_ALLOW_PRIVATE"):
+        env.pop(name, None)
     run = ChildProcess(
         [
             sys.executable,
@@ -368,6 +368,14 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
         assert landing.status_code == 302  # the link is served by this very web server
         [key] = [line.split()[2] for line in run.lines if line.strip().startswith("API key ")]
         assert sum(key in line for line in run.lines) == 1  # the curl lines say $KEY
+        # A laptop's receiver on this machine is a webhook endpoint make run takes.
+        hook = requests.post(
+            f"http://127.0.0.1:{web_port}/api/v1/webhooks/",
+            json={"url": "http://127.0.0.1:9/hook"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert hook.status_code == 201, hook.text
         [mail] = [line for line in run.lines if line.strip().startswith("sign-in mail ")]
         assert str((tmp_path / "var" / "outbox").resolve()) in mail
         os.kill(run.process.pid, signal.SIGTERM)
