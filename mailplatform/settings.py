@@ -442,7 +442,7 @@ LOGIN_RATE_PER_ADDRESS = config.integer("LOGIN_RATE_PER_ADDRESS", 5, minimum=1)
 LOGIN_RATE_PER_IP = config.integer("LOGIN_RATE_PER_IP", 30, minimum=1)
 LOGIN_RATE_WINDOW = config.integer("LOGIN_RATE_WINDOW", 900, minimum=1)
 # Admin (password) sign-in: after this many failures for one username, or from one client IP,
-# in a window of STAFF_LOGIN_WINDOW seconds, every attempt is refused until the window ends.
+# in a sliding window of STAFF_LOGIN_WINDOW seconds, every attempt is refused until the count falls back.
 STAFF_LOGIN_MAX_FAILURES = config.integer("STAFF_LOGIN_MAX_FAILURES", 5, minimum=1)
 STAFF_LOGIN_WINDOW = config.integer("STAFF_LOGIN_WINDOW", 900, minimum=60)
 # Temporary inboxes (webinbox/): lifetime, "extend" (how many times, by how much), and how many

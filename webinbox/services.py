@@ -269,7 +269,7 @@ def temp_inbox_create(*, ip: str | None) -> tuple[TempInbox, str]:
     tenant, domain = temp_tenant_get_or_create()
     tenant_ensure_active(tenant)  # suspended by staff: no new inboxes either (TenantSuspended)
     if not ratelimit.hit_ip("temp-inbox", ip, limit=settings.TEMP_INBOX_RATE_PER_HOUR, window=3600):
-        raise RateLimited(ratelimit.seconds_left(3600))
+        raise RateLimited(ratelimit.seconds_left_ip(3600, "temp-inbox", ip, limit=settings.TEMP_INBOX_RATE_PER_HOUR))
     principal = Principal.system(tenant, "temporary inboxes")
     token = secrets.token_urlsafe(32)
     with transaction.atomic():

@@ -86,7 +86,12 @@ class StaffAuthenticationForm(AdminAuthenticationForm):
         ip = context.current().ip
         if staff_login_locked(username=username, ip=ip):
             staff_login_failure_record(username=username, ip=ip, reason="throttled")
-            minutes = max(1, -(-ratelimit.seconds_left(settings.STAFF_LOGIN_WINDOW) // 60))
+            window, limit = settings.STAFF_LOGIN_WINDOW, settings.STAFF_LOGIN_MAX_FAILURES
+            seconds = max(
+                ratelimit.seconds_left(window, SCOPE_USERNAME, _username_key(username), limit=limit),
+                ratelimit.seconds_left_ip(window, SCOPE_IP, ip, limit=limit),
+            )
+            minutes = max(1, -(-seconds // 60))
             raise ValidationError(self.error_messages["throttled"], code="throttled", params={"minutes": minutes})
         try:
             cleaned = super().clean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from django.core import mail
 from django.test import Client
 
 from mailplatform.clientip import rate_limit_subject
+from webinbox import ratelimit
 from webinbox.models import TempInbox
 from webinbox.services import outbound_flush
 
@@ -54,3 +56,55 @@ def test_it_limits_sign_in_link_requests_per_ipv6_64(world: Any, settings: Any) 
     second.post("/login/", {"email": world.member.email})
     outbound_flush()
     assert [message.to for message in mail.outbox] == [[world.owner.email]]
+
+
+def _clock_at(monkeypatch: Any, now: float) -> None:
+    """The rate-limit counters' clock, set to ``now`` (seconds since the epoch)."""
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return now
+
+    monkeypatch.setattr(ratelimit, "time", Clock)
+
+
+def test_it_refuses_a_second_burst_just_after_the_window_boundary(monkeypatch: Any) -> None:
+    subject, boundary = f"burst-{uuid.uuid4()}", 1_000_000 * 3600
+    _clock_at(monkeypatch, boundary - 2)
+    assert all(ratelimit.hit("test", subject, limit=10, window=3600) for _ in range(10))
+    assert not ratelimit.hit("test", subject, limit=10, window=3600)
+    _clock_at(monkeypatch, boundary + 2)  # a new clock hour, but the ten were seconds ago
+    assert not ratelimit.hit("test", subject, limit=10, window=3600)
+    assert ratelimit.used("test", subject, window=3600) == 10
+    # Until the previous hour's share falls to nine: 10 * (1 - t / 3600) <= 9.
+    assert ratelimit.seconds_left(3600, "test", subject, limit=10) == 360 - 2
+
+
+def test_it_lets_the_count_recover_gradually_over_the_next_window(monkeypatch: Any) -> None:
+    subject, boundary = f"recover-{uuid.uuid4()}", 1_000_001 * 3600
+    _clock_at(monkeypatch, boundary - 1)
+    assert all(ratelimit.hit("test", subject, limit=10, window=3600) for _ in range(10))
+    _clock_at(monkeypatch, boundary + 360)  # a tenth of the hour gone: room for one
+    assert ratelimit.hit("test", subject, limit=10, window=3600)
+    assert not ratelimit.hit("test", subject, limit=10, window=3600)
+    _clock_at(monkeypatch, boundary + 1800)  # half of it: five of the ten still count
+    assert ratelimit.used("test", subject, window=3600) == 6
+    assert [ratelimit.hit("test", subject, limit=10, window=3600) for _ in range(5)] == [True] * 4 + [False]
+    _clock_at(monkeypatch, boundary + 3600)  # the burst's hour is two windows back now
+    assert ratelimit.used("test", subject, window=3600) == 5  # the last hour's five, at full weight
+
+
+def test_it_answers_retry_after_until_a_temporary_inbox_is_allowed_again(
+    db: Any, settings: Any, monkeypatch: Any
+) -> None:
+    settings.TEMP_INBOX_RATE_PER_HOUR = 2
+    boundary = 1_000_002 * 3600
+    _clock_at(monkeypatch, boundary - 60)
+    client = Client(REMOTE_ADDR="203.0.113.77")
+    assert [client.post("/api/v1/temp-inboxes/").status_code for _ in range(2)] == [201, 201]
+    _clock_at(monkeypatch, boundary + 60)
+    refused = client.post("/api/v1/temp-inboxes/")
+    assert refused.status_code == 429
+    # 2 * (1 - t / 3600) <= 1 at t = 1800 into the new hour.
+    assert refused["Retry-After"] == str(1800 - 60)
