@@ -127,3 +127,26 @@ def test_it_returns_a_code_to_a_waiter_within_a_second_of_indexing(world, web):
     assert response.status_code == 200, response.content
     assert response.json()["code"] == "918273"
     assert delay < 1.0
+
+
+def test_it_does_not_log_a_wait_that_ends_without_a_message(world, live_env):
+    from mailplatform.testing import start_uvicorn
+
+    server = start_uvicorn(env={**live_env, "LOG_LEVEL": "INFO"})
+    try:
+        timed_out = httpx.get(
+            f"{server.url}/api/v1/messages/wait/",
+            params={"timeout": 1, "q": "subject:nothing-like-this"},
+            headers={"Authorization": f"Bearer {world.owner_key}"},
+            timeout=10,
+        )
+        missing = httpx.get(f"{server.url}/api/v1/messages/{world.mailbox.pk}/", timeout=10)
+        deadline = time.monotonic() + 10
+        while "/api/v1/messages/" + str(world.mailbox.pk) not in server.child.output and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert timed_out.status_code == 408 and missing.status_code == 401
+    output = server.child.output
+    assert "Unauthorized: /api/v1/messages/" in output  # django.request logs the client error
+    assert "Request Timeout: /api/v1/messages/wait/" not in output, output[-3000:]  # not a wait that ended
