@@ -16,6 +16,7 @@ from uuid import UUID
 from django.db.models import Model, Q, QuerySet
 
 from audit.models import AuditEntry, Event, EventQuerySet
+from mailplatform.pagination import cursor_sign, cursor_unsign
 
 M = TypeVar("M", bound=Model)
 
@@ -70,12 +71,13 @@ def event_get(principal: Scoped, public_id: str) -> Event:
 def event_position(event: Event) -> str:
     """An opaque, stable cursor for the position just after ``event``."""
     raw = f"{event.txid if event.txid is not None else ''}:{event.seq}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return cursor_sign(base64.urlsafe_b64encode(raw.encode()).decode().rstrip("="))
 
 
 def events_after_cursor(queryset: EventQuerySet, cursor: str) -> EventQuerySet:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        position = cursor_unsign(cursor)  # a made-up position is refused, not read from
+        raw = base64.urlsafe_b64decode(position + "=" * (-len(position) % 4)).decode()
         txid_text, seq_text = raw.split(":")
         txid = int(txid_text) if txid_text else None
         seq = int(seq_text)
