@@ -1,12 +1,15 @@
 """Prometheus metrics of the mail path's front door.
 
-The web's /metrics serves the ones counted in the node's web and worker processes (API
-uploads; METRICS_DIR, mailplatform/metrics.py). ``runsmtp`` runs several accept processes
-and keeps these in a per-run directory of its own, serving their aggregate on
-INGEST_METRICS_PORT from the supervising process (see ingest/server.py).
+Every process of a node writes them into METRICS_DIR (mailplatform/metrics.py): the web's
+/metrics serves what the web processes (API uploads), the workers and ``runsmtp``'s accept
+processes and drainer counted, and ``runsmtp`` serves the same aggregate on
+INGEST_METRICS_PORT (see ingest/server.py; with METRICS_DIR empty, only its own processes').
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -27,5 +30,26 @@ DRAIN_LAG = Histogram(
     "Time from acceptance to the Message rows committing",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
 )
-SPOOL_DEPTH = Gauge("ingest_spool_depth", "Entries waiting in spool/new", multiprocess_mode="max")
-SPOOL_FREE_BYTES = Gauge("ingest_spool_free_bytes", "Free bytes on the spool's filesystem", multiprocess_mode="min")
+
+# The spool gauges are created on first use (module __getattr__), only in the processes that
+# measure the spool: in multiprocess mode a label-less gauge writes its initial 0 into the
+# folder when created, and every web process that imports this module would otherwise report
+# "0 bytes free" and, aggregated with "min", hide runsmtp's value. "live" modes: a process
+# that has ended (mailplatform.metrics.process_dead) no longer counts.
+_SPOOL_GAUGES: dict[str, tuple[str, str, Any]] = {
+    "SPOOL_DEPTH": ("ingest_spool_depth", "Entries waiting in spool/new", "livemax"),
+    "SPOOL_FREE_BYTES": ("ingest_spool_free_bytes", "Free bytes on the spool's filesystem", "livemin"),
+}
+_created: dict[str, Gauge] = {}
+_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Gauge:
+    """``SPOOL_DEPTH`` and ``SPOOL_FREE_BYTES``, created by the first process that sets them."""
+    if name not in _SPOOL_GAUGES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _lock:
+        if name not in _created:
+            metric, documentation, mode = _SPOOL_GAUGES[name]
+            _created[name] = Gauge(metric, documentation, multiprocess_mode=mode)
+        return _created[name]

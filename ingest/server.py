@@ -8,7 +8,8 @@
 - The supervisor itself drains the spool in background threads (blob storage and the
   database are off the event loops entirely), restarts an accept process that dies, and
   serves Prometheus metrics on INGEST_METRICS_PORT aggregated over every process
-  (prometheus_client multiprocess mode, files in a per-run directory).
+  (prometheus_client multiprocess mode: files in METRICS_DIR, next to the web's and the
+  workers', or in a per-run directory when METRICS_DIR is empty).
 - Start-up problems (the SMTP or metrics port busy, the spool not writable) stop the
   supervisor with :class:`StartupError` before anything is forked. Accept processes die with
   the supervisor: the parent-death signal on Linux (``prctl(PR_SET_PDEATHSIG)``) and, on any
@@ -63,8 +64,18 @@ class StartupError(Exception):
     """runsmtp cannot start (a port busy, the spool not writable); nothing was forked."""
 
 
-def multiprocess_metrics_enable() -> Path:
-    """Switch prometheus_client to multiprocess mode before ingest.metrics is imported."""
+def multiprocess_metrics_enable() -> tuple[Path, bool]:
+    """Multiprocess metrics for the supervisor and the processes it forks: (folder, owned).
+
+    With METRICS_DIR set (settings.py switched this process over already) the node's folder,
+    so the web's /metrics sees what the accept processes and the drainer count. Without it, a
+    per-run folder of runsmtp's own (owned: removed when runsmtp stops), made before the
+    accept processes fork.
+    """
+    from mailplatform.metrics import multiprocess_enabled
+
+    if multiprocess_enabled():
+        return Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), False
     from prometheus_client import values
 
     directory = Path(tempfile.mkdtemp(prefix="mp-runsmtp-metrics-"))
@@ -76,13 +87,13 @@ def multiprocess_metrics_enable() -> Path:
         from prometheus_client import REGISTRY
 
         module = sys.modules["ingest.metrics"]
-        for name in dir(module):
-            collector = getattr(module, name)
+        created = list(vars(module).values()) + list(getattr(module, "_created", {}).values())
+        for collector in created:
             if hasattr(collector, "_name") and hasattr(collector, "collect"):
                 with contextlib.suppress(KeyError):
                     REGISTRY.unregister(collector)
         importlib.reload(module)
-    return directory
+    return directory, True
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -120,6 +131,32 @@ def _limits():  # type: ignore[no-untyped-def]
     )
 
 
+def greeting_hostname() -> str:
+    """The name runsmtp gives in its 220 greeting and EHLO reply.
+
+    RFC 5321 sections 4.1.1.1 and 4.1.3 want a domain name there, or an address literal
+    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), never a bare address. SMTP_HOSTNAME when it is
+    a name; else (its default is BASE_URL's host, an IP on a development machine) the first
+    MX host that is a name; else the address bracketed.
+    """
+    import ipaddress
+
+    def address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return None
+
+    configured = str(settings.SMTP_HOSTNAME).strip().rstrip(".")
+    if configured.startswith("[") or address(configured) is None:
+        return configured
+    for host in settings.MX_HOSTS:
+        if host and address(host) is None:
+            return str(host)
+    ip = address(configured)
+    return f"[IPv6:{ip}]" if ip is not None and ip.version == 6 else f"[{ip}]"
+
+
 async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.socket | None = None) -> None:
     """One accept process: the asyncio server until ``stop`` is set."""
     from ingest.directory import RecipientDirectory
@@ -134,7 +171,7 @@ async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.
         directory=directory,
         writer=writer,
         limits=_limits(),
-        hostname=settings.SMTP_HOSTNAME,
+        hostname=greeting_hostname(),
         source="lmtp" if options.lmtp else "smtp",
         trusted_proxies=settings.SMTP_TRUSTED_PROXIES,
     )
@@ -313,7 +350,7 @@ def serve(options: ServerOptions) -> None:
     spool = _spool_check(settings.SPOOL_DIR)
     # Fail now, in the supervisor, if the address cannot be bound.
     _bind_check("SMTP" if not options.lmtp else "LMTP", options.host, options.port)
-    metrics_dir = multiprocess_metrics_enable()
+    metrics_dir, metrics_dir_owned = multiprocess_metrics_enable()
     metrics_server = None
     if options.metrics_port:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -324,7 +361,8 @@ def serve(options: ServerOptions) -> None:
         try:
             metrics_server, _ = start_http_server(options.metrics_port, addr=options.host, registry=registry)
         except OSError as exc:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if metrics_dir_owned:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
             raise StartupError(
                 f"cannot serve metrics on {options.host}:{options.metrics_port}"
                 f" (INGEST_METRICS_PORT): {exc.strerror or exc}"
@@ -338,6 +376,7 @@ def serve(options: ServerOptions) -> None:
     options.parent_fd, life_write = os.pipe()  # the write end never leaves the supervisor
 
     children: dict[int, int] = {}
+    exited: list[int] = []  # accept processes that ended (their live gauges are dropped at exit)
     wake_read = None
     if options.drain:
         wake_read, options.wake_fd = os.pipe()
@@ -387,6 +426,7 @@ def serve(options: ServerOptions) -> None:
                 pid, status = 0, 0
             if pid and pid in children:
                 index = children.pop(pid)
+                exited.append(pid)
                 logger.error("accept process %d (pid %d) exited with %s; restarting", index, pid, status)
                 time.sleep(0.5)
                 spawn(index)
@@ -404,11 +444,13 @@ def serve(options: ServerOptions) -> None:
                 break
             if pid:
                 children.pop(pid, None)
+                exited.append(pid)
             else:
                 time.sleep(0.05)
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            exited.append(pid)
         heartbeat.stop()
         if drainer is not None:
             drainer.stopping.set()
@@ -416,5 +458,11 @@ def serve(options: ServerOptions) -> None:
         if metrics_server is not None:
             metrics_server.shutdown()
         os.close(life_write)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir_owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        else:  # the node's folder: the spool gauges of a runsmtp that stopped no longer count
+            from mailplatform.metrics import process_dead
+
+            for pid in (*exited, os.getpid()):
+                process_dead(pid)
         logger.info("stopped")

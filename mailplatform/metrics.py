@@ -103,10 +103,31 @@ def scrape_registry() -> Any:
 
     if not multiprocess_enabled():
         return REGISTRY
+    dead_processes_forget()
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     registry.register(_ScrapeTimeCollectors())  # type: ignore[arg-type]
     return registry
+
+
+def dead_processes_forget() -> None:
+    """Drop the live gauges of this host's processes that ended without a word (``kill -9``).
+
+    A killed runsmtp would otherwise go on reporting its last spool depth and free bytes. Only
+    this host's files are judged: another container's pids mean nothing here.
+    """
+    prefix = f"{_HOST}-"
+    for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_live*_*.db"):
+        identifier = path.stem.split("_", 2)[-1]
+        pid = identifier[len(prefix) :]
+        if not identifier.startswith(prefix) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            process_dead(int(pid))
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def process_dead(pid: int) -> None:
