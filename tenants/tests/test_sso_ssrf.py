@@ -22,8 +22,7 @@ from audit.models import AuditEntry
 from tenants import crypto, sso
 from tenants.models import SsoProvider, Tenant
 from tenants.tests.test_sso import verified_domain
-from webhooks.tests.conftest import Receiver, Scripted
-from webhooks.tests.test_ssrf import _has_ipv6_loopback
+from webhooks.tests.conftest import Receiver, Scripted, loopback_receivers
 
 pytestmark = pytest.mark.django_db
 
@@ -52,12 +51,7 @@ def enterprise(world):
 
 @pytest.fixture
 def listeners() -> Iterator[list[Receiver]]:
-    servers = [Receiver("127.0.0.1")]
-    if _has_ipv6_loopback():
-        servers.append(Receiver("::1"))
-    yield servers
-    for server in servers:
-        server.close()
+    yield from loopback_receivers()
 
 
 @pytest.fixture

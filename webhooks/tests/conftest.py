@@ -190,3 +190,22 @@ def self_signed_certificate(directory: Any, name: str = "localhost") -> tuple[st
             )
         )
     return cert_path, key_path
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def loopback_receivers() -> Iterator[list[Receiver]]:
+    """A receiver on 127.0.0.1 and, where the machine has it, one on ::1 (for SSRF matrices)."""
+    servers = [Receiver("127.0.0.1")]
+    if has_ipv6_loopback():
+        servers.append(Receiver("::1"))
+    yield servers
+    for server in servers:
+        server.close()

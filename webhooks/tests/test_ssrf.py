@@ -3,7 +3,6 @@ listener on loopback proves that nothing arrived."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +11,7 @@ from django.test import override_settings
 from webhooks import delivery as sending
 from webhooks import signing, transport
 from webhooks.models import Attempt, Delivery, Endpoint
-from webhooks.tests.conftest import Receiver, Scripted, make_endpoint, record
+from webhooks.tests.conftest import Receiver, Scripted, loopback_receivers, make_endpoint, record
 
 pytestmark = pytest.mark.django_db
 
@@ -36,23 +35,9 @@ HOSTS = [
 ]
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def listeners() -> Iterator[list[Receiver]]:
-    servers = [Receiver("127.0.0.1")]
-    if _has_ipv6_loopback():
-        servers.append(Receiver("::1"))
-    yield servers
-    for server in servers:
-        server.close()
+    yield from loopback_receivers()
 
 
 @pytest.fixture
