@@ -228,6 +228,27 @@ def tenant_ensure_active(tenant: Tenant) -> None:
         raise TenantSuspended
 
 
+class IpNotAllowed(PermissionDenied):
+    """The request's address is outside an IP allowlist of the tenant (or of the key)."""
+
+    code = "ip_not_allowed"
+
+    def __init__(self, principal: Principal, ip: str | None) -> None:
+        if principal.api_key is not None:
+            super().__init__("This API key may not be used from your address (IP allowlist).")
+        else:
+            super().__init__(f"The tenant's IP allowlist blocks your address ({ip or 'unknown'}).")
+
+
+def principal_ensure_usable(principal: Principal, ip: str | None) -> None:
+    """The rules every door applies before any permission: the tenant is active, then the
+    request's address is inside every IP allowlist that applies. Raises :class:`TenantSuspended`
+    or :class:`IpNotAllowed` (both a 403 with their ``code``)."""
+    tenant_ensure_active(principal.tenant)
+    if not principal.allows_ip(ip):
+        raise IpNotAllowed(principal, ip)
+
+
 def _allowlists(*lists: Sequence[str]) -> tuple[tuple[Network, ...], ...]:
     # Stored lists were validated when saved; an unreadable entry is skipped, never widening.
     parsed = []

@@ -30,7 +30,7 @@ from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError, query_parse
 from mailplatform.api import error_body
 from mailplatform.unavailable import DATABASE_UNAVAILABLE, database_unavailable_response
-from tenants.access import Permission, Principal, TenantSuspended, tenant_ensure_active
+from tenants.access import IpNotAllowed, Permission, Principal, TenantSuspended, principal_ensure_usable
 from tenants.services import KeyRejected, api_key_authenticate
 
 MAX_TIMEOUT = 300.0
@@ -64,11 +64,9 @@ def _authenticate(request: HttpRequest) -> Principal:
     context.set_tenant(str(api_key.tenant_id))
     principal = Principal.for_api_key(api_key)
     try:
-        tenant_ensure_active(principal.tenant)
-    except TenantSuspended as refusal:
+        principal_ensure_usable(principal, ip)
+    except (TenantSuspended, IpNotAllowed) as refusal:
         raise ApiError(403, refusal.code, str(refusal)) from None
-    if not principal.allows_ip(ip):
-        raise ApiError(403, "ip_not_allowed", "This API key may not be used from your address (IP allowlist).")
     if not principal.has_perm(Permission.MESSAGES_READ):
         raise ApiError(403, "missing_permission", f"This API key lacks the {Permission.MESSAGES_READ} permission.")
     return principal

@@ -15,7 +15,7 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from audit import context
-from tenants.access import Principal, TenantSuspended, tenant_ensure_active
+from tenants.access import IpNotAllowed, Principal, TenantSuspended, principal_ensure_usable
 
 _UNDECLARED = object()
 
@@ -49,13 +49,9 @@ class KeyPermission(BasePermission):
         if not isinstance(principal, Principal):
             raise exceptions.NotAuthenticated("Send an API key as 'Authorization: Bearer mp_...'.")
         try:
-            tenant_ensure_active(principal.tenant)
-        except TenantSuspended as refusal:
+            principal_ensure_usable(principal, context.current().ip)
+        except (TenantSuspended, IpNotAllowed) as refusal:
             raise exceptions.PermissionDenied(str(refusal), code=refusal.code) from None
-        if not principal.allows_ip(context.current().ip):
-            raise exceptions.PermissionDenied(
-                "This API key may not be used from your address (IP allowlist).", code="ip_not_allowed"
-            )
         if request.method == "OPTIONS":
             return True
         permission = required_permission(view, request.method or "get")

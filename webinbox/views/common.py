@@ -22,11 +22,6 @@ from webinbox import selectors
 RAW_PREVIEW_LIMIT = 256 * 1024
 
 
-def ip_blocked_reason(ip: str | None) -> str:
-    """What the console and the inbox say to an address outside the tenant's IP allowlist."""
-    return f"The tenant's IP allowlist blocks your address ({ip or 'unknown'})."
-
-
 def list_context(principal: Principal, request: HttpRequest, *, mailbox_id: UUID | None) -> dict[str, Any]:
     query = request.GET.get("q", "")[:500]
     before = request.GET.get("before", "")[:200]

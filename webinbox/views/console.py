@@ -31,7 +31,14 @@ from mailboxes import services as mailbox_services
 from mailplatform.streams import stream_for
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
-from tenants.access import Permission, Principal, session_memberships, session_reaches, tenant_ensure_active
+from tenants.access import (
+    IpNotAllowed,
+    Permission,
+    Principal,
+    principal_ensure_usable,
+    session_memberships,
+    session_reaches,
+)
 from tenants.models import Membership
 from webhooks import selectors as webhook_selectors
 from webhooks import services as webhook_services
@@ -47,7 +54,6 @@ from webinbox.forms import (
     TenantSettingsForm,
     WebhookForm,
 )
-from webinbox.views.common import ip_blocked_reason
 
 View = Callable[..., HttpResponseBase]
 
@@ -82,10 +88,10 @@ def console_view(view: View) -> View:
         if not session_reaches(request.session, membership.tenant_id):
             raise Http404  # a session from another tenant's SSO: this tenant needs its own sign-in
         principal = Principal.for_member(membership)
-        tenant_ensure_active(principal.tenant)  # the API's rule: TenantSuspended, a 403 page
-        ip = services.client_ip()
-        if not principal.allows_ip(ip):
-            return _forbidden(request, ip_blocked_reason(ip))
+        try:
+            principal_ensure_usable(principal, services.client_ip())  # TenantSuspended: a 403 page
+        except IpNotAllowed as refusal:
+            return _forbidden(request, str(refusal))
         request.console_principal = principal  # type: ignore[attr-defined]
         try:
             return view(request, principal, *args, **kwargs)

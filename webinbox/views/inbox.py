@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from mailboxes.selectors import mailbox_get, mailbox_list, message_get
-from tenants.access import Permission, Principal, TenantSuspended, session_memberships, tenant_ensure_active
+from tenants.access import Permission, Principal, TenantSuspended, principal_ensure_usable, session_memberships
 from tenants.selectors import memberships_of
 from webinbox import services
 from webinbox.forms import TagsForm
@@ -27,20 +27,12 @@ def _member_principals(request: HttpRequest) -> list[Principal]:
     return [Principal.for_member(membership) for membership in memberships]
 
 
-def _ensure_usable(principal: Principal) -> None:
-    """The console's rules, and the API's: a suspended tenant, then the tenant's IP allowlist."""
-    tenant_ensure_active(principal.tenant)
-    ip = services.client_ip()
-    if not principal.allows_ip(ip):
-        raise PermissionDenied(common.ip_blocked_reason(ip))
-
-
 def _principals(request: HttpRequest) -> tuple[list[Principal], list[str]]:
     """The principals usable from here, and a line for each tenant that refuses this request."""
     usable, refused = [], []
     for principal in _member_principals(request):
         try:
-            _ensure_usable(principal)
+            principal_ensure_usable(principal, services.client_ip())
         except TenantSuspended:
             refused.append(f"{principal.tenant.name} is suspended.")
         except PermissionDenied as refusal:
@@ -55,7 +47,7 @@ def _principal_for(request: HttpRequest, tenant_slug: str) -> Principal:
     """Another tenant's slug answers 404; a tenant that refuses this request, 403 saying why."""
     for principal in _member_principals(request):
         if principal.tenant.slug == tenant_slug:
-            _ensure_usable(principal)
+            principal_ensure_usable(principal, services.client_ip())
             return principal
     raise Http404
 
