@@ -55,6 +55,10 @@ class Permission(enum.StrEnum):
     KEYS_MANAGE = "keys:manage"
     TENANT_MANAGE = "tenant:manage"
     AUDIT_READ = "audit:read"
+    MESSAGES_SEND = "messages:send"
+    CONNECTORS_MANAGE = "connectors:manage"
+    BINDINGS_MANAGE = "bindings:manage"
+    CODES_READ = "codes:read"
 
 
 ALL_PERMISSIONS = frozenset(Permission)
