@@ -16,10 +16,12 @@ run: $(RUN_STAMP)
 test: $(DEV_STAMP) services test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO, Debian's Chromium for the browser tests.
+# Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO, Debian's Chromium for the
+# browser tests, and Debian's Dovecot, clamd, Postfix, NSD, pgbouncer and mail clients (scripts/install-test-servers.sh).
 test-tools:
 	bash scripts/install-oidc-provider.sh
 	bash scripts/install-browser.sh
+	bash scripts/install-test-servers.sh
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
