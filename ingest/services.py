@@ -26,6 +26,7 @@ from ingest import metrics
 from ingest.platform_mail import is_signin_mail
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
 from mailboxes.models import Mailbox, Message
+from mailboxes.uids import messages_uids_assign
 from mailplatform.enqueue import tasks_enqueue_on_commit
 from tenants.access import Permission, Principal
 from tenants.services import require
@@ -266,6 +267,7 @@ def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
                 )
         if not messages:
             return created
+        messages_uids_assign(messages)
         Message.objects.bulk_create(messages)
         specs = []
         for message in messages:

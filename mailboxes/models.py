@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from django.contrib.postgres.search import SearchVectorField
@@ -14,6 +15,11 @@ class MailboxQuerySet(models.QuerySet["Mailbox"]):
     def live(self) -> MailboxQuerySet:
         """Mailboxes that still receive mail (not past their expiry)."""
         return self.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+
+
+def uid_validity_new() -> int:
+    """A fresh IMAP UIDVALIDITY (RFC 3501 section 2.3.1.1): non-zero, 32 bits, never reused."""
+    return int(time.time()) & 0x7FFFFFFF or 1
 
 
 class Mailbox(models.Model):
@@ -37,6 +43,11 @@ class Mailbox(models.Model):
     retention_days = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # IMAP/POP3 (mailaccess): the next per-mailbox message UID, taken with
+    # UPDATE ... RETURNING in the transaction that creates the Message rows
+    # (mailboxes.services.mailbox_uids_take), and the UIDVALIDITY those UIDs belong to.
+    uid_next = models.PositiveBigIntegerField(default=1, editable=False)
+    uid_validity = models.PositiveBigIntegerField(default=uid_validity_new, editable=False)
 
     objects = MailboxQuerySet.as_manager()
 
@@ -133,6 +144,9 @@ class Message(models.Model):
     attachment_names = models.TextField(blank=True)
     defects = models.JSONField(default=list, blank=True)
     is_read = models.BooleanField(default=False)
+    # The IMAP UID within the mailbox (RFC 3501 section 2.3.1.1): strictly ascending in the
+    # order messages become visible, never reused.
+    uid = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     parsed_at = models.DateTimeField(null=True, blank=True)
     indexed_at = models.DateTimeField(null=True, blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -146,6 +160,7 @@ class Message(models.Model):
         ordering = ["-received_at"]
         constraints = [
             models.UniqueConstraint(fields=["mailbox", "trace_id"], name="message_once_per_delivery"),
+            models.UniqueConstraint(fields=["mailbox", "uid"], name="message_uid_per_mailbox"),
         ]
         indexes = [
             models.Index(fields=["mailbox", "-received_at"], name="message_mailbox_recent"),
@@ -200,3 +215,140 @@ class Attachment(models.Model):
 
     def __str__(self) -> str:
         return self.filename or self.sha256[:12]
+
+
+# --- Mailbox pools and account bindings (mailboxes/bindings/) -------------------------------
+class AccountProvider(models.Model):
+    """A provider the tenant's external accounts sign up with (``google``, ``github``...), and
+    how its verification mail is recognised: sender domains (the From address's domain or a
+    subdomain of it) and subject patterns (case-insensitive regular expressions). In a shared
+    mailbox, a code is attributed to the binding whose provider matches the message."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="account_providers")
+    name = models.CharField(max_length=40)
+    sender_domains = models.JSONField(default=list, blank=True)
+    subject_patterns = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="account_provider_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class MailboxPool(models.Model):
+    """A named set of mailboxes of one tenant on one domain, handed out to external accounts.
+
+    ``policy`` decides which mailbox a new account gets: ``least_bound`` the one with the
+    fewest accounts, ``dedicated`` a mailbox of its own, ``shared`` the fullest one that still
+    has room (packing). ``one_per_provider`` keeps two accounts of the same provider out of one
+    mailbox (a partial unique index on AccountBinding enforces it). With ``auto_provision``,
+    mailboxes with random local parts are added when the free capacity falls below
+    ``provision_threshold``, up to ``max_mailboxes``.
+    """
+
+    class Policy(models.TextChoices):
+        LEAST_BOUND = "least_bound", "Least bound"
+        DEDICATED = "dedicated", "Dedicated"
+        SHARED = "shared", "Shared"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="mailbox_pools")
+    domain = models.ForeignKey("tenants.Domain", on_delete=models.PROTECT, related_name="mailbox_pools")
+    name = models.CharField(max_length=100)
+    policy = models.CharField(max_length=16, choices=Policy.choices, default=Policy.LEAST_BOUND)
+    max_bindings_per_mailbox = models.PositiveIntegerField(default=10)
+    one_per_provider = models.BooleanField(default=True)
+    auto_provision = models.BooleanField(default=False)
+    provision_threshold = models.PositiveIntegerField(default=5, help_text="Free places that trigger provisioning")
+    provision_batch = models.PositiveIntegerField(default=10)
+    max_mailboxes = models.PositiveIntegerField(default=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="mailbox_pool_unique_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def capacity_per_mailbox(self) -> int:
+        return 1 if self.policy == self.Policy.DEDICATED else max(1, self.max_bindings_per_mailbox)
+
+
+class PoolMailbox(models.Model):
+    """A mailbox's place in a pool (a mailbox is in one pool at most), with its count of
+    active bindings: the row allocation locks, so the count and the policy hold together."""
+
+    id = models.BigAutoField(primary_key=True)
+    pool = models.ForeignKey(MailboxPool, on_delete=models.CASCADE, related_name="members")
+    mailbox = models.OneToOneField(Mailbox, on_delete=models.CASCADE, related_name="pool_member")
+    active_bindings = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["pool", "active_bindings", "id"], name="pool_member_load")]
+
+    def __str__(self) -> str:
+        return f"{self.mailbox_id} in {self.pool_id}"
+
+
+class AccountBinding(models.Model):
+    """One external account of the host (``account_ref``) bound to one mailbox of a pool.
+
+    The ``link`` (``mpl_`` + random + checksum, tenants/keys.py) is shown to the host once;
+    only its lookup prefix and keyed hash are kept. An account has at most one active binding
+    (partial unique index). Reassigning ends this binding (``ended_reason = reassigned``,
+    ``successor``) and hands the link to the new one; releasing ends it and the link with it.
+    """
+
+    class EndedReason(models.TextChoices):
+        RELEASED = "released", "Released"
+        REASSIGNED = "reassigned", "Reassigned"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="account_bindings")
+    pool = models.ForeignKey(MailboxPool, on_delete=models.CASCADE, related_name="bindings")
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="account_bindings")
+    account_ref = models.CharField(max_length=200)
+    provider = models.CharField(max_length=40)
+    # Set when the pool keeps one account per provider in a mailbox: the index below holds it.
+    provider_exclusive = models.BooleanField(default=True, editable=False)
+    label = models.CharField(max_length=200, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    active = models.BooleanField(default=True)
+    link_prefix = models.CharField(max_length=8, blank=True, editable=False)
+    link_hash = models.CharField(max_length=64, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+    ended_reason = models.CharField(max_length=16, choices=EndedReason.choices, blank=True)
+    successor = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "account_ref"], condition=Q(active=True), name="binding_one_active_per_account"
+            ),
+            models.UniqueConstraint(
+                fields=["mailbox", "provider"],
+                condition=Q(active=True, provider_exclusive=True),
+                name="binding_one_provider_per_mailbox",
+            ),
+            models.UniqueConstraint(fields=["link_hash"], condition=~Q(link_hash=""), name="binding_link_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["link_prefix"], name="binding_link_prefix", condition=~Q(link_prefix="")),
+            models.Index(fields=["mailbox", "active"], name="binding_mailbox_active"),
+            models.Index(fields=["pool", "provider"], name="binding_pool_provider", condition=Q(active=True)),
+            models.Index(fields=["tenant", "-created_at"], name="binding_tenant_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account_ref} ({self.provider}) -> {self.mailbox_id}"

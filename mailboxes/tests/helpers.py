@@ -8,10 +8,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from mailboxes import blobs, pipeline
 from mailboxes.models import Message
+from mailboxes.uids import mailbox_uids_take
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -44,17 +46,19 @@ def message_store(
     digest = hashlib.sha256(raw).hexdigest()
     key = f"raw/{mailbox.tenant_id}/{received_at:%Y/%m/%d}/{digest}.eml"
     blobs.blob_put(key, raw)
-    return Message.objects.create(
-        tenant_id=mailbox.tenant_id,
-        mailbox=mailbox,
-        rcpt=mailbox.address,
-        tags=tags or [],
-        size=len(raw),
-        sha256=digest,
-        storage_key=key,
-        trace_id=uuid.uuid4().hex[:20],
-        received_at=received_at,
-    )
+    with transaction.atomic():
+        return Message.objects.create(
+            tenant_id=mailbox.tenant_id,
+            mailbox=mailbox,
+            uid=mailbox_uids_take(mailbox.pk, 1)[0],
+            rcpt=mailbox.address,
+            tags=tags or [],
+            size=len(raw),
+            sha256=digest,
+            storage_key=key,
+            trace_id=uuid.uuid4().hex[:20],
+            received_at=received_at,
+        )
 
 
 def message_deliver(mailbox: Any, raw: bytes, **kwargs: Any) -> Message:
