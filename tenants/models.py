@@ -127,6 +127,10 @@ class Domain(models.Model):
     # not the tenant's to prove, so the domain checks leave it alone.
     platform_managed = models.BooleanField(default=False)
     recipient_policy = models.CharField(max_length=16, choices=RecipientPolicy.choices, default=RecipientPolicy.REJECT)
+    # Refuse at DATA (550 5.7.1) SMTP mail that fails DMARC while its From domain publishes
+    # p=reject (RFC 7489 section 6.6.4; section 10.3: forwarded and list mail may fail). A DNS
+    # failure during that check defers (451 4.7.0), never refuses.
+    dmarc_reject = models.BooleanField(default=False)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
     state_reason = models.CharField(max_length=500, blank=True)
     verification_token = models.CharField(max_length=64, default=domain_verification_token)
