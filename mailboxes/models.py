@@ -69,6 +69,17 @@ class Mailbox(models.Model):
         return self.address
 
 
+class AntivirusVerdict(models.TextChoices):
+    """A message's scan: empty until scanned, or when its mode is off."""
+
+    NOT_SCANNED = "", "Not scanned"
+    CLEAN = "clean", "Clean"
+    INFECTED = "infected", "Infected"
+    # clamd could not be asked (down, timed out): accepted fail-open, rescanned by the sweeper.
+    ERROR = "error", "Scan failed, rescan due"
+    TOO_LARGE = "too_large", "Larger than the scanner takes"
+
+
 class Message(models.Model):
     """One received message in one mailbox.
 
@@ -143,6 +154,10 @@ class Message(models.Model):
     has_attachments = models.BooleanField(default=False)
     attachment_names = models.TextField(blank=True)
     defects = models.JSONField(default=list, blank=True)
+    # --- Antivirus (clamd; mailboxes/antivirus.py). ----------------------------------------
+    antivirus_verdict = models.CharField(max_length=16, choices=AntivirusVerdict.choices, blank=True)
+    antivirus_signature = models.CharField(max_length=255, blank=True, help_text="What clamd found")
+    antivirus_scanned_at = models.DateTimeField(null=True, blank=True)
     is_read = models.BooleanField(default=False)
     # The IMAP UID within the mailbox (RFC 3501 section 2.3.1.1): strictly ascending in the
     # order messages become visible, never reused.
@@ -176,6 +191,7 @@ class Message(models.Model):
             models.Index(fields=["mailbox", "thread_id"], name="message_mailbox_thread"),
             models.Index(fields=["mailbox", "message_id"], name="message_mailbox_msgid"),
             models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(purged_at__isnull=True)),
+            models.Index(fields=["antivirus_scanned_at"], name="message_rescan_due", condition=Q(antivirus_verdict="error")),
         ]
 
     def __str__(self) -> str:

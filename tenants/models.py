@@ -61,6 +61,15 @@ class User(AbstractBaseUser, PermissionsMixin):
         return self.email
 
 
+class AntivirusMode(models.TextChoices):
+    """What happens to mail clamd finds infected (mailboxes/antivirus.py, ingest/smtp.py)."""
+
+    OFF = "off", "Not scanned"
+    TAG = "tag", "Accepted, tagged virus"
+    QUARANTINE = "quarantine", "Accepted, quarantined"
+    REJECT = "reject", "Refused before the 250 (554 5.7.1)"
+
+
 class Tenant(models.Model):
     class Plan(models.TextChoices):
         DEVELOPER = "developer", "Developer"
@@ -80,6 +89,8 @@ class Tenant(models.Model):
     # Per-tenant overrides; None means the platform default.
     max_message_size = models.PositiveIntegerField(null=True, blank=True)
     retention_days = models.PositiveIntegerField(null=True, blank=True)
+    # Antivirus (clamd): empty is the platform's ANTIVIRUS_MODE; a domain may override it.
+    antivirus_mode = models.CharField(max_length=16, choices=AntivirusMode.choices, blank=True)
     # CIDRs allowed to reach the control plane (console and this tenant's API keys); empty: anywhere.
     ip_allowlist = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -127,6 +138,8 @@ class Domain(models.Model):
     # not the tenant's to prove, so the domain checks leave it alone.
     platform_managed = models.BooleanField(default=False)
     recipient_policy = models.CharField(max_length=16, choices=RecipientPolicy.choices, default=RecipientPolicy.REJECT)
+    # Antivirus (clamd): empty is the tenant's mode.
+    antivirus_mode = models.CharField(max_length=16, choices=AntivirusMode.choices, blank=True)
     # Refuse at DATA (550 5.7.1) SMTP mail that fails DMARC while its From domain publishes
     # p=reject (RFC 7489 section 6.6.4; section 10.3: forwarded and list mail may fail). A DNS
     # failure during that check defers (451 4.7.0), never refuses.
