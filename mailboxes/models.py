@@ -149,8 +149,18 @@ class Message(models.Model):
     stripped_text = models.TextField(blank=True, help_text="The new part of a reply, without quotes or signature")
     codes = models.JSONField(default=list, blank=True)
     links = models.JSONField(default=list, blank=True)
-    authentication_results = models.TextField(blank=True)  # RFC 8601
+    # Our own Authentication-Results value (RFC 8601, authserv-id SMTP_HOSTNAME), never the sender's.
+    authentication_results = models.TextField(blank=True)
     received_spf = models.TextField(blank=True)  # RFC 7208 section 9.1
+    # --- Trust verdicts (mailboxes/authentication.py): SPF, DKIM, DMARC, ARC verified by us. ---
+    # One RFC 8601 result word each, for search ("" until verified; SPF also "" without a
+    # connecting IP of the original sender: LMTP, API upload, IMAP pull); the whole verdict
+    # (per DKIM signature, DMARC policy and alignment, the ARC chain) in ``authentication``.
+    auth_spf = models.CharField(max_length=16, blank=True)
+    auth_dkim = models.CharField(max_length=16, blank=True)
+    auth_dmarc = models.CharField(max_length=16, blank=True)
+    auth_arc = models.CharField(max_length=16, blank=True)
+    authentication = models.JSONField(null=True, blank=True)
     has_attachments = models.BooleanField(default=False)
     attachment_names = models.TextField(blank=True)
     defects = models.JSONField(default=list, blank=True)
