@@ -305,6 +305,12 @@ MX_HOSTS = [host.rstrip(".").lower() for host in config.csv("MX_HOSTS", [f"mx.{_
 # domain is re-checked, and how long an MX may be lost before the domain is suspended.
 DNS_RESOLVERS = config.host_ports("DNS_RESOLVERS", default_port=53)
 DNS_TIMEOUT = config.integer("DNS_TIMEOUT", 5, minimum=1, maximum=30)
+# Trust verdicts (mailboxes/authentication.py): SPF, DKIM, DMARC and ARC verified in the parse
+# step through the same resolvers; each look-up within AUTH_DNS_TIMEOUT seconds, answers kept
+# per process at most AUTH_DNS_CACHE_TTL seconds (and never past their own TTL).
+AUTH_VERIFY = config.boolean("AUTH_VERIFY", True)
+AUTH_DNS_TIMEOUT = config.integer("AUTH_DNS_TIMEOUT", 3, minimum=1, maximum=30)
+AUTH_DNS_CACHE_TTL = config.integer("AUTH_DNS_CACHE_TTL", 60, minimum=0, maximum=3600)
 DOMAIN_CHECK_INTERVAL = config.integer("DOMAIN_CHECK_INTERVAL", 900, minimum=1)
 DOMAIN_MX_GRACE = config.integer("DOMAIN_MX_GRACE", 48 * 3600, minimum=0)
 # How often beat looks for due domains (seconds), and the failure streak that suspends a

@@ -27,15 +27,20 @@ class DomainRecords:
     implicit_mx: bool
 
 
-def _resolver() -> dns.resolver.Resolver:
+def resolver_new(*, timeout: float | None = None) -> dns.resolver.Resolver:
+    """A resolver on DNS_RESOLVERS (the system's when empty), without a cache of its own."""
     resolver = dns.resolver.Resolver(configure=not settings.DNS_RESOLVERS)
     if settings.DNS_RESOLVERS:
         resolver.nameservers = [host for host, _ in settings.DNS_RESOLVERS]
         resolver.port = settings.DNS_RESOLVERS[0][1]
-    resolver.lifetime = settings.DNS_TIMEOUT
-    resolver.timeout = settings.DNS_TIMEOUT
+    resolver.lifetime = timeout if timeout is not None else settings.DNS_TIMEOUT
+    resolver.timeout = resolver.lifetime
     resolver.cache = None
     return resolver
+
+
+def _resolver() -> dns.resolver.Resolver:
+    return resolver_new()
 
 
 def _answer(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> list[object]:
