@@ -95,6 +95,8 @@ class Principal:
     # None: the whole tenant. Otherwise the explicit grants of a scoped key.
     granted_domain_ids: frozenset[UUID] | None = None
     granted_mailbox_ids: frozenset[UUID] | None = None
+    # Mailbox pools (mailboxes.MailboxPool): their bindings and codes, not their mailboxes' mail.
+    granted_pool_ids: frozenset[UUID] | None = None
     # Domains a mailbox grant makes visible (read-only): the mailbox's own domain.
     mailbox_domain_ids: frozenset[UUID] = field(default_factory=frozenset)
     # Every list must admit the client's address (the tenant's, then the key's own).
@@ -126,7 +128,8 @@ class Principal:
     def for_api_key(cls, api_key: ApiKey) -> Principal:
         domain_ids = frozenset(api_key.allowed_domains.values_list("id", flat=True))
         mailbox_rows = list(api_key.allowed_mailboxes.values_list("id", "domain_id"))
-        scoped = bool(domain_ids or mailbox_rows)
+        pool_ids = frozenset(api_key.allowed_pools.values_list("id", flat=True))
+        scoped = bool(domain_ids or mailbox_rows or pool_ids)
         # A minted key is never wider than the keys above it, whatever happened since.
         chain = api_key.ancestors()
         permissions = frozenset(api_key.permissions).intersection(*(key.permissions for key in chain))
@@ -137,6 +140,7 @@ class Principal:
             api_key=api_key,
             granted_domain_ids=domain_ids if scoped else None,
             granted_mailbox_ids=frozenset(row[0] for row in mailbox_rows) if scoped else None,
+            granted_pool_ids=pool_ids if scoped else None,
             mailbox_domain_ids=frozenset(row[1] for row in mailbox_rows),
             ip_allowlists=_allowlists(
                 api_key.tenant.ip_allowlist, api_key.ip_allowlist, *(key.ip_allowlist for key in chain)
@@ -172,13 +176,14 @@ class Principal:
         tenant_field: str = "tenant",
         domain_field: str | None = None,
         mailbox_field: str | None = None,
+        pool_field: str | None = None,
     ) -> QuerySet[M]:
         """Narrow ``queryset`` to what this principal may see.
 
-        ``domain_field`` and ``mailbox_field`` are the lookups from the model to its domain
-        and mailbox (``"domain"``, ``"mailbox"``, ``"mailbox__domain"``, ``"pk"``...). A scoped
-        key sees rows whose domain or mailbox it was granted; rows with neither lookup
-        (tenant-wide things) are invisible to it.
+        ``domain_field``, ``mailbox_field`` and ``pool_field`` are the lookups from the model to
+        its domain, mailbox and mailbox pool (``"domain"``, ``"mailbox"``, ``"pool"``, ``"pk"``...).
+        A scoped key sees rows whose domain, mailbox or pool it was granted; rows with none of
+        these lookups (tenant-wide things) are invisible to it.
         """
         queryset = queryset.filter(**{tenant_field: self.tenant.pk})
         if self.is_tenant_wide:
@@ -188,6 +193,8 @@ class Principal:
             allowed |= Q(**{f"{domain_field}__in": self.granted_domain_ids})
         if mailbox_field is not None and self.granted_mailbox_ids:
             allowed |= Q(**{f"{mailbox_field}__in": self.granted_mailbox_ids})
+        if pool_field is not None and self.granted_pool_ids:
+            allowed |= Q(**{f"{pool_field}__in": self.granted_pool_ids})
         return queryset.filter(allowed)
 
     def scope_domains(self, queryset: QuerySet[M], *, writable: bool = False) -> QuerySet[M]:

@@ -4,6 +4,9 @@ The checksum (CRC32 of the random part, base62) lets secret scanners recognise a
 and lets us refuse a mistyped one without touching the database. Only a keyed HMAC-SHA256 of
 the whole key is stored, under API_KEY_PEPPER; the first 8 random characters are kept in
 clear as a lookup prefix, the last 4 for display.
+
+Account-binding links (mailboxes/bindings/) have the same shape under ``mpl_``
+(``LINK_PREFIX``): pass ``prefix=`` to each function.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ from dataclasses import dataclass
 from django.conf import settings
 
 PREFIX = "mp_"
+LINK_PREFIX = "mpl_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _RANDOM_LENGTH = 32  # 62**32 is about 2**190
 _CHECKSUM_LENGTH = 6
 LOOKUP_LENGTH = 8
-_SHAPE = re.compile(rf"^{PREFIX}[0-9A-Za-z]{{{_RANDOM_LENGTH + _CHECKSUM_LENGTH}}}$")
+_SHAPES = {
+    prefix: re.compile(rf"^{prefix}[0-9A-Za-z]{{{_RANDOM_LENGTH + _CHECKSUM_LENGTH}}}$")
+    for prefix in (PREFIX, LINK_PREFIX)
+}
 
 
 def _base62(number: int, width: int) -> str:
@@ -45,22 +52,24 @@ class GeneratedKey:
     last_four: str
 
 
-def generate() -> GeneratedKey:
+def generate(prefix: str = PREFIX) -> GeneratedKey:
     random_part = "".join(secrets.choice(_ALPHABET) for _ in range(_RANDOM_LENGTH))
-    secret = f"{PREFIX}{random_part}{_checksum(random_part)}"
-    return GeneratedKey(secret=secret, prefix=lookup_prefix(secret), secret_hash=digest(secret), last_four=secret[-4:])
+    secret = f"{prefix}{random_part}{_checksum(random_part)}"
+    return GeneratedKey(
+        secret=secret, prefix=lookup_prefix(secret, prefix), secret_hash=digest(secret), last_four=secret[-4:]
+    )
 
 
-def is_well_formed(secret: str) -> bool:
+def is_well_formed(secret: str, prefix: str = PREFIX) -> bool:
     """Shape and checksum; a key failing this cannot exist, so no lookup is needed."""
-    if not _SHAPE.match(secret):
+    if not _SHAPES[prefix].match(secret):
         return False
-    random_part = secret[len(PREFIX) : len(PREFIX) + _RANDOM_LENGTH]
+    random_part = secret[len(prefix) : len(prefix) + _RANDOM_LENGTH]
     return hmac.compare_digest(secret[-_CHECKSUM_LENGTH:], _checksum(random_part))
 
 
-def lookup_prefix(secret: str) -> str:
-    return secret[len(PREFIX) : len(PREFIX) + LOOKUP_LENGTH]
+def lookup_prefix(secret: str, prefix: str = PREFIX) -> str:
+    return secret[len(prefix) : len(prefix) + LOOKUP_LENGTH]
 
 
 def digest(secret: str) -> str:

@@ -217,8 +217,8 @@ class ApiKey(models.Model):
     """A tenant's API key. The secret is shown once; only a keyed hash is stored.
 
     Permissions are a list of names from ``tenants.access.Permission``. The resource
-    allow-list is the union of ``allowed_domains`` and ``allowed_mailboxes``; both empty
-    means the whole tenant. ``allowed_mailboxes`` names ``mailboxes.Mailbox`` by label, as
+    allow-list is the union of ``allowed_domains``, ``allowed_mailboxes`` and ``allowed_pools``;
+    all empty means the whole tenant. ``allowed_mailboxes`` names ``mailboxes.Mailbox`` by label, as
     audit does with Tenant, so this app never imports the one above it.
     """
 
@@ -231,6 +231,7 @@ class ApiKey(models.Model):
     permissions = models.JSONField(default=list)
     allowed_domains = models.ManyToManyField(Domain, blank=True, related_name="+")
     allowed_mailboxes = models.ManyToManyField("mailboxes.Mailbox", blank=True, related_name="+")
+    allowed_pools = models.ManyToManyField("mailboxes.MailboxPool", blank=True, related_name="+")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
