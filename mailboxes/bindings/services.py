@@ -1,0 +1,648 @@
+"""Writes for mailbox pools and account bindings.
+
+Allocation is the part that must hold under concurrency, on PostgreSQL and SQLite alike:
+
+- **One active binding per account**: a transaction-level advisory lock on the account
+  (PostgreSQL) makes concurrent calls for the same account queue, so the first allocates and
+  the rest find its binding; the partial unique index ``binding_one_active_per_account`` is
+  the guarantee underneath (a violation re-reads the winner's binding).
+- **The pool's policy**: the pool member row (``PoolMailbox``, which carries the mailbox's
+  count of active bindings) is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` before its
+  count goes up, so two allocations never both take a mailbox's last place; after the lock the
+  row is read again (a new statement sees what was committed while we waited). The index
+  ``binding_one_provider_per_mailbox`` enforces ``one_per_provider`` in the database too.
+- **Provisioning stays within ``max_mailboxes``**: it runs with the pool row locked and
+  counts the members under that lock.
+
+SQLite has no row locks, but its write transactions are serialized (``transaction_mode``
+IMMEDIATE in settings), which gives the same guarantees without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from django.core.cache import cache
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Exists, F, OuterRef, QuerySet, Sum
+from django.utils import timezone
+
+from audit.services import EventSpec, audit_entry_record, event_record, events_record
+from mailboxes.bindings.attribution import (
+    provider_name_normalize,
+    sender_domains_normalize,
+    subject_patterns_normalize,
+)
+from mailboxes.models import AccountBinding, AccountProvider, Mailbox, MailboxPool, PoolMailbox
+from mailboxes.services import random_local_part
+from tenants import keys
+from tenants.access import Permission, Principal
+from tenants.models import Domain
+from tenants.services import require
+
+logger = logging.getLogger(__name__)
+
+MAX_POOL_SIZE = 100_000
+ALLOCATION_ATTEMPTS = 20
+EXHAUSTED_EVENT_EVERY = 60  # seconds: a pool that stays full says so once a minute, not per call
+
+
+class BindingConflict(Exception):
+    """A write that the current state refuses (answered 409 with ``code``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LinkOrCreate:
+    binding: AccountBinding
+    created: bool
+    link: str | None  # the secret link, only when the binding was created
+
+
+# --- Providers --------------------------------------------------------------------------------
+def provider_save(
+    *,
+    principal: Principal,
+    name: str,
+    sender_domains: list[str] | None = None,
+    subject_patterns: list[str] | None = None,
+) -> AccountProvider:
+    """Create or change a provider's attribution rules (tenant-wide settings)."""
+    require(principal, Permission.BINDINGS_MANAGE)
+    if not principal.is_tenant_wide:
+        raise PermissionDenied("Providers are tenant-wide settings: they need a key for the whole tenant.")
+    name = provider_name_normalize(name)
+    with transaction.atomic():
+        provider = AccountProvider.objects.select_for_update().filter(tenant=principal.tenant, name=name).first()
+        before = _provider_summary(provider) if provider is not None else None
+        if provider is None:
+            provider = AccountProvider(tenant=principal.tenant, name=name)
+        if sender_domains is not None:
+            provider.sender_domains = sender_domains_normalize(sender_domains)
+        if subject_patterns is not None:
+            provider.subject_patterns = subject_patterns_normalize(subject_patterns)
+        provider.full_clean(validate_constraints=False, validate_unique=False)
+        provider.save()
+        audit_entry_record(
+            tenant_id=principal.tenant.pk,
+            actor=principal.actor,
+            action="provider.create" if before is None else "provider.update",
+            resource_type="account_provider",
+            resource_id=provider.pk,
+            before=before,
+            after=_provider_summary(provider),
+        )
+    return provider
+
+
+def provider_delete(*, principal: Principal, provider: AccountProvider) -> None:
+    require(principal, Permission.BINDINGS_MANAGE)
+    if not principal.is_tenant_wide:
+        raise PermissionDenied("Providers are tenant-wide settings: they need a key for the whole tenant.")
+    with transaction.atomic():
+        audit_entry_record(
+            tenant_id=principal.tenant.pk,
+            actor=principal.actor,
+            action="provider.delete",
+            resource_type="account_provider",
+            resource_id=provider.pk,
+            before=_provider_summary(provider),
+        )
+        provider.delete()
+
+
+def _provider_summary(provider: AccountProvider) -> dict[str, Any]:
+    return {
+        "name": provider.name,
+        "sender_domains": list(provider.sender_domains),
+        "subject_patterns": list(provider.subject_patterns),
+    }
+
+
+# --- Pools ------------------------------------------------------------------------------------
+_POOL_FIELDS = (
+    "name",
+    "policy",
+    "max_bindings_per_mailbox",
+    "one_per_provider",
+    "auto_provision",
+    "provision_threshold",
+    "provision_batch",
+    "max_mailboxes",
+)
+
+
+def _pool_summary(pool: MailboxPool) -> dict[str, Any]:
+    return {name: getattr(pool, name) for name in _POOL_FIELDS} | {"domain": pool.domain_id}
+
+
+def _pool_validate(pool: MailboxPool) -> None:
+    if pool.max_mailboxes > MAX_POOL_SIZE:
+        raise ValidationError({"max_mailboxes": f"At most {MAX_POOL_SIZE}."})
+    if pool.max_bindings_per_mailbox < 1:
+        raise ValidationError({"max_bindings_per_mailbox": "At least 1."})
+    pool.full_clean(validate_unique=False, validate_constraints=False)
+
+
+def pool_create(
+    *,
+    principal: Principal,
+    domain: Domain,
+    name: str,
+    mailboxes: list[Mailbox] | None = None,
+    size: int = 0,
+    **settings: Any,
+) -> MailboxPool:
+    """A pool on one of the principal's domains, with existing mailboxes of that domain and/or
+    ``size`` new mailboxes with random local parts."""
+    require(principal, Permission.BINDINGS_MANAGE)
+    require(principal, Permission.MAILBOXES_MANAGE)
+    if domain.tenant_id != principal.tenant.pk or not principal.may_use_domain(domain.pk):
+        raise PermissionDenied("This key cannot create pools on that domain.")
+    unknown = set(settings) - set(_POOL_FIELDS)
+    if unknown:
+        raise ValidationError({field: "This field cannot be set." for field in sorted(unknown)})
+    pool = MailboxPool(tenant=principal.tenant, domain=domain, name=name.strip(), **settings)
+    _pool_validate(pool)
+    mailboxes = list(mailboxes or [])
+    if any(mailbox.domain_id != domain.pk for mailbox in mailboxes):
+        raise ValidationError({"mailboxes": "Every mailbox must be on the pool's domain."})
+    if len(mailboxes) + size > pool.max_mailboxes:
+        raise ValidationError({"size": f"The pool holds at most {pool.max_mailboxes} mailboxes (max_mailboxes)."})
+    try:
+        with transaction.atomic():
+            pool.save(force_insert=True)
+            PoolMailbox.objects.bulk_create([PoolMailbox(pool=pool, mailbox=mailbox) for mailbox in mailboxes])
+            audit_entry_record(
+                tenant_id=pool.tenant_id,
+                actor=principal.actor,
+                action="pool.create",
+                resource_type="mailbox_pool",
+                resource_id=pool.pk,
+                after={**_pool_summary(pool), "mailboxes": [str(m.pk) for m in mailboxes], "size": size},
+            )
+            if size:
+                _provision(pool, size, reason="created")
+    except IntegrityError:
+        if MailboxPool.objects.filter(tenant=principal.tenant, name=pool.name).exists():
+            raise ValidationError({"name": "A pool with this name exists."}, code="unique") from None
+        raise ValidationError({"mailboxes": "A mailbox is in another pool already."}, code="unique") from None
+    return pool
+
+
+def pool_update(*, principal: Principal, pool: MailboxPool, **changes: Any) -> MailboxPool:
+    require(principal, Permission.BINDINGS_MANAGE)
+    before = _pool_summary(pool)
+    for field, value in changes.items():
+        if field not in _POOL_FIELDS:
+            raise ValidationError({field: "This field cannot be changed."})
+        setattr(pool, field, value)
+    _pool_validate(pool)
+    try:
+        with transaction.atomic():
+            pool.save(update_fields=[*changes, "updated_at"])
+            audit_entry_record(
+                tenant_id=pool.tenant_id,
+                actor=principal.actor,
+                action="pool.update",
+                resource_type="mailbox_pool",
+                resource_id=pool.pk,
+                before=before,
+                after=_pool_summary(pool),
+            )
+    except IntegrityError:
+        raise ValidationError({"name": "A pool with this name exists."}, code="unique") from None
+    return pool
+
+
+def _provision(pool: MailboxPool, wanted: int, *, reason: str) -> list[PoolMailbox]:
+    """Add up to ``wanted`` mailboxes with random local parts, never past ``max_mailboxes``.
+
+    Call inside a transaction: the pool row stays locked until it commits, so concurrent
+    provisioning counts the members one after the other.
+    """
+    MailboxPool.objects.select_for_update().filter(pk=pool.pk).values_list("pk", flat=True).first()
+    room = pool.max_mailboxes - PoolMailbox.objects.filter(pool_id=pool.pk).count()
+    count = min(wanted, room)
+    if count <= 0:
+        return []
+    domain = pool.domain
+    mailboxes = []
+    for _ in range(count):
+        local = random_local_part()
+        mailboxes.append(
+            Mailbox(
+                tenant_id=pool.tenant_id,
+                domain_id=domain.pk,
+                local_part=local,
+                address=f"{local}@{domain.name}",
+                name=f"pool {pool.name}",
+            )
+        )
+    Mailbox.objects.bulk_create(mailboxes)
+    members = PoolMailbox.objects.bulk_create([PoolMailbox(pool_id=pool.pk, mailbox=mailbox) for mailbox in mailboxes])
+    specs = [
+        EventSpec(
+            pool.tenant_id,
+            "mailbox.created",
+            {"address": mailbox.address, "kind": mailbox.kind, "pool": str(pool.pk)},
+            domain_id=domain.pk,
+            mailbox_id=mailbox.pk,
+        )
+        for mailbox in mailboxes
+    ]
+    specs.append(
+        EventSpec(
+            pool.tenant_id,
+            "pool.provisioned",
+            {"pool": str(pool.pk), "mailboxes": count, "reason": reason},
+            domain_id=domain.pk,
+        )
+    )
+    events_record(specs)
+    logger.info("pool %s provisioned %d mailboxes (%s)", pool.pk, count, reason)
+    return members
+
+
+def pool_free_places(pool: MailboxPool) -> int:
+    """How many more accounts the pool's mailboxes can take (ignoring providers)."""
+    members = PoolMailbox.objects.filter(pool_id=pool.pk)
+    total = members.count() * pool.capacity_per_mailbox
+    bound = members.aggregate(total=Sum("active_bindings"))["total"] or 0
+    return max(0, total - bound)
+
+
+def pool_provision_if_low(pool: MailboxPool) -> int:
+    """Top the pool up by a batch when its free places are below the threshold (auto-provisioning).
+
+    Returns the number of mailboxes added. A provisioning already running elsewhere is not
+    waited for (its pool row is locked: skipped).
+    """
+    if not pool.auto_provision or pool_free_places(pool) >= pool.provision_threshold:
+        return 0
+    with transaction.atomic():
+        locked = MailboxPool.objects.select_for_update(skip_locked=True).filter(pk=pool.pk).first()
+        if locked is None or pool_free_places(locked) >= locked.provision_threshold:
+            return 0
+        return len(_provision(locked, max(1, locked.provision_batch), reason="below threshold"))
+
+
+# --- Allocation -------------------------------------------------------------------------------
+def _candidates(pool: MailboxPool, provider: str, excluded: set[int]) -> QuerySet[PoolMailbox]:
+    members = PoolMailbox.objects.select_related("mailbox").filter(
+        pool_id=pool.pk, active_bindings__lt=pool.capacity_per_mailbox
+    )
+    if excluded:
+        members = members.exclude(pk__in=excluded)
+    if pool.one_per_provider:
+        same_provider = AccountBinding.objects.filter(mailbox_id=OuterRef("mailbox_id"), provider=provider, active=True)
+        members = members.exclude(Exists(same_provider))
+    if pool.policy == MailboxPool.Policy.SHARED:
+        return members.order_by("-active_bindings", "id")  # pack: the fullest mailbox with room
+    return members.order_by("active_bindings", "id")  # spread: the least bound first
+
+
+def _still_fits(pool: MailboxPool, member: PoolMailbox, provider: str) -> bool:
+    """Re-read under the row lock: what was committed while we waited is visible now."""
+    count = PoolMailbox.objects.filter(pk=member.pk).values_list("active_bindings", flat=True).first()
+    if count is None or count >= pool.capacity_per_mailbox:
+        return False
+    if pool.one_per_provider:
+        return not AccountBinding.objects.filter(mailbox_id=member.mailbox_id, provider=provider, active=True).exists()
+    return True
+
+
+def _allocate(pool: MailboxPool, provider: str, *, exclude_mailbox: UUID | None = None) -> PoolMailbox | None:
+    """Lock and return the member to bind, by the pool's policy; None when the pool is full.
+
+    Call inside a transaction; the caller raises the member's count.
+    """
+    excluded: set[int] = set()
+    if exclude_mailbox is not None:
+        excluded.update(PoolMailbox.objects.filter(mailbox_id=exclude_mailbox).values_list("pk", flat=True))
+    provisioned = False
+    for _ in range(ALLOCATION_ATTEMPTS):
+        member = None
+        candidates = _candidates(pool, provider, excluded)
+        if connection.features.has_select_for_update_skip_locked:
+            # First a member nobody else is taking; only if every candidate is being taken,
+            # wait for one (its count may still have room once the other commits).
+            member = candidates.select_for_update(skip_locked=True, of=("self",)).first()
+            if member is None:
+                member = candidates.select_for_update(of=("self",)).first()
+        else:
+            member = candidates.first()  # SQLite: this transaction is the only writer
+        if member is not None:
+            if _still_fits(pool, member, provider):
+                return member
+            excluded.add(member.pk)
+            continue
+        if provisioned or not pool.auto_provision:
+            return None
+        # Full: provision (the pool row lock serializes this), then look again.
+        provisioned = True
+        if not _provision(pool, max(1, pool.provision_batch), reason="exhausted"):
+            # At its maximum, or another allocation provisioned meanwhile: one more look.
+            continue
+    return None
+
+
+def _account_lock(tenant_id: UUID, account_ref: str) -> None:
+    """Queue concurrent calls for one account behind each other (PostgreSQL; SQLite serializes
+    every write transaction anyway)."""
+    if connection.vendor != "postgresql":
+        return
+    digest = hashlib.blake2b(f"binding:{tenant_id}:{account_ref}".encode(), digest_size=8).digest()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int.from_bytes(digest, "big", signed=True)])
+
+
+def _count_change(member_id: int, delta: int) -> None:
+    PoolMailbox.objects.filter(pk=member_id).update(active_bindings=F("active_bindings") + delta)
+
+
+def _pool_exhausted(pool: MailboxPool, provider: str) -> BindingConflict:
+    if cache.add(f"pool-exhausted:{pool.pk}", 1, timeout=EXHAUSTED_EVENT_EVERY):
+        event_record(
+            tenant_id=pool.tenant_id,
+            type="pool.exhausted",
+            data={"pool": str(pool.pk), "provider": provider},
+            domain_id=pool.domain_id,
+        )
+    return BindingConflict("pool_exhausted", f"No mailbox of pool {pool.name!r} can take another {provider} account.")
+
+
+def _binding_summary(binding: AccountBinding) -> dict[str, Any]:
+    return {
+        "account_ref": binding.account_ref,
+        "provider": binding.provider,
+        "pool": binding.pool_id,
+        "mailbox": binding.mailbox_id,
+        "label": binding.label,
+        "active": binding.active,
+    }
+
+
+def _binding_event_data(binding: AccountBinding, **extra: Any) -> dict[str, Any]:
+    return {
+        "binding": str(binding.pk),
+        "account_ref": binding.account_ref,
+        "provider": binding.provider,
+        "pool": str(binding.pool_id),
+        **extra,
+    }
+
+
+def _active_for_account(tenant_id: UUID, account_ref: str) -> AccountBinding | None:
+    return (
+        AccountBinding.objects.select_related("mailbox", "pool")
+        .filter(tenant_id=tenant_id, account_ref=account_ref, active=True)
+        .first()
+    )
+
+
+def binding_link_or_create(
+    *,
+    principal: Principal,
+    pool: MailboxPool,
+    account_ref: str,
+    provider: str,
+    label: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> LinkOrCreate:
+    """The account's active binding, or a new one on a mailbox allocated by the pool's policy.
+
+    Idempotent: concurrent calls for one account create one binding. Raises
+    :class:`BindingConflict` (``account_bound`` when the account is bound for another provider,
+    ``pool_exhausted`` when no mailbox can take it).
+    """
+    require(principal, Permission.BINDINGS_MANAGE)
+    provider = provider_name_normalize(provider)
+    account_ref = account_ref.strip()
+    if not account_ref or len(account_ref) > 200:
+        raise ValidationError({"account_ref": "1 to 200 characters."})
+    tenant_id = principal.tenant.pk
+    existing = _active_for_account(tenant_id, account_ref)
+    if existing is None:
+        try:
+            with transaction.atomic():
+                _account_lock(tenant_id, account_ref)
+                existing = _active_for_account(tenant_id, account_ref)
+                if existing is None:
+                    member = _allocate(pool, provider)
+                    if member is None:
+                        raise _NoRoom
+                    binding, link = _binding_insert(
+                        pool=pool,
+                        member=member,
+                        account_ref=account_ref,
+                        provider=provider,
+                        label=label,
+                        metadata=metadata or {},
+                    )
+                    event_record(
+                        tenant_id=tenant_id,
+                        type="binding.created",
+                        data=_binding_event_data(binding, address=member.mailbox.address),
+                        domain_id=pool.domain_id,
+                        mailbox_id=member.mailbox_id,
+                    )
+                    audit_entry_record(
+                        tenant_id=tenant_id,
+                        actor=principal.actor,
+                        action="binding.create",
+                        resource_type="account_binding",
+                        resource_id=binding.pk,
+                        after=_binding_summary(binding),
+                    )
+        except _NoRoom:
+            raise _pool_exhausted(pool, provider) from None
+        except IntegrityError:
+            # Another process bound the account between our look and our insert (without the
+            # advisory lock: SQLite, or a caller outside this function): its binding wins.
+            existing = _active_for_account(tenant_id, account_ref)
+            if existing is None:
+                raise
+        else:
+            if existing is None:
+                transaction.on_commit(lambda: _provision_after(pool.pk))
+                return LinkOrCreate(binding=binding, created=True, link=link)
+    assert existing is not None
+    if existing.provider != provider:
+        raise BindingConflict(
+            "account_bound", f"This account is bound for provider {existing.provider!r}; release it first."
+        )
+    return LinkOrCreate(binding=existing, created=False, link=None)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _provision_after(pool_id: UUID) -> None:
+    """Top the pool up once the allocation has committed (never inside its transaction)."""
+    pool = MailboxPool.objects.select_related("domain").filter(pk=pool_id).first()
+    if pool is not None and pool.auto_provision:
+        try:
+            pool_provision_if_low(pool)
+        except Exception:  # the allocation stands; the next one or the console tries again
+            logger.exception("pool %s: provisioning after an allocation failed", pool_id)
+
+
+def _binding_insert(
+    *,
+    pool: MailboxPool,
+    member: PoolMailbox,
+    account_ref: str,
+    provider: str,
+    label: str,
+    metadata: dict[str, Any],
+    link: tuple[str, str] | None = None,
+) -> tuple[AccountBinding, str | None]:
+    """Insert an active binding on ``member`` (locked by the caller) and raise its count.
+
+    ``link``: the (prefix, hash) of an existing link to carry over (reassignment); otherwise a
+    new link is generated and its secret returned.
+    """
+    secret = None
+    if link is None:
+        generated = keys.generate(prefix=keys.LINK_PREFIX)
+        link, secret = (generated.prefix, generated.secret_hash), generated.secret
+    binding = AccountBinding(
+        tenant_id=pool.tenant_id,
+        pool=pool,
+        mailbox_id=member.mailbox_id,
+        account_ref=account_ref,
+        provider=provider,
+        provider_exclusive=pool.one_per_provider,
+        label=label,
+        metadata=metadata,
+        link_prefix=link[0],
+        link_hash=link[1],
+    )
+    binding.full_clean(validate_unique=False, validate_constraints=False)
+    binding.save(force_insert=True)
+    _count_change(member.pk, +1)
+    return binding, secret
+
+
+def _end(binding: AccountBinding, reason: str) -> None:
+    binding.active = False
+    binding.released_at = timezone.now()
+    binding.ended_reason = reason
+    binding.link_prefix = binding.link_hash = ""
+    binding.save(update_fields=["active", "released_at", "ended_reason", "link_prefix", "link_hash"])
+    member_id = PoolMailbox.objects.filter(mailbox_id=binding.mailbox_id).values_list("pk", flat=True).first()
+    if member_id is not None:
+        _count_change(member_id, -1)
+
+
+def _locked_active(binding: AccountBinding) -> AccountBinding:
+    locked = AccountBinding.objects.select_for_update().select_related("pool", "mailbox").get(pk=binding.pk)
+    if not locked.active:
+        raise BindingConflict("binding_inactive", "This binding was released or reassigned.")
+    return locked
+
+
+def binding_release(*, principal: Principal, binding: AccountBinding) -> AccountBinding:
+    """End the binding: its link answers 404 from now on, its mailbox has a free place."""
+    require(principal, Permission.BINDINGS_MANAGE)
+    with transaction.atomic():
+        binding = _locked_active(binding)
+        before = _binding_summary(binding)
+        _end(binding, AccountBinding.EndedReason.RELEASED)
+        event_record(
+            tenant_id=binding.tenant_id,
+            type="binding.released",
+            data=_binding_event_data(binding),
+            domain_id=binding.pool.domain_id,
+            mailbox_id=binding.mailbox_id,
+        )
+        audit_entry_record(
+            tenant_id=binding.tenant_id,
+            actor=principal.actor,
+            action="binding.release",
+            resource_type="account_binding",
+            resource_id=binding.pk,
+            before=before,
+            after=_binding_summary(binding),
+        )
+    return binding
+
+
+def binding_reassign(
+    *,
+    principal: Principal,
+    binding: AccountBinding,
+    mailbox: Mailbox | None = None,
+    pool: MailboxPool | None = None,
+) -> AccountBinding:
+    """Move the account to ``mailbox`` (a member of a pool), or to a mailbox allocated from
+    ``pool`` (default: its own pool, another mailbox). The old binding stays as history; the
+    new one keeps the link, and codes count from the new binding's creation."""
+    require(principal, Permission.BINDINGS_MANAGE)
+    try:
+        with transaction.atomic():
+            binding = _locked_active(binding)
+            if mailbox is not None:
+                member = (
+                    PoolMailbox.objects.select_for_update()
+                    .select_related("pool", "mailbox")
+                    .filter(mailbox=mailbox)
+                    .first()
+                )
+                if member is None:
+                    raise ValidationError({"mailbox": "This mailbox is in no pool."})
+                if member.mailbox_id == binding.mailbox_id:
+                    raise BindingConflict("same_mailbox", "The account is bound to this mailbox already.")
+                target_pool = member.pool
+                if not _still_fits(target_pool, member, binding.provider):
+                    raise BindingConflict("mailbox_full", "This mailbox cannot take another account of this provider.")
+            else:
+                target_pool = pool or binding.pool
+                member_or_none = _allocate(target_pool, binding.provider, exclude_mailbox=binding.mailbox_id)
+                if member_or_none is None:
+                    raise _NoRoom
+                member = member_or_none
+            link = (binding.link_prefix, binding.link_hash)
+            before = _binding_summary(binding)
+            _end(binding, AccountBinding.EndedReason.REASSIGNED)
+            successor, _ = _binding_insert(
+                pool=target_pool,
+                member=member,
+                account_ref=binding.account_ref,
+                provider=binding.provider,
+                label=binding.label,
+                metadata=binding.metadata,
+                link=link,
+            )
+            binding.successor = successor
+            binding.save(update_fields=["successor"])
+            event_record(
+                tenant_id=binding.tenant_id,
+                type="binding.reassigned",
+                data=_binding_event_data(successor, previous=str(binding.pk), from_mailbox=str(binding.mailbox_id)),
+                domain_id=target_pool.domain_id,
+                mailbox_id=successor.mailbox_id,
+            )
+            audit_entry_record(
+                tenant_id=binding.tenant_id,
+                actor=principal.actor,
+                action="binding.reassign",
+                resource_type="account_binding",
+                resource_id=binding.pk,
+                before=before,
+                after={**_binding_summary(successor), "successor": successor.pk},
+            )
+    except _NoRoom:
+        raise _pool_exhausted(pool or binding.pool, binding.provider) from None
+    return AccountBinding.objects.select_related("pool", "mailbox").get(pk=successor.pk)
