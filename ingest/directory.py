@@ -83,6 +83,7 @@ class DomainEntry:
     max_message_size: int | None
     # The tenant's plan lets it receive for domains not verified yet (UNVERIFIED_DOMAIN_PLANS).
     unverified_allowed: bool = False
+    antivirus_mode: str = ""  # resolved: the domain's, else the tenant's, else ANTIVIRUS_MODE
     mailboxes: dict[str, MailboxEntry] = field(default_factory=dict)
     catch_all: MailboxEntry | None = None
 
@@ -97,13 +98,16 @@ _DOMAIN_COLUMNS = (
     "tenant__status",
     "tenant__max_message_size",
     "tenant__plan",
+    "antivirus_mode",
+    "tenant__antivirus_mode",
 )
 
 
 def _domain_entry(row: tuple[object, ...]) -> DomainEntry:
     from tenants.models import Tenant
 
-    pk, _name, tenant_id, state, policy, tenant_status, max_size, plan = row
+    pk, _name, tenant_id, state, policy, tenant_status, max_size, plan = row[:8]
+    domain_antivirus, tenant_antivirus = row[8:10]
     return DomainEntry(
         domain_id=str(pk),
         tenant_id=str(tenant_id),
@@ -112,6 +116,7 @@ def _domain_entry(row: tuple[object, ...]) -> DomainEntry:
         policy=str(policy),
         max_message_size=max_size,  # type: ignore[arg-type]
         unverified_allowed=plan in settings.UNVERIFIED_DOMAIN_PLANS,
+        antivirus_mode=str(domain_antivirus or tenant_antivirus or settings.ANTIVIRUS_MODE),
     )
 
 
@@ -148,6 +153,7 @@ class Decision:
     tags: tuple[str, ...] = ()
     drop: bool = False  # accepted but discarded (the domain hides which users exist)
     max_message_size: int | None = None
+    antivirus_mode: str = ""  # "reject": scanned before the 250 (ingest/smtp.py)
 
     @property
     def accepted(self) -> bool:
@@ -389,7 +395,12 @@ class RecipientDirectory:
     def _decide_for(domain: DomainEntry | None, local: str, tags: tuple[str, ...], *, trusted: bool) -> Decision:
         if domain is None:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)
-        common = {"tenant_id": domain.tenant_id, "tags": tags, "max_message_size": domain.max_message_size}
+        common = {
+            "tenant_id": domain.tenant_id,
+            "tags": tags,
+            "max_message_size": domain.max_message_size,
+            "antivirus_mode": domain.antivirus_mode,
+        }
         if domain.state == "pending" and not domain.unverified_allowed:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)
         if not domain.tenant_active or domain.state == "suspended":

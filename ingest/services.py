@@ -224,6 +224,18 @@ def _recipients_per_mailbox(recipients: list[Recipient]) -> list[Recipient]:
     return list(merged.values())
 
 
+def _antivirus_fields(envelope: Envelope) -> dict[str, object]:
+    """The scan made before the 250 (reject mode), so the pipeline does not scan again."""
+    scan = envelope.antivirus
+    if not scan or scan.get("verdict") not in {"clean", "infected", "error", "too_large"}:
+        return {}
+    return {
+        "antivirus_verdict": scan["verdict"],
+        "antivirus_signature": str(scan.get("signature") or "")[:255],
+        "antivirus_scanned_at": datetime.fromtimestamp(float(scan.get("scanned_at") or envelope.received_at), tz=UTC),
+    }
+
+
 def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
     """One transaction: the Message rows and events of every plan; messages created per queue id."""
     from mailboxes.tasks import message_parse
@@ -263,6 +275,7 @@ def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
                         storage_key=plan.keys[recipient.tenant_id],
                         trace_id=envelope.queue_id,
                         received_at=received_at,
+                        **_antivirus_fields(envelope),
                     )
                 )
         if not messages:

@@ -39,6 +39,7 @@ from ingest.directory import Decision, RecipientDirectory
 from ingest.limits import ConnectionCounter, RateLimiter
 from ingest.spool import Envelope as SpoolEnvelope
 from ingest.spool import Recipient, SpoolWriter, is_disk_full, queue_id_new
+from mailplatform import clamd
 from mailplatform.clientip import rate_limit_subject
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ RATE_LIMITED = "451 4.7.1 Too much mail, slow down and try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TIMED_OUT = "421 4.4.2 Timeout, closing connection"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+# Antivirus in reject mode (RFC 3463: 5.7.1 delivery not authorized, 5.3.4 too big for the
+# system, 4.3.0 a temporary system failure).
+SCANNER_UNAVAILABLE = "451 4.3.0 Virus scanner unavailable, try again later"
+TOO_BIG_TO_SCAN = "552 5.3.4 Message too large to be scanned for viruses"
 TERMINATOR = b"\r\n.\r\n"
 
 
@@ -87,8 +92,15 @@ class IngestHandler:
         hostname: str,
         source: str = "smtp",
         trusted_proxies: Iterable[str] = (),
+        clamd_url: str | None = None,
+        antivirus_fail_open: bool | None = None,
     ) -> None:
+        from django.conf import settings
+
         self.directory = directory
+        # Reject mode scans before the 250; the settings unless a test says otherwise.
+        self.clamd_url = settings.CLAMD_URL if clamd_url is None else clamd_url
+        self.antivirus_fail_open = settings.ANTIVIRUS_FAIL_OPEN if antivirus_fail_open is None else antivirus_fail_open
         self.writer = writer
         self.limits = limits
         self.hostname = hostname
@@ -443,6 +455,9 @@ class IngestSMTP(SMTP):
         if spool_envelope is None:
             # Every recipient is either dropped on purpose or over its tenant's size.
             return [TOO_BIG if big else "250 2.0.0 Ok" for big in too_big]
+        refusals = await self._antivirus_screen(envelope, spool_envelope, content)
+        if refusals and (not self.per_recipient_replies or not spool_envelope.recipients):
+            return [refusals.get(index, "250 2.0.0 Ok") for index in range(len(envelope.decisions))]
         try:
             await self.ingest.writer.store(spool_envelope, content)
         except Exception as exc:
@@ -460,7 +475,68 @@ class IngestSMTP(SMTP):
             extra={"trace_id": spool_envelope.queue_id, "queue_id": spool_envelope.queue_id},
         )
         ok = f"250 2.0.0 Ok: queued as {spool_envelope.queue_id}"
-        return [TOO_BIG if big else ok for big in too_big]
+        return [refusals.get(index) or (TOO_BIG if big else ok) for index, big in enumerate(too_big)]
+
+    async def _antivirus_screen(
+        self, envelope: IngestEnvelope, spool_envelope: SpoolEnvelope, content: bytes
+    ) -> dict[int, str]:
+        """Reject mode: scan before the 250; refusals by recipient (RCPT order), empty if none.
+
+        Only recipients whose domain (or tenant) is in ``reject`` mode make the message wait
+        for clamd. Infected: ``554 5.7.1``, never stored. Over the scanner's limit: ``552
+        5.3.4`` (it cannot be scanned before acceptance, so it is not accepted). clamd
+        unavailable: ``451 4.3.0`` (fail closed), or with ANTIVIRUS_FAIL_OPEN accepted with
+        the verdict ``error``, for the pipeline and the rescan sweeper to scan again. SMTP has
+        one reply, so one reject-mode recipient refuses the whole transaction; LMTP refuses
+        those recipients alone (RFC 2033 section 4.2) and delivers to the others, with the
+        verdict carried in the spool envelope so the message is not scanned twice.
+        """
+        strict = {
+            decision.mailbox_id
+            for _, decision in envelope.decisions
+            if decision.antivirus_mode == "reject" and decision.mailbox_id and not decision.drop
+        }
+        if not self.ingest.clamd_url or not any(r.mailbox_id in strict for r in spool_envelope.recipients):
+            return {}
+        result = await clamd.scan_async(content, stage="smtp", url=self.ingest.clamd_url)
+        if result.verdict == "clean":
+            spool_envelope.antivirus = {"verdict": "clean", "scanned_at": time.time()}
+            return {}
+        if result.verdict == "error" and self.ingest.antivirus_fail_open:
+            spool_envelope.antivirus = {"verdict": "error", "scanned_at": time.time()}
+            return {}
+        if result.infected:
+            signature = "".join(ch for ch in result.signature if 32 < ord(ch) < 127)[:100]
+            refusal = f"554 5.7.1 Message refused: virus found ({signature})"
+            metrics.LIMITED.labels("antivirus_infected").inc()
+        elif result.verdict == "too_large":
+            refusal = TOO_BIG_TO_SCAN
+            metrics.LIMITED.labels("antivirus_too_large").inc()
+        else:
+            refusal = SCANNER_UNAVAILABLE
+            metrics.LIMITED.labels("antivirus_unavailable").inc()
+        logger.info(
+            "refused %s: antivirus %s %s",
+            spool_envelope.queue_id,
+            result.verdict,
+            result.signature,
+            extra={"trace_id": spool_envelope.queue_id, "queue_id": spool_envelope.queue_id},
+        )
+        if not self.per_recipient_replies:
+            return dict.fromkeys(range(len(envelope.decisions)), refusal)
+        # LMTP: the strict recipients are refused; the others take the message and its verdict.
+        spool_envelope.recipients = [r for r in spool_envelope.recipients if r.mailbox_id not in strict]
+        if result.verdict != "error":
+            spool_envelope.antivirus = {
+                "verdict": result.verdict,
+                "signature": result.signature,
+                "scanned_at": time.time(),
+            }
+        return {
+            index: refusal
+            for index, (_, decision) in enumerate(envelope.decisions)
+            if decision.mailbox_id in strict and not decision.drop
+        }
 
     async def _read_data(self, limit: int) -> bytes | None:
         """The message up to CRLF.CRLF, un-dot-stuffed; None if it is larger than ``limit``.

@@ -63,9 +63,11 @@ class Envelope:
     source: str = "smtp"
     size: int = 0
     sha256: str = ""
+    # The scan before the 250 (reject mode, ingest/smtp.py): verdict, signature, scanned_at.
+    antivirus: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
-        data = {
+        data: dict[str, Any] = {
             "queue_id": self.queue_id,
             "mail_from": self.mail_from,
             "recipients": [vars(recipient) for recipient in self.recipients],
@@ -77,6 +79,8 @@ class Envelope:
             "size": self.size,
             "sha256": self.sha256,
         }
+        if self.antivirus is not None:
+            data["antivirus"] = self.antivirus
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

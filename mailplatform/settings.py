@@ -276,6 +276,25 @@ SMTP_PROXY_PROTOCOL = config.boolean("SMTP_PROXY_PROTOCOL", False)
 SMTP_TRUSTED_PROXIES = config.cidrs("SMTP_TRUSTED_PROXIES", [])
 if SMTP_PROXY_PROTOCOL and not SMTP_TRUSTED_PROXIES:
     raise ImproperlyConfigured("SMTP_TRUSTED_PROXIES: required when SMTP_PROXY_PROTOCOL is true (the balancers' IPs)")
+# Antivirus (mailplatform/clamd.py): clamd's INSTREAM at CLAMD_URL (tcp://host:port or
+# unix:///path; empty: no scanning). CLAMD_STREAM_MAX_LENGTH must match clamd's StreamMaxLength
+# (larger messages are "too_large", never clean). ANTIVIRUS_MODE is the mode of tenants and
+# domains that set none (off, tag, quarantine, reject); ANTIVIRUS_FAIL_OPEN: with clamd down,
+# accept and rescan later instead of 451 (reject) or holding the message (quarantine).
+CLAMD_URL = config.string("CLAMD_URL", "")
+if CLAMD_URL:
+    from mailplatform.clamd import ClamdUrlInvalid, address_parse
+
+    try:
+        address_parse(CLAMD_URL)
+    except ClamdUrlInvalid as exc:
+        raise ImproperlyConfigured(f"CLAMD_URL: {exc}") from None
+CLAMD_TIMEOUT = config.integer("CLAMD_TIMEOUT", 30, minimum=1, maximum=600)
+CLAMD_STREAM_MAX_LENGTH = config.integer("CLAMD_STREAM_MAX_LENGTH", 25 * 1024 * 1024, minimum=1024)
+ANTIVIRUS_MODE = config.string("ANTIVIRUS_MODE", "tag")
+if ANTIVIRUS_MODE not in {"off", "tag", "quarantine", "reject"}:
+    raise ImproperlyConfigured(f"ANTIVIRUS_MODE: expected off, tag, quarantine or reject, got {ANTIVIRUS_MODE!r}")
+ANTIVIRUS_FAIL_OPEN = config.boolean("ANTIVIRUS_FAIL_OPEN", False)
 # Seconds a transaction in DATA may take to finish after SIGTERM (idle sessions get 421 at once).
 INGEST_SHUTDOWN_GRACE = config.integer("INGEST_SHUTDOWN_GRACE", 5, minimum=0, maximum=300)
 # Unset: outgoing mail (sign-in links) is written one file a message into DATA_DIR/outbox, a
