@@ -183,7 +183,8 @@ async def shared(key: Hashable, factory: Callable[[], Awaitable[T]], *, generati
 
 # --- The listener and the registry of waiters ------------------------------------------------
 def _conninfo() -> dict[str, Any]:
-    settings_dict = connections["default"].settings_dict
+    """Where LISTEN goes: a session of its own, so past a transaction pooler when one is named."""
+    settings_dict = getattr(settings, "DATABASE_SESSION", None) or connections["default"].settings_dict
     params: dict[str, Any] = {
         "dbname": settings_dict["NAME"],
         "user": settings_dict.get("USER") or None,

@@ -118,6 +118,8 @@ DATABASE_POOL_MAX = config.integer("DATABASE_POOL_MAX", 10, minimum=1, maximum=1
 DATABASE_POOL_TIMEOUT = config.integer("DATABASE_POOL_TIMEOUT", 10, minimum=1, maximum=300)
 if DATABASE_POOL_MIN > DATABASE_POOL_MAX:
     raise ImproperlyConfigured("DATABASE_POOL_MIN: must not exceed DATABASE_POOL_MAX")
+# DATABASE_URL names a pgbouncer in transaction mode (or another transaction pooler).
+DATABASE_TRANSACTION_POOLING = config.boolean("DATABASE_TRANSACTION_POOLING", False)
 _database = config.database("DATABASE_URL", f"sqlite:///{DATA_DIR / 'mailplatform.sqlite3'}")
 if _database["ENGINE"] == "django.db.backends.sqlite3":
     _database["OPTIONS"] = {
@@ -135,10 +137,22 @@ else:
         "connect_timeout": 5,
         # JIT compilation costs 150-250 ms on exactly the large search plans it fires for
         # (bench/search.py) and pays off only for long analytic queries, which we do not run.
-        "options": "-c jit=off",
+        # A transaction pooler does not pass startup options on: there, set it on the role or
+        # the database instead (docs/scaling.md).
+        **({} if DATABASE_TRANSACTION_POOLING else {"options": "-c jit=off"}),
         **dict(_database.get("OPTIONS") or {}),  # type: ignore[call-overload]
     }
+    # A named cursor lives in its server session; behind a transaction pooler the next
+    # FETCH may land on another one (Django's "Transaction pooling and server-side cursors").
+    _database["DISABLE_SERVER_SIDE_CURSORS"] = DATABASE_TRANSACTION_POOLING
 DATABASES = {"default": _database}
+# LISTEN holds a session, so the waiters' one listening connection per web process goes
+# straight to PostgreSQL when DATABASE_URL names a transaction pooler (docs/scaling.md).
+DATABASE_SESSION: dict[str, object] | None = None
+if config.raw("DATABASE_SESSION_URL"):
+    DATABASE_SESSION = config.database("DATABASE_SESSION_URL", "")
+    if DATABASE_SESSION["ENGINE"] == "django.db.backends.sqlite3":
+        raise ImproperlyConfigured("DATABASE_SESSION_URL: must name the PostgreSQL server behind DATABASE_URL")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "tenants.User"

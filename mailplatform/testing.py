@@ -530,3 +530,45 @@ class Zone:
 class _QuietDnsLogger:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return lambda *args, **kwargs: None
+
+
+# --- pgbouncer in transaction mode, in front of the test database -------------------------
+class Pgbouncer:
+    """Debian's pgbouncer on a free loopback port, pooling transactions to one PostgreSQL."""
+
+    def __init__(self, *, upstream_host: str, upstream_port: int, folder: Path) -> None:
+        import shutil
+
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            raise RuntimeError("pgbouncer is not installed: run `make test-tools` (scripts/install-test-servers.sh)")
+        self.port = free_port()
+        # pgbouncer refuses to run as root, so it drops to the postgres user, who must read this.
+        folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+        folder.chmod(0o755)
+        (folder / "users.txt").write_text('"postgres" ""\n')
+        config = folder / "pgbouncer.ini"
+        config.write_text(
+            "[databases]\n"
+            f"* = host={upstream_host} port={upstream_port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {folder / 'users.txt'}\n"
+            "pool_mode = transaction\nmax_client_conn = 1000\ndefault_pool_size = 20\n"
+            # psycopg sends none of these; Django's test runner and libpq tools may.
+            "ignore_startup_parameters = extra_float_digits\n"
+        )
+        for path in folder.iterdir():
+            path.chmod(0o644)
+        arguments = [binary, config.as_posix()]
+        if os.geteuid() == 0:
+            arguments[1:1] = ["-u", "postgres"]
+        self.child = ChildProcess(arguments, env=env_with())
+        self.child.wait_for_line("process up", timeout=10)
+        wait_for_port("127.0.0.1", self.port)
+
+    def url(self, database: str, user: str = "postgres") -> str:
+        return f"postgres://{user}@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        self.child.stop()
