@@ -355,3 +355,16 @@ def runsmtp(live_env: dict[str, str], tmp_path: Any) -> Iterator[Any]:
     yield make
     for process in made:
         process.stop()
+
+
+@pytest.fixture
+def pipeline_queues_empty() -> Iterator[None]:
+    """The broker's parse and index queues empty, as after a broker restart that lost them
+    (earlier tests leave tasks there that no worker consumed)."""
+    from mailplatform.queues import queue_purge
+
+    for name in ("parse", "index"):
+        queue_purge(name)
+    yield
+    for name in ("parse", "index"):
+        queue_purge(name)

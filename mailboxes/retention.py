@@ -32,25 +32,46 @@ from mailboxes.models import Attachment, Mailbox, Message
 logger = logging.getLogger(__name__)
 
 STUCK_AFTER = timedelta(minutes=2)
+# While a queue holds messages, a stuck message may be waiting in it: only one this old is
+# enqueued again then, so a queue that never empties still cannot hide a lost one for long.
+STUCK_BEHIND_BACKLOG_AFTER = timedelta(minutes=30)
 BATCH = 500
 # A raw object written this recently may belong to a delivery whose row is not committed
 # yet (the drainer PUTs before it inserts), so it is never deleted.
 RECENT_BLOB = timedelta(hours=1)
 
 SWEPT = Gauge("mailboxes_sweeper_requeued", "Messages re-enqueued by the last stuck sweep", ["state"])
+BACKLOG = Gauge(
+    "mailboxes_sweeper_queue_waiting", "Messages waiting in the queue at the last stuck sweep (-1: unknown)", ["queue"]
+)
 
 
-def messages_stuck_requeue(*, older_than: timedelta = STUCK_AFTER, limit: int = BATCH) -> dict[str, int]:
+def messages_stuck_requeue(
+    *,
+    older_than: timedelta = STUCK_AFTER,
+    behind_backlog_after: timedelta = STUCK_BEHIND_BACKLOG_AFTER,
+    limit: int = BATCH,
+) -> dict[str, int]:
     """Re-enqueue ``stored``/``parsed`` messages untouched for ``older_than``; returns counts.
 
-    ``state_changed_at`` is bumped with a conditional UPDATE, so the next sweep waits again
-    and two sweepers never enqueue the same message twice.
+    Only what no queued task holds: while the state's queue (``parse``, ``index``) still has
+    messages waiting, a message may be one of them, so only those untouched for
+    ``behind_backlog_after`` are enqueued again. ``state_changed_at`` is bumped with a
+    conditional UPDATE, so the next sweep waits again and two sweepers never enqueue the same
+    message twice.
     """
-    from mailboxes.tasks import message_index, message_parse
+    from django.conf import settings
 
-    cutoff = timezone.now() - older_than
+    from mailboxes.tasks import message_index, message_parse
+    from mailplatform.queues import queue_waiting
+
+    now = timezone.now()
     counts = {}
     for state, task in ((Message.State.STORED, message_parse), (Message.State.PARSED, message_index)):
+        queue = settings.CELERY_TASK_ROUTES[task.name]["queue"]
+        waiting = queue_waiting(queue)
+        cutoff = now - (behind_backlog_after if waiting else older_than)
+        BACKLOG.labels(queue).set(-1 if waiting is None else waiting)
         ids = list(
             Message.objects.filter(state=state, state_changed_at__lt=cutoff)
             .order_by("state_changed_at")

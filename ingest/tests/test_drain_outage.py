@@ -98,6 +98,7 @@ def test_it_reports_a_batch_drained_and_tries_every_parse_while_the_broker_is_do
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("pipeline_queues_empty")
 def test_it_leaves_the_unsent_parses_to_the_sweeper(world: Any, tmp_path: Any, parse_sends: list[str]) -> None:
     spool = Spool(tmp_path / "spool")
     queue_id = accept(content=BODY % 1, mail_from="a@example.org", recipients=[_recipient(world.mailbox)], spool=spool)

@@ -166,6 +166,7 @@ def test_it_expires_temporary_mailboxes_with_their_mail(world):
     assert Event.objects.filter(type="mailbox.expired", mailbox_id=world.sibling.pk).exists()
 
 
+@pytest.mark.usefixtures("pipeline_queues_empty")
 def test_it_requeues_stuck_messages_and_reports_the_index_lag(world):
     stuck = message_store(world.mailbox, simple_message("stuck"), received_at=timezone.now() - timedelta(minutes=10))
     Message.objects.filter(pk=stuck.pk).update(state_changed_at=timezone.now() - timedelta(minutes=10))
