@@ -188,6 +188,16 @@ def cast(world: Any, dns_zone: Any) -> Any:
         tenant_id=world.tenant.pk, type="test.event", mailbox_id=world.sibling.pk, domain_id=world.domain.pk
     ).public_id
     world.webhook_delivery_id = Delivery.objects.get(endpoint=webhook, event__public_id=world.mailbox_event_id).pk
+    # An IMAP connector into each mailbox (connectors routes); port 9 refuses connections.
+    from ingest.models import Connector
+
+    world.connector_id, world.sibling_connector_id = (
+        Connector.objects.create(
+            tenant=world.tenant, mailbox=mailbox, host="127.0.0.1", port=9, tls_mode="none", username="u",
+            password_encrypted="", auth_type="password", folders=["INBOX"],
+        ).pk
+        for mailbox in (world.mailbox, world.sibling)
+    )  # fmt: skip
     # A parsed, indexed message with a code and an attachment in each mailbox (messages routes).
     from mailboxes.tests.helpers import fixture_bytes, message_deliver
 

@@ -455,6 +455,23 @@ HEARTBEAT_INTERVAL = config.integer("HEARTBEAT_INTERVAL", 15, minimum=1, maximum
 HEARTBEAT_STALE_AFTER = config.integer("HEARTBEAT_STALE_AFTER", 60, minimum=1)
 MAIL_FLOW_SPOOL_MAX_AGE = config.integer("MAIL_FLOW_SPOOL_MAX_AGE", 300, minimum=1)
 MAIL_FLOW_UNPARSED_MAX_AGE = config.integer("MAIL_FLOW_UNPARSED_MAX_AGE", 300, minimum=1)
+# IMAP pull connectors (ingest/imap/, runconnectors). CONNECTOR_ALLOW_INSECURE (development and
+# tests only) lets a connector reach loopback and private addresses and log in without TLS.
+# A first connect takes the newest IMAP_INITIAL_WINDOW messages of each folder; IDLE is
+# re-issued every CONNECTOR_IDLE_SECONDS (RFC 2177: before 29 minutes); servers without IDLE
+# are polled every CONNECTOR_POLL_INTERVAL; reconnects back off (full jitter) up to
+# CONNECTOR_BACKOFF_MAX; a runner holds at most CONNECTOR_CAPACITY accounts, each under a
+# lease of CONNECTOR_LEASE_SECONDS, and spreads its first connects over CONNECTOR_STARTUP_STAGGER.
+# Messages larger than INGEST_MAX_MESSAGE_SIZE are skipped; CONNECTOR_TIMEOUT bounds each command.
+CONNECTOR_ALLOW_INSECURE = config.boolean("CONNECTOR_ALLOW_INSECURE", False)
+IMAP_INITIAL_WINDOW = config.integer("IMAP_INITIAL_WINDOW", 50, minimum=0, maximum=100000)
+CONNECTOR_IDLE_SECONDS = config.integer("CONNECTOR_IDLE_SECONDS", 25 * 60, minimum=1, maximum=29 * 60)
+CONNECTOR_POLL_INTERVAL = config.integer("CONNECTOR_POLL_INTERVAL", 60, minimum=1, maximum=86400)
+CONNECTOR_BACKOFF_MAX = config.integer("CONNECTOR_BACKOFF_MAX", 300, minimum=1, maximum=86400)
+CONNECTOR_CAPACITY = config.integer("CONNECTOR_CAPACITY", 2000, minimum=1, maximum=100000)
+CONNECTOR_LEASE_SECONDS = config.integer("CONNECTOR_LEASE_SECONDS", 60, minimum=2, maximum=3600)
+CONNECTOR_STARTUP_STAGGER = config.integer("CONNECTOR_STARTUP_STAGGER", 10, minimum=0, maximum=3600)
+CONNECTOR_TIMEOUT = config.integer("CONNECTOR_TIMEOUT", 30, minimum=1, maximum=600)
 # Reverse proxies whose X-Forwarded-For is believed (CIDRs); the client IP is the socket's otherwise.
 # The only place that decides: uvicorn runs with --no-proxy-headers (scripts/run.py, Dockerfile).
 TRUSTED_PROXIES = config.cidrs("TRUSTED_PROXIES", [])

@@ -3,6 +3,7 @@ from django.urls import URLPattern, URLResolver, include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.permissions import AllowAny
 
+from ingest.views import connector_oauth_callback
 from mailboxes.views import blob_download
 from mailplatform import ops, views
 
@@ -28,6 +29,7 @@ api_v1: list[URLPattern | URLResolver] = [
     path("", include("audit.api.urls")),
     path("", include("webhooks.api.urls")),
     path("", include("webinbox.api.urls")),
+    path("", include("ingest.api.urls")),
 ]
 
 urlpatterns = [
@@ -38,6 +40,7 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     # Signed, expiring downloads from the local blob folder (S3 serves presigned URLs itself).
     path("blobs/<str:token>/", blob_download, name="blob-download"),
+    path("connectors/oauth/callback/", connector_oauth_callback, name="connector-oauth-callback"),
     path("admin/", admin.site.urls),
     path("login/sso/", include("tenants.urls")),
     path("", include("webinbox.urls")),

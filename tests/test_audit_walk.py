@@ -34,6 +34,17 @@ def _empty_domain(world: Any) -> dict[str, Any]:
     return {"pk": Domain.objects.create(tenant=world.tenant, name="empty.example.test").pk}
 
 
+def _oauth_connector(world: Any) -> dict[str, Any]:
+    """The cast's connector switched to XOAUTH2 with a provider's authorize URL."""
+    from ingest.models import Connector
+
+    Connector.objects.filter(pk=world.connector_id).update(
+        auth_type="xoauth2", oauth_client_id="c", oauth_authorize_url="https://auth.example.test/authorize",
+        oauth_token_url="https://auth.example.test/token",
+    )  # fmt: skip
+    return {}
+
+
 def _victim_key(world: Any) -> dict[str, Any]:
     return {"pk": world.victim_key_id}
 
@@ -109,6 +120,29 @@ WRITES: dict[tuple[str, str], Write] = {
         kwargs=lambda w: {"pk": w.message.pk}, body=lambda w: {"is_read": True}, action="message.update"
     ),
     ("message-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.message.pk}, action="message.delete"),
+    ("connector-list", "POST"): Write(
+        body=lambda w: {
+            "mailbox": str(w.mailbox.pk),
+            "host": "127.0.0.1",
+            "port": 9,
+            "tls_mode": "none",
+            "username": "u",
+            "password": "client-secret-for-tests",
+        },
+        action="connector.create",
+    ),
+    ("connector-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": w.connector_id},
+        body=lambda w: {"password": "client-secret-for-tests"},
+        action="connector.update",
+    ),
+    ("connector-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.connector_id}, action="connector.delete"),
+    ("connector-test", "POST"): Write(kwargs=lambda w: {"pk": w.connector_id}, action="connector.test"),
+    ("connector-resync", "POST"): Write(kwargs=lambda w: {"pk": w.connector_id}, action="connector.resync"),
+    ("connector-reconnect", "POST"): Write(kwargs=lambda w: {"pk": w.connector_id}, action="connector.reconnect"),
+    ("connector-oauth-initiate", "POST"): Write(
+        kwargs=_oauth_connector, body=lambda w: {"connector": str(w.connector_id)}, action="connector.oauth_initiate"
+    ),
     ("webhook-list", "POST"): Write(body=lambda w: {"url": "http://127.0.0.1:9/new"}, action="webhook.create"),
     ("webhook-detail", "PATCH"): Write(
         kwargs=lambda w: {"pk": w.webhook_id}, body=lambda w: {"description": "x"}, action="webhook.update"

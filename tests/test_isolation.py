@@ -83,6 +83,31 @@ ROUTES: dict[str, Route] = {
         kwargs=lambda w: {"pk": w.mailbox.pk}, sibling_kwargs=lambda w: {"pk": w.sibling.pk}
     ),
     "mailbox-code-latest": Route(kwargs=lambda w: {"pk": w.mailbox.pk}, sibling_kwargs=lambda w: {"pk": w.sibling.pk}),
+    "connector-list": Route(
+        body=lambda w: {
+            "mailbox": str(w.mailbox.pk),
+            "host": "127.0.0.1",
+            "port": 9,
+            "tls_mode": "none",
+            "username": "u",
+            "password": "p",
+        }
+    ),
+    "connector-detail": Route(
+        kwargs=lambda w: {"pk": w.connector_id},
+        sibling_kwargs=lambda w: {"pk": w.sibling_connector_id},
+        body=lambda w: {"name": "x"},
+    ),
+    "connector-test": Route(
+        kwargs=lambda w: {"pk": w.connector_id}, sibling_kwargs=lambda w: {"pk": w.sibling_connector_id}
+    ),
+    "connector-resync": Route(
+        kwargs=lambda w: {"pk": w.connector_id}, sibling_kwargs=lambda w: {"pk": w.sibling_connector_id}
+    ),
+    "connector-reconnect": Route(
+        kwargs=lambda w: {"pk": w.connector_id}, sibling_kwargs=lambda w: {"pk": w.sibling_connector_id}
+    ),
+    "connector-oauth-initiate": Route(body=lambda w: {"connector": str(w.connector_id)}),
     "event-list": Route(),
     "event-detail": Route(
         kwargs=lambda w: {"event_id": w.mailbox_event_id},

@@ -82,6 +82,10 @@ def _real_ids(world: Any) -> dict[str, Any]:
             "endpoint_id": world.webhook_id,
             "id": world.webhook_delivery_id,
         },
+        "/api/v1/connectors/{id}/": {"id": world.connector_id},
+        "/api/v1/connectors/{id}/test/": {"id": world.connector_id},
+        "/api/v1/connectors/{id}/resync/": {"id": world.connector_id},
+        "/api/v1/connectors/{id}/reconnect/": {"id": world.connector_id},
         "/api/v1/events/{event_id}/": {"event_id": world.mailbox_event_id},
     }
 

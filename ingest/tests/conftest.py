@@ -114,7 +114,6 @@ def raw_session(port: int, payload: bytes, *, expect: int, timeout: float = 10.0
 # runsmtp as a process: the ``runsmtp`` fixture of the root conftest.py (mailplatform.testing).
 
 
-
 # A real clamd (Debian's), one per test session: its tiny EICAR database loads in well under a
 # second, and the tests that stop it mid-test start it again on the same port and socket.
 @pytest.fixture(scope="session")
@@ -124,3 +123,20 @@ def clamd_server() -> Iterator[Any]:
     server = ClamdServer(stream_max_length="256K").start()
     yield server
     server.stop()
+
+
+# --- A real Dovecot for the IMAP pull connectors (ingest/imap/) -----------------------------
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Any]:
+    """Debian's Dovecot in the foreground on a free loopback port, with IDLE (session-wide)."""
+    from ingest.tests.dovecot import start_dovecot
+
+    server = start_dovecot()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def imap_account(dovecot: Any) -> Any:
+    """A fresh account on the shared Dovecot (its own user and maildir)."""
+    return dovecot.account_new()

@@ -1,0 +1,292 @@
+"""A real Dovecot for connector tests and bench/imap_pull.py, and the OAuth2 token server it asks.
+
+Debian's ``dovecot-imapd`` (``make test-tools``) runs in the foreground with a throwaway
+configuration under a temporary folder: a passwd-file of users (accounts are added while it
+runs: the file is read again when it changes), maildirs owned by the ``dovecot`` user, a free
+loopback port, and an ``oauth2`` passdb whose introspection URL is :class:`TokenServer`, a
+small HTTP server run by the test that is also the connectors' OAuth token endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from mailplatform.testing import free_port, wait_for_port
+
+DOVECOT = "/usr/sbin/dovecot"
+DOVEADM = "/usr/bin/doveadm"
+
+
+# --- The OAuth2 side: token endpoint (refresh) and introspection (for Dovecot) --------------
+@dataclass
+class TokenServer:
+    """Access and refresh tokens by user; ``revoke`` makes a refresh token fail for good."""
+
+    access: dict[str, str] = field(default_factory=dict)  # access token -> username
+    refresh: dict[str, str] = field(default_factory=dict)  # refresh token -> username
+    expires_in: int = 3600
+    refreshes: int = 0
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+    port: int = 0
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def grant(self, username: str) -> tuple[str, str]:
+        access, refresh = "at-" + secrets.token_urlsafe(16), "rt-" + secrets.token_urlsafe(16)
+        self.access[access] = username
+        self.refresh[refresh] = username
+        return access, refresh
+
+    def expire(self, access: str) -> None:
+        self.access.pop(access, None)
+
+    def revoke(self, refresh: str) -> None:
+        self.refresh.pop(refresh, None)
+
+    def start(self) -> TokenServer:
+        tokens = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # Dovecot: introspection_mode = auth (Bearer header)
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                username = tokens.access.get(token)
+                if username is None:
+                    self._answer(200, {"active": "false"})
+                else:
+                    self._answer(200, {"active": "true", "username": username})
+
+            def do_POST(self) -> None:  # the connector: grant_type=refresh_token or authorization_code
+                length = int(self.headers.get("Content-Length") or 0)
+                form = {key: values[0] for key, values in parse_qs(self.rfile.read(length).decode()).items()}
+                tokens.token_requests.append(form)
+                if form.get("grant_type") == "refresh_token":
+                    username = tokens.refresh.get(form.get("refresh_token", ""))
+                    if username is None:
+                        self._answer(400, {"error": "invalid_grant", "error_description": "revoked"})
+                        return
+                    tokens.refreshes += 1
+                    access = "at-" + secrets.token_urlsafe(16)
+                    tokens.access[access] = username
+                    self._answer(200, {"access_token": access, "token_type": "Bearer", "expires_in": tokens.expires_in})
+                    return
+                if form.get("grant_type") == "authorization_code" and form.get("code", "").startswith("code-"):
+                    access, refresh = tokens.grant(form["code"].removeprefix("code-"))
+                    self._answer(
+                        200,
+                        {"access_token": access, "refresh_token": refresh, "token_type": "Bearer", "expires_in": 3600},
+                    )
+                    return
+                self._answer(400, {"error": "unsupported_grant_type"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+# --- Dovecot -----------------------------------------------------------------------------
+@dataclass
+class Account:
+    server: Dovecot
+    username: str
+    password: str
+
+    def save(self, content: bytes, folder: str = "INBOX") -> None:
+        """Deliver a message into ``folder`` (``doveadm save``), as new mail on the server."""
+        self.server.doveadm("save", "-u", self.username, "-m", folder, stdin=content)
+
+    def flags(self, folder: str = "INBOX") -> list[str]:
+        """The flags of every message in ``folder``, one string per message."""
+        output = self.server.doveadm("-f", "tab", "fetch", "-u", self.username, "flags", "mailbox", folder, "all")
+        return [line for line in output.splitlines()[1:]]
+
+    def count(self, folder: str = "INBOX") -> int:
+        output = self.server.doveadm("-f", "tab", "fetch", "-u", self.username, "uid", "mailbox", folder, "all")
+        return len(output.splitlines()[1:])
+
+    def kick(self) -> None:
+        """Disconnect the user's sessions (``doveadm kick``)."""
+        self.server.doveadm("kick", self.username)
+
+    def folder_create(self, folder: str) -> None:
+        self.server.doveadm("mailbox", "create", "-u", self.username, folder)
+
+    def folder_delete(self, folder: str) -> None:
+        self.server.doveadm("mailbox", "delete", "-u", self.username, folder)
+
+
+@dataclass
+class Dovecot:
+    home: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    tokens: TokenServer | None = None
+    accounts: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def config(self) -> Path:
+        return self.home / "dovecot.conf"
+
+    def doveadm(self, *args: str, stdin: bytes | None = None) -> str:
+        result = subprocess.run(
+            [DOVEADM, "-c", str(self.config), *args], input=stdin, capture_output=True, timeout=30, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"doveadm {' '.join(args[:3])} failed: {result.stderr.decode(errors='replace')[-500:]}")
+        return result.stdout.decode(errors="replace")
+
+    def account_new(self, *, password: str | None = None) -> Account:
+        """A new user with an empty maildir (its INBOX exists)."""
+        with self._lock:
+            self.accounts += 1
+            username = f"user{self.accounts}"
+            password = password or secrets.token_urlsafe(12)
+            with (self.home / "users").open("a") as users:
+                users.write(f"{username}:{{PLAIN}}{password}::::{self.home / 'mail' / username}\n")
+            # passwd-file is read again when its mtime changes (1 s resolution): make sure.
+            os.utime(self.home / "users", (time.time() + self.accounts % 2, time.time() + self.accounts % 2))
+        account = Account(self, username, password)
+        self.doveadm("mailbox", "create", "-u", username, "-s", "INBOX")
+        return account
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.tokens is not None:
+            self.tokens.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def log_text(self) -> str:
+        path = self.home / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_dovecot(*, idle: bool = True, oauth: bool = True, max_connections: int = 100) -> Dovecot:
+    """Dovecot on a free port; ``idle=False`` leaves IDLE out of its capabilities (polling tests)."""
+    if not Path(DOVECOT).exists():
+        raise RuntimeError(f"{DOVECOT} is missing: run `make test-tools` (scripts/install-test-servers.sh)")
+    mail_user = pwd.getpwnam("dovecot")
+    # Not under pytest's 0700 tmp folder: the mail processes run as the dovecot user.
+    home = Path(tempfile.mkdtemp(prefix="mp-dovecot-"))
+    home.chmod(0o755)
+    (home / "mail").mkdir()
+    os.chown(home / "mail", mail_user.pw_uid, mail_user.pw_gid)
+    (home / "users").write_text("")
+    tokens = TokenServer().start() if oauth else None
+    port = free_port()
+    capability = "" if idle else "imap_capability = IMAP4rev1 SASL-IR LITERAL+ ENABLE UIDPLUS\n"
+    oauth_passdb = ""
+    if tokens is not None:
+        (home / "oauth2.conf").write_text(
+            f"introspection_url = {tokens.url}/introspect\n"
+            "introspection_mode = auth\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "tokeninfo_url =\n"
+        )
+        oauth_passdb = (
+            f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {home / 'oauth2.conf'}\n}}\n"
+        )
+    (home / "dovecot.conf").write_text(
+        f"""protocols = imap
+listen = 127.0.0.1
+base_dir = {home / "run"}
+state_dir = {home / "state"}
+log_path = {home / "dovecot.log"}
+default_internal_user = root
+default_internal_group = root
+default_login_user = dovenull
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login xoauth2 oauthbearer
+mail_location = maildir:~/Maildir
+mail_uid = {mail_user.pw_uid}
+mail_gid = {mail_user.pw_gid}
+first_valid_uid = 0
+first_valid_gid = 0
+imap_idle_notify_interval = 2 mins
+mailbox_list_index = no
+{capability}passdb {{
+  driver = passwd-file
+  mechanisms = plain login
+  args = scheme=PLAIN username_format=%n {home / "users"}
+}}
+{oauth_passdb}userdb {{
+  driver = passwd-file
+  args = username_format=%n {home / "users"}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  process_min_avail = 1
+  service_count = 0
+  client_limit = {max(100, max_connections)}
+  process_limit = 4
+}}
+service imap {{
+  process_limit = {max(100, max_connections)}
+  client_limit = 1
+}}
+default_client_limit = {max(1000, max_connections * 2)}
+default_process_limit = {max(100, max_connections)}
+"""
+    )
+    (home / "run").mkdir()
+    (home / "state").mkdir()
+    process = subprocess.Popen(
+        [DOVECOT, "-F", "-c", str(home / "dovecot.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    server = Dovecot(home=home, port=port, process=process, tokens=tokens)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+    except BaseException:
+        server.stop()
+        raise RuntimeError(f"Dovecot did not start:\n{server.log_text()[-2000:]}") from None
+    return server
