@@ -22,7 +22,6 @@ which goes on like tag mode and quarantines on the rescan if it then finds a vir
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from uuid import UUID
@@ -40,8 +39,6 @@ VIRUS_TAG = "virus"
 UNSCANNED_TAG = "unscanned"
 RESCAN_AFTER = timedelta(seconds=60)  # a failed scan is tried again this long after
 RESCAN_BATCH = 200
-_MODE_CACHE_SECONDS = 5.0
-_mode_cache: dict[UUID, tuple[str, float]] = {}
 
 
 class ScannerUnavailable(Exception):
@@ -59,17 +56,9 @@ class Screen:
 
 
 def mailbox_mode(mailbox_id: UUID) -> str:
-    """The mode for a mailbox's mail, cached a few seconds per process (one query per miss)."""
-    now = time.monotonic()
-    cached = _mode_cache.get(mailbox_id)
-    if cached is not None and cached[1] > now:
-        return cached[0]
+    """The mode for a mailbox's mail: its domain's, else its tenant's, else ANTIVIRUS_MODE."""
     row = Mailbox.objects.filter(pk=mailbox_id).values_list("domain__antivirus_mode", "tenant__antivirus_mode").first()
-    mode = str((row and (row[0] or row[1])) or settings.ANTIVIRUS_MODE)
-    if len(_mode_cache) > 10_000:
-        _mode_cache.clear()
-    _mode_cache[mailbox_id] = (mode, now + _MODE_CACHE_SECONDS)
-    return mode
+    return str((row and (row[0] or row[1])) or settings.ANTIVIRUS_MODE)
 
 
 def _verdict_fields(result: clamd.ScanResult) -> dict[str, object]:

@@ -23,7 +23,7 @@ from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
 from audit.services import event_record
-from mailboxes import blobs
+from mailboxes import antivirus, blobs
 from mailboxes.authentication import Envelope, message_authentication_fields, verdict_summary
 from mailboxes.models import Attachment, Message
 from mailboxes.parse import ParsedMessage, Unparseable, message_bytes_parse
@@ -55,20 +55,39 @@ def raw_read(message: Message) -> bytes:
         raise
 
 
-def message_quarantine(*, message_id: UUID | str, reason: str) -> bool:
-    """Move a stored message to ``quarantined`` with its reason; the raw bytes stay."""
+def message_quarantine(
+    *,
+    message_id: UUID | str,
+    reason: str,
+    extra: dict[str, str] | None = None,
+    fields: dict[str, object] | None = None,
+    from_states: tuple[str, ...] = (Message.State.STORED,),
+) -> bool:
+    """Move a message to ``quarantined`` with its reason; the raw bytes stay.
+
+    A stored message by default; an antivirus rescan also takes parsed and indexed ones
+    (``from_states``). ``extra`` joins the event's data (the virus's signature), ``fields``
+    are saved with the state (the scan verdict).
+    """
     with transaction.atomic():
-        message = Message.objects.select_for_update().filter(pk=message_id, state=Message.State.STORED).first()
+        message = Message.objects.select_for_update().filter(pk=message_id, state__in=from_states).first()
         if message is None:
             return False
         message.state = Message.State.QUARANTINED
         message.state_reason = reason[:500]
         message.state_changed_at = timezone.now()
-        message.save(update_fields=["state", "state_reason", "state_changed_at"])
+        for name, value in (fields or {}).items():
+            setattr(message, name, value)
+        message.save(update_fields=["state", "state_reason", "state_changed_at", *(fields or {})])
         event_record(
             tenant_id=message.tenant_id,
             type="message.quarantined",
-            data={"reason": message.state_reason, "key": message.storage_key, "sha256": message.sha256},
+            data={
+                "reason": message.state_reason,
+                "key": message.storage_key,
+                "sha256": message.sha256,
+                **(extra or {}),
+            },
             trace_id=message.trace_id,
             mailbox_id=message.mailbox_id,
             message_id=message.pk,
@@ -142,6 +161,13 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
     except RawMissing:
         message_quarantine(message_id=message.pk, reason="raw object missing from blob storage")
         return "quarantined"
+    # Antivirus after the 250 (quarantine and tag modes; raises while clamd is down and the
+    # mode holds the message: the task retries). A virus is quarantined before it is parsed.
+    screen = antivirus.message_screen(message=message, raw=raw)
+    if screen.quarantine:
+        extra = {"signature": screen.signature} if screen.signature else None
+        message_quarantine(message_id=message.pk, reason=screen.quarantine, extra=extra, fields=screen.fields)
+        return "quarantined"
     try:
         parsed = message_bytes_parse(raw)
     except Unparseable as exc:
@@ -191,7 +217,8 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
             "has_attachments": any(not row.is_inline for row in attachments),
             "attachment_names": " ".join(row.filename for row in attachments)[:10_000],
             "defects": parsed.defects,
-            "tags": sorted({*claimed.tags, *parsed.x_tags}),
+            "tags": sorted({*claimed.tags, *parsed.x_tags, *screen.tags}),
+            **screen.fields,
             "thread_id": thread_id_compute(
                 mailbox_id=claimed.mailbox_id,
                 message_pk=claimed.pk,

@@ -83,3 +83,11 @@ def messages_retention_sweep() -> None:
     retention.mailboxes_expire()
     retention.messages_retention_apply()
     retention.messages_purge()
+
+
+@shared_task(name="mailboxes.tasks.messages_rescan_sweep", ignore_result=True, soft_time_limit=240, time_limit=300)
+def messages_rescan_sweep() -> None:
+    """Scan again the messages whose antivirus scan failed while clamd was away."""
+    from mailboxes.antivirus import messages_rescan_due
+
+    messages_rescan_due()
