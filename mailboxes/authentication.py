@@ -70,6 +70,14 @@ _NEGATIVE_TTL_CAP = 30.0
 _CACHE_SIZE = 20_000
 _VERDICT_CACHE_SIZE = 2_000
 SOURCES_WITH_SENDER_IP = frozenset({"smtp"})
+# The result words each mechanism can have (RFC 8601 section 2.7, RFC 8617 section 4.4);
+# DKIM's "none" is the summary of a message without a signature.
+RESULTS: dict[str, tuple[str, ...]] = {
+    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "dkim": ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+    "arc": ("pass", "fail", "none"),
+}
 
 VERDICTS = Counter(
     "mailboxes_authentication_verdicts_total", "Trust verdicts, by mechanism and result", ["mechanism", "result"]
@@ -247,13 +255,29 @@ def dkim_verify(raw: bytes) -> list[dict[str, Any]]:
     try:
         verifier = dkim.DKIM(raw, logger=_LIBRARY_LOG, minkey=1024, timeout=settings.AUTH_DNS_TIMEOUT)
     except dkim.DKIMException as exc:
-        return [{"result": "permerror", "domain": "", "selector": "", "algorithm": "", "reason": _reason(exc)}]
+        return [
+            {
+                "result": "permerror",
+                "domain": "",
+                "selector": "",
+                "algorithm": "",
+                "aligned": False,
+                "reason": _reason(exc),
+            }
+        ]
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     return [_dkim_one(verifier, index) for index in range(min(count, MAX_SIGNATURES))]
 
 
 def _dkim_one(verifier: dkim.DKIM, index: int) -> dict[str, Any]:
-    verdict: dict[str, Any] = {"result": "permerror", "domain": "", "selector": "", "algorithm": "", "reason": ""}
+    verdict: dict[str, Any] = {
+        "result": "permerror",
+        "domain": "",
+        "selector": "",
+        "algorithm": "",
+        "aligned": False,
+        "reason": "",
+    }
     try:
         prepared = verifier.verify_headerprep(index)
     except dkim.DKIMException as exc:

@@ -5,15 +5,18 @@ Grammar (terms are ANDed)::
     query    := term*
     term     := ["-"] (operator ":" value | value)
     value    := word | '"' phrase '"'
-    operator := from | to | subject | has | is | tag | before | after | larger | smaller | in | thread
+    operator := from | to | subject | has | is | tag | before | after | larger | smaller | in | thread | auth
 
 ``has:attachment``, ``is:read`` / ``is:unread``, ``before:``/``after:`` take ``YYYY-MM-DD``
 (or ``YYYY/MM/DD``), ``larger:``/``smaller:`` take a size with an optional K, M or G
 suffix. ``from:``, ``to:`` and ``subject:`` match case-insensitive substrings of the
 sender (name or address), the recipients (To, Cc and the envelope recipient) and the
-subject. Free words and quoted phrases use PostgreSQL full-text search over the weighted
-document (:func:`mailboxes.pipeline.search_vector_expression`); on SQLite the same query
-is answered with substring matches over subject, addresses, body and attachment names.
+subject. ``auth:<mechanism>=<result>`` matches the trust verdicts we verified
+(``auth:dmarc=fail``, ``auth:dkim=pass``, ``auth:spf=softfail``, ``auth:arc=pass``; see
+mailboxes/authentication.py: ``dkim=pass`` when any signature passes). Free words and
+quoted phrases use PostgreSQL full-text search over the weighted document
+(:func:`mailboxes.pipeline.search_vector_expression`); on SQLite the same query is
+answered with substring matches over subject, addresses, body and attachment names.
 
 A malformed query raises :class:`QuerySyntaxError` with the character position.
 """
@@ -29,10 +32,11 @@ from django.db import connection
 from django.db.models import Q, QuerySet
 from django.db.models.expressions import RawSQL
 
+from mailboxes.authentication import RESULTS as AUTH_RESULTS
 from mailboxes.models import Message
 
 OPERATORS = frozenset(
-    {"from", "to", "subject", "has", "is", "tag", "before", "after", "larger", "smaller", "thread", "in"}
+    {"from", "to", "subject", "has", "is", "tag", "before", "after", "larger", "smaller", "thread", "in", "auth"}
 )
 MAX_QUERY = 1000
 MAX_TERMS = 30
@@ -140,6 +144,20 @@ def _tag(value: str) -> Q:
     )
 
 
+def _auth(term: Term) -> Q:
+    """``auth:dmarc=fail``: one mechanism's verdict (the auth_* columns of Message)."""
+    mechanism, _, result = term.value.lower().partition("=")
+    if mechanism not in AUTH_RESULTS:
+        raise QuerySyntaxError(
+            f"'auth:' takes spf, dkim, dmarc or arc, then = and a result, like auth:dmarc=fail, not '{term.value}'",
+            term.position,
+        )
+    if result not in AUTH_RESULTS[mechanism]:
+        choices = ", ".join(AUTH_RESULTS[mechanism])
+        raise QuerySyntaxError(f"'auth:{mechanism}=' takes one of {choices}, not '{result}'", term.position)
+    return Q(**{f"auth_{mechanism}": result})
+
+
 def _text(term: Term) -> Q:
     if connection.vendor == "postgresql":
         search_type = "phrase" if term.phrase else "plain"
@@ -193,6 +211,8 @@ def _condition(term: Term) -> Q:
         return Q(thread_id=value)
     if operator == "in":
         return Q(mailbox__address__iexact=value) | Q(mailbox__local_part__iexact=value)
+    if operator == "auth":
+        return _auth(term)
     raise QuerySyntaxError(f"Unknown operator '{operator}:'", term.position)  # pragma: no cover
 
 

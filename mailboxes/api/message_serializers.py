@@ -7,9 +7,11 @@ from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from mailboxes import blobs
+from mailboxes.api.authentication_serializers import AuthenticationSerializer, authentication_of
 from mailboxes.models import Attachment, Message
 from mailboxes.sanitize import html_render
 from mailplatform.api import StrictSerializer
@@ -96,6 +98,7 @@ class MessageSummarySerializer(serializers.ModelSerializer[Message]):
 
 class MessageDetailSerializer(MessageSummarySerializer):
     attachments = AttachmentSerializer(many=True, read_only=True)
+    authentication = serializers.SerializerMethodField()
     html = serializers.SerializerMethodField()
     cc = AddressSerializer(many=True, read_only=True)
     reply_to = AddressSerializer(many=True, read_only=True)
@@ -122,6 +125,7 @@ class MessageDetailSerializer(MessageSummarySerializer):
             "links",
             "authentication_results",
             "received_spf",
+            "authentication",
             "attachments",
             "sha256",
             "trace_id",
@@ -129,6 +133,17 @@ class MessageDetailSerializer(MessageSummarySerializer):
             "indexed_at",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "authentication_results": {
+                "help_text": "Our own Authentication-Results value (RFC 8601), never the sender's; with"
+                " verification off, the sender's fields that do not claim our authserv-id"
+            }
+        }
+
+    @extend_schema_field(AuthenticationSerializer(allow_null=True))
+    def get_authentication(self, message: Message) -> dict[str, Any] | None:
+        """SPF, DKIM, DMARC and ARC as we verified them; null before verification."""
+        return authentication_of(message)
 
     def get_html(self, message: Message) -> str:
         if not message.html:

@@ -55,7 +55,8 @@ def _uuid_param(request: Request, name: str) -> UUID | None:
                 "q",
                 OpenApiTypes.STR,
                 description='Search: words, "phrases", from: to: subject: '
-                "has:attachment is:read is:unread tag: before: after: larger: smaller:, - negates",
+                "has:attachment is:read is:unread tag: before: after: larger: smaller:"
+                " auth:spf=|dkim=|dmarc=|arc=<result> (auth:dmarc=fail), - negates",
             ),
             OpenApiParameter("thread", OpenApiTypes.STR, description="Only this conversation"),
         ]

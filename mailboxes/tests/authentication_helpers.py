@@ -24,6 +24,40 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id"]
+OUR_ID = "mx.receiver.test"  # our authserv-id (SMTP_HOSTNAME) in these tests
+
+
+def zone_prepare(zone: Any, settings: Any) -> Any:
+    """Verification on, our authserv-id, origin.test's SPF and DMARC, nothing cached from before."""
+    from mailboxes import authentication
+
+    settings.AUTH_VERIFY = True
+    settings.AUTH_DNS_TIMEOUT = 2
+    settings.SMTP_HOSTNAME = OUR_ID
+    authentication.dns_cache_clear()
+    publish_sender(zone)
+    return zone
+
+
+def deliver(
+    mailbox: Any,
+    raw: bytes,
+    *,
+    source: str = "smtp",
+    remote_ip: str | None = "127.0.0.1",
+    helo: str = "mail.origin.test",
+    mail_from: str = "bounce@origin.test",
+) -> Any:
+    """Stored as the drainer stores mail from that envelope, then parsed and indexed here."""
+    from mailboxes import pipeline
+    from mailboxes.models import Message
+    from mailboxes.tests.helpers import message_store
+
+    message = message_store(mailbox, raw)
+    Message.objects.filter(pk=message.pk).update(source=source, remote_ip=remote_ip, helo=helo, mail_from=mail_from)
+    assert pipeline.message_parse(message_id=message.pk, index=True) == "indexed"
+    message.refresh_from_db()
+    return message
 
 
 @dataclass(frozen=True)

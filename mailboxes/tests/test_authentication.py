@@ -13,47 +13,23 @@ from typing import Any
 import pytest
 
 from audit.models import Event
-from mailboxes import authentication, pipeline
-from mailboxes.models import Message
+from mailboxes import authentication
 from mailboxes.tests import authentication_helpers as helpers
 from mailboxes.tests.factories import MailboxFactory
-from mailboxes.tests.helpers import message_store
 
-OUR_ID = "mx.receiver.test"
+OUR_ID = helpers.OUR_ID
+deliver = helpers.deliver
 
 
 @pytest.fixture
 def zone(dns_zone: Any, settings: Any) -> Iterator[Any]:
-    """The DNS zone, verification on, our authserv-id, and no answer cached from another test."""
-    settings.AUTH_VERIFY = True
-    settings.AUTH_DNS_TIMEOUT = 2
-    settings.SMTP_HOSTNAME = OUR_ID
-    authentication.dns_cache_clear()
-    helpers.publish_sender(dns_zone)
-    yield dns_zone
+    yield helpers.zone_prepare(dns_zone, settings)
     authentication.dns_cache_clear()
 
 
 @pytest.fixture
 def mailbox(db: Any) -> Any:
     return MailboxFactory(local_part="inbox")
-
-
-def deliver(
-    mailbox: Any,
-    raw: bytes,
-    *,
-    source: str = "smtp",
-    remote_ip: str | None = "127.0.0.1",
-    helo: str = "mail.origin.test",
-    mail_from: str = "bounce@origin.test",
-) -> Message:
-    """Stored as the drainer stores mail from that envelope, then parsed and indexed."""
-    message = message_store(mailbox, raw)
-    Message.objects.filter(pk=message.pk).update(source=source, remote_ip=remote_ip, helo=helo, mail_from=mail_from)
-    assert pipeline.message_parse(message_id=message.pk, index=True) == "indexed"
-    message.refresh_from_db()
-    return message
 
 
 def test_it_passes_spf_dkim_and_dmarc_for_a_signed_message_from_an_allowed_address(zone: Any, mailbox: Any) -> None:
