@@ -237,4 +237,68 @@ def _waiting_paths_add(result: dict[str, Any]) -> None:
             },
         )
     }
+    _binding_code_paths_add(paths, schemas)
     result["paths"] = dict(sorted(paths.items()))
+
+
+def _binding_code_paths_add(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """The code proxy of account bindings (mailboxes.api.binding_codes): the same long-poll."""
+    from mailboxes.api.binding_codes import AccountCodeLatestView, LinkCodeLatestView
+
+    schemas["BindingCodeLatest"] = {
+        "type": "object",
+        "properties": {
+            **CODE_LATEST_SCHEMA["properties"],
+            "binding": {"type": "string", "format": "uuid"},
+            "account_ref": {"type": "string"},
+            "provider": {"type": "string"},
+        },
+        "required": [*CODE_LATEST_SCHEMA["required"], "binding", "account_ref", "provider"],
+    }
+    common = [
+        _timeout_parameter("wait", 0.0, "Seconds to wait for a code when there is none yet (0: answer now)"),
+        {
+            "name": "since",
+            "in": "query",
+            "schema": {"type": "string", "format": "date-time"},
+            "description": "Only codes received after this time (never before the binding was made)",
+        },
+    ]
+    responses = {
+        "200": {
+            "description": "The newest code for the account",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BindingCodeLatest"}}},
+        },
+        "404": {"description": "No such active binding, or no code since it was made (no_code)"},
+        "408": {"description": ERROR_DESCRIPTIONS["408"]},
+        "409": {"description": "A shared mailbox and a provider without rules (provider_not_configured)"},
+        "429": {"description": "Too many code requests for this key or this account"},
+    }
+    paths["/api/v1/links/{link}/codes/latest/"] = {
+        "get": _waiting_operation(
+            LinkCodeLatestView,
+            "links_codes_latest",
+            parameters=[
+                {"name": "link", "in": "path", "required": True, "schema": {"type": "string"}},
+                *common,
+            ],
+            responses=responses,
+        )
+    }
+    paths["/api/v1/accounts/{account_ref}/codes/latest/"] = {
+        "get": _waiting_operation(
+            AccountCodeLatestView,
+            "accounts_codes_latest",
+            parameters=[
+                {"name": "account_ref", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "provider",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "Only if bound for it",
+                },
+                *common,
+            ],
+            responses=responses,
+        )
+    }

@@ -15,6 +15,7 @@ import pytest
 from django.urls import reverse
 
 from audit.models import AuditEntry
+from mailboxes.tests.pool_fixtures import pools_of
 from tests.test_isolation import ENDPOINTS
 
 Setup = Callable[[Any], dict[str, Any]]
@@ -88,6 +89,12 @@ def _configured_sso(world: Any) -> dict[str, Any]:
     return {}
 
 
+def _pool_ready(world: Any) -> dict[str, Any]:
+    """The cast's pool exists before the write is counted."""
+    pools_of(world)
+    return {}
+
+
 RAW = b"From: a@example.org\r\nTo: inbox@acme.example.test\r\nSubject: upload\r\n\r\nhello\r\n"
 
 WRITES: dict[tuple[str, str], Write] = {
@@ -143,6 +150,28 @@ WRITES: dict[tuple[str, str], Write] = {
     ("connector-oauth-initiate", "POST"): Write(
         kwargs=_oauth_connector, body=lambda w: {"connector": str(w.connector_id)}, action="connector.oauth_initiate"
     ),
+    ("pool-list", "POST"): Write(
+        body=lambda w: {"name": "new pool", "domain": str(w.domain.pk), "size": 2}, action="pool.create"
+    ),
+    ("pool-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": pools_of(w).pool.pk}, body=lambda w: {"max_mailboxes": 50}, action="pool.update"
+    ),
+    ("binding-link-or-create", "POST"): Write(
+        kwargs=_pool_ready,
+        body=lambda w: {"account_ref": "acct-new", "provider": "openai", "pool": str(pools_of(w).pool.pk)},
+        action="binding.create",
+    ),
+    ("binding-reassign", "POST"): Write(kwargs=lambda w: {"pk": pools_of(w).own.pk}, action="binding.reassign"),
+    ("binding-release", "POST"): Write(kwargs=lambda w: {"pk": pools_of(w).own.pk}, action="binding.release"),
+    ("provider-list", "POST"): Write(
+        body=lambda w: {"name": "openai", "sender_domains": ["openai.com"]}, action="provider.create"
+    ),
+    ("provider-detail", "PATCH"): Write(
+        kwargs=lambda w: {"pk": pools_of(w).provider.pk},
+        body=lambda w: {"subject_patterns": ["github.*code"]},
+        action="provider.update",
+    ),
+    ("provider-detail", "DELETE"): Write(kwargs=lambda w: {"pk": pools_of(w).provider.pk}, action="provider.delete"),
     ("webhook-list", "POST"): Write(body=lambda w: {"url": "http://127.0.0.1:9/new"}, action="webhook.create"),
     ("webhook-detail", "PATCH"): Write(
         kwargs=lambda w: {"pk": w.webhook_id}, body=lambda w: {"description": "x"}, action="webhook.update"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
+from mailboxes.tests.pool_fixtures import pools_of
 from tenants.access import ALL_PERMISSIONS, TENANT_WIDE_PERMISSIONS
 from tenants.api.permissions import required_permission
 
@@ -108,6 +109,36 @@ ROUTES: dict[str, Route] = {
         kwargs=lambda w: {"pk": w.connector_id}, sibling_kwargs=lambda w: {"pk": w.sibling_connector_id}
     ),
     "connector-oauth-initiate": Route(body=lambda w: {"connector": str(w.connector_id)}),
+    # Pools and bindings (mailboxes/tests/pool_fixtures.py: an account bound to each mailbox).
+    "pool-list": Route(body=lambda w: {"name": "new pool", "domain": str(w.domain.pk)}),
+    "pool-detail": Route(kwargs=lambda w: {"pk": pools_of(w).pool.pk}, body=lambda w: {"name": "renamed"}),
+    "binding-list": Route(),
+    "binding-link-or-create": Route(
+        body=lambda w: {"account_ref": "acct-new", "provider": "openai", "pool": str(pools_of(w).pool.pk)}
+    ),
+    "binding-detail": Route(
+        kwargs=lambda w: {"pk": pools_of(w).own.pk}, sibling_kwargs=lambda w: {"pk": pools_of(w).sibling.pk}
+    ),
+    "binding-reassign": Route(
+        kwargs=lambda w: {"pk": pools_of(w).own.pk}, sibling_kwargs=lambda w: {"pk": pools_of(w).sibling.pk}
+    ),
+    "binding-release": Route(
+        kwargs=lambda w: {"pk": pools_of(w).own.pk}, sibling_kwargs=lambda w: {"pk": pools_of(w).sibling.pk}
+    ),
+    "link-detail": Route(
+        kwargs=lambda w: {"link": pools_of(w).own_link}, sibling_kwargs=lambda w: {"link": pools_of(w).sibling_link}
+    ),
+    "link-code-latest": Route(
+        kwargs=lambda w: {"link": pools_of(w).own_link}, sibling_kwargs=lambda w: {"link": pools_of(w).sibling_link}
+    ),
+    "account-code-latest": Route(
+        kwargs=lambda w: {"account_ref": pools_of(w).own.account_ref},
+        sibling_kwargs=lambda w: {"account_ref": pools_of(w).sibling.account_ref},
+    ),
+    "provider-list": Route(body=lambda w: {"name": "newprov"}),
+    "provider-detail": Route(
+        kwargs=lambda w: {"pk": pools_of(w).provider.pk}, body=lambda w: {"sender_domains": ["x.example"]}
+    ),
     "event-list": Route(),
     "event-detail": Route(
         kwargs=lambda w: {"event_id": w.mailbox_event_id},

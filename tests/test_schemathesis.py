@@ -87,6 +87,23 @@ def _real_ids(world: Any) -> dict[str, Any]:
         "/api/v1/connectors/{id}/resync/": {"id": world.connector_id},
         "/api/v1/connectors/{id}/reconnect/": {"id": world.connector_id},
         "/api/v1/events/{event_id}/": {"event_id": world.mailbox_event_id},
+        **_pool_ids(world),
+    }
+
+
+def _pool_ids(world: Any) -> dict[str, Any]:
+    from mailboxes.tests.pool_fixtures import pools_of
+
+    pools = pools_of(world)
+    return {
+        "/api/v1/pools/{id}/": {"id": pools.pool.pk},
+        "/api/v1/bindings/{id}/": {"id": pools.own.pk},
+        "/api/v1/bindings/{id}/reassign/": {"id": pools.own.pk},
+        "/api/v1/bindings/{id}/release/": {"id": pools.sibling.pk},
+        "/api/v1/links/{link}/": {"link": pools.own_link},
+        "/api/v1/links/{link}/codes/latest/": {"link": pools.own_link},
+        "/api/v1/accounts/{account_ref}/codes/latest/": {"account_ref": pools.own.account_ref},
+        "/api/v1/providers/{id}/": {"id": pools.provider.pk},
     }
 
 

@@ -49,7 +49,7 @@ class ApiError(Exception):
         return response
 
 
-def _authenticate(request: HttpRequest) -> Principal:
+def _authenticate(request: HttpRequest, permission: Permission = Permission.MESSAGES_READ) -> Principal:
     """The same rules as tenants.api.authentication.ApiKeyAuthentication + KeyPermission."""
     parts = request.headers.get("Authorization", "").split()
     if not parts:
@@ -67,8 +67,8 @@ def _authenticate(request: HttpRequest) -> Principal:
         principal_ensure_usable(principal, ip)
     except (TenantSuspended, IpNotAllowed) as refusal:
         raise ApiError(403, refusal.code, str(refusal)) from None
-    if not principal.has_perm(Permission.MESSAGES_READ):
-        raise ApiError(403, "missing_permission", f"This API key lacks the {Permission.MESSAGES_READ} permission.")
+    if not principal.has_perm(permission):
+        raise ApiError(403, "missing_permission", f"This API key lacks the {permission} permission.")
     return principal
 
 
