@@ -84,6 +84,7 @@ class DomainEntry:
     # The tenant's plan lets it receive for domains not verified yet (UNVERIFIED_DOMAIN_PLANS).
     unverified_allowed: bool = False
     antivirus_mode: str = ""  # resolved: the domain's, else the tenant's, else ANTIVIRUS_MODE
+    dmarc_reject: bool = False  # refuse SMTP mail failing DMARC under p=reject (ingest/smtp.py)
     mailboxes: dict[str, MailboxEntry] = field(default_factory=dict)
     catch_all: MailboxEntry | None = None
 
@@ -100,6 +101,7 @@ _DOMAIN_COLUMNS = (
     "tenant__plan",
     "antivirus_mode",
     "tenant__antivirus_mode",
+    "dmarc_reject",
 )
 
 
@@ -117,6 +119,7 @@ def _domain_entry(row: tuple[object, ...]) -> DomainEntry:
         max_message_size=max_size,  # type: ignore[arg-type]
         unverified_allowed=plan in settings.UNVERIFIED_DOMAIN_PLANS,
         antivirus_mode=str(domain_antivirus or tenant_antivirus or settings.ANTIVIRUS_MODE),
+        dmarc_reject=bool(row[10]),
     )
 
 
@@ -154,6 +157,7 @@ class Decision:
     drop: bool = False  # accepted but discarded (the domain hides which users exist)
     max_message_size: int | None = None
     antivirus_mode: str = ""  # "reject": scanned before the 250 (ingest/smtp.py)
+    dmarc_reject: bool = False  # DMARC checked before the 250 (ingest/smtp.py)
 
     @property
     def accepted(self) -> bool:
@@ -400,6 +404,7 @@ class RecipientDirectory:
             "tags": tags,
             "max_message_size": domain.max_message_size,
             "antivirus_mode": domain.antivirus_mode,
+            "dmarc_reject": domain.dmarc_reject,
         }
         if domain.state == "pending" and not domain.unverified_allowed:
             return Decision(RELAY_DENIED if trusted else DIRECTORY_DOWN)

@@ -185,7 +185,7 @@ def membership_set(*, tenant: Tenant, user: User, role: str, actor: Actor) -> Me
 
 
 # --- Domains ----------------------------------------------------------------------------
-_DOMAIN_FIELDS = ("name", "recipient_policy", "state")
+_DOMAIN_FIELDS = ("name", "recipient_policy", "dmarc_reject", "state")
 
 
 def domain_create(*, principal: Principal, name: str, recipient_policy: str = Domain.RecipientPolicy.REJECT) -> Domain:
@@ -240,14 +240,19 @@ def domain_name_unavailable(name: str, *, tenant_id: Any) -> bool:
     )
 
 
-def domain_update(*, principal: Principal, domain: Domain, recipient_policy: str | None = None) -> Domain:
+def domain_update(
+    *, principal: Principal, domain: Domain, recipient_policy: str | None = None, dmarc_reject: bool | None = None
+) -> Domain:
+    """Change a domain's recipient policy, or its refusal at DATA of mail failing DMARC under p=reject."""
     require(principal, Permission.DOMAINS_MANAGE)
     before = _summary(domain, _DOMAIN_FIELDS)
     if recipient_policy is not None:
         domain.recipient_policy = recipient_policy
+    if dmarc_reject is not None:
+        domain.dmarc_reject = dmarc_reject
     domain.full_clean()
     with transaction.atomic():
-        domain.save(update_fields=["recipient_policy", "updated_at"])
+        domain.save(update_fields=["recipient_policy", "dmarc_reject", "updated_at"])
         audit_entry_record(
             tenant_id=domain.tenant_id,
             actor=principal.actor,

@@ -53,6 +53,7 @@ class DomainSerializer(serializers.ModelSerializer[Domain]):
             "state",
             "state_reason",
             "recipient_policy",
+            "dmarc_reject",
             "verified_at",
             "last_checked_at",
             "txt_ok",
@@ -82,7 +83,13 @@ class DomainCreateSerializer(StrictSerializer):
 class DomainUpdateSerializer(StrictSerializer):
     output_serializer_class = DomainSerializer
 
-    recipient_policy = serializers.ChoiceField(choices=Domain.RecipientPolicy.choices)
+    recipient_policy = serializers.ChoiceField(choices=Domain.RecipientPolicy.choices, required=False)
+    dmarc_reject = serializers.BooleanField(
+        required=False,
+        help_text="Refuse at DATA (550 5.7.1) SMTP mail that fails DMARC while its From domain publishes p=reject;"
+        " a DNS failure defers it (451 4.7.0). Off by default: forwarded and mailing-list mail can fail"
+        " DMARC (RFC 7489 section 10.3)",
+    )
 
 
 class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
