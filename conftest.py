@@ -378,3 +378,14 @@ def pipeline_queues_empty() -> Iterator[None]:
     yield
     for name in ("parse", "index"):
         queue_purge(name)
+
+
+# A real clamd (Debian's) for the antivirus tests and the audit walk, one per session: its tiny
+# EICAR database loads in well under a second; tests that stop it start it again on the same port.
+@pytest.fixture(scope="session")
+def clamd_server() -> Iterator[Any]:
+    from mailplatform.testing_clamd import ClamdServer
+
+    server = ClamdServer(stream_max_length="256K").start()
+    yield server
+    server.stop()

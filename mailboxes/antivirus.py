@@ -30,8 +30,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from audit.services import audit_entry_record
 from mailboxes.models import AntivirusVerdict, Mailbox, Message
 from mailplatform import clamd
+from tenants.access import Permission, Principal
+from tenants.services import require
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,13 @@ def message_screen(*, message: Message, raw: bytes) -> Screen:
     return screen
 
 
-def message_rescan(*, message_id: UUID | str, stage: str = "rescan") -> Message | None:
+def message_rescan(
+    *, message_id: UUID | str, stage: str = "rescan", principal: Principal | None = None
+) -> Message | None:
     """Scan a message again (the API's rescan, the sweeper); None if it is gone or deleted.
+
+    With a ``principal`` (the API), it needs ``messages:write`` and is audited
+    (``message.rescan``, with the verdict).
 
     Stores the new verdict and applies the mode: infected mail is quarantined (quarantine and
     reject modes) or tagged ``virus`` (tag mode); a clean answer lifts the tags ``virus`` and
@@ -131,6 +139,8 @@ def message_rescan(*, message_id: UUID | str, stage: str = "rescan") -> Message 
     """
     from mailboxes.pipeline import RawMissing, message_quarantine, raw_read
 
+    if principal is not None:
+        require(principal, Permission.MESSAGES_WRITE)
     message = Message.objects.filter(pk=message_id, deleted_at__isnull=True).first()
     if message is None or message.mailbox_id is None:
         return None
@@ -147,6 +157,16 @@ def message_rescan(*, message_id: UUID | str, stage: str = "rescan") -> Message 
         tags = [tag for tag in current.tags if result.verdict == "error" or tag not in {VIRUS_TAG, UNSCANNED_TAG}]
         tags += sorted(screen.tags - set(tags)) if not screen.quarantine else []
         Message.objects.filter(pk=current.pk).update(tags=tags, **_verdict_fields(result))
+        if principal is not None:
+            audit_entry_record(
+                tenant_id=current.tenant_id,
+                actor=principal.actor,
+                action="message.rescan",
+                resource_type="message",
+                resource_id=current.pk,
+                before={"verdict": current.antivirus_verdict, "signature": current.antivirus_signature},
+                after={"verdict": result.verdict, "signature": result.signature},
+            )
     if screen.quarantine and current.state != Message.State.QUARANTINED:
         message_quarantine(
             message_id=current.pk,

@@ -114,17 +114,6 @@ def raw_session(port: int, payload: bytes, *, expect: int, timeout: float = 10.0
 # runsmtp as a process: the ``runsmtp`` fixture of the root conftest.py (mailplatform.testing).
 
 
-# A real clamd (Debian's), one per test session: its tiny EICAR database loads in well under a
-# second, and the tests that stop it mid-test start it again on the same port and socket.
-@pytest.fixture(scope="session")
-def clamd_server() -> Iterator[Any]:
-    from mailplatform.testing_clamd import ClamdServer
-
-    server = ClamdServer(stream_max_length="256K").start()
-    yield server
-    server.stop()
-
-
 # --- A real Dovecot for the IMAP pull connectors (ingest/imap/) -----------------------------
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Any]:

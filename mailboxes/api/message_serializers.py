@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from mailboxes import blobs
@@ -96,8 +97,29 @@ class MessageSummarySerializer(serializers.ModelSerializer[Message]):
         return {("from" if name == "from_" else name): field for name, field in super().get_fields().items()}
 
 
+class AntivirusSerializer(serializers.Serializer[Any]):
+    """The antivirus scan (clamd) of a message."""
+
+    verdict = serializers.ChoiceField(
+        choices=["not_scanned", "clean", "infected", "error", "too_large"],
+        help_text="not_scanned: scanning off for it (or not yet); error: clamd was unavailable, a rescan is due;"
+        " too_large: over the scanner's limit, not scanned",
+    )
+    signature = serializers.CharField(help_text="What clamd found (infected only), e.g. Win.Test.EICAR_HDB-1")
+    scanned_at = serializers.DateTimeField(allow_null=True)
+
+
+def antivirus_of(message: Message) -> dict[str, Any]:
+    return {
+        "verdict": message.antivirus_verdict or "not_scanned",
+        "signature": message.antivirus_signature,
+        "scanned_at": message.antivirus_scanned_at,
+    }
+
+
 class MessageDetailSerializer(MessageSummarySerializer):
     attachments = AttachmentSerializer(many=True, read_only=True)
+    antivirus = serializers.SerializerMethodField()
     authentication = serializers.SerializerMethodField()
     html = serializers.SerializerMethodField()
     cc = AddressSerializer(many=True, read_only=True)
@@ -125,6 +147,7 @@ class MessageDetailSerializer(MessageSummarySerializer):
             "links",
             "authentication_results",
             "received_spf",
+            "antivirus",
             "authentication",
             "attachments",
             "sha256",
@@ -144,6 +167,10 @@ class MessageDetailSerializer(MessageSummarySerializer):
     def get_authentication(self, message: Message) -> dict[str, Any] | None:
         """SPF, DKIM, DMARC and ARC as we verified them; null before verification."""
         return authentication_of(message)
+
+    @extend_schema_field(AntivirusSerializer)
+    def get_antivirus(self, message: Message) -> dict[str, Any]:
+        return antivirus_of(message)
 
     def get_html(self, message: Message) -> str:
         if not message.html:

@@ -10,13 +10,13 @@ from typing import Any
 from uuid import UUID
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from mailboxes import selectors, services
+from mailboxes import antivirus, selectors, services
 from mailboxes.api.message_serializers import (
     DownloadSerializer,
     MessageDetailSerializer,
@@ -26,6 +26,8 @@ from mailboxes.api.message_serializers import (
 )
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError
+from mailplatform import clamd
+from mailplatform.api import StrictSerializer
 from mailplatform.pagination import CreatedCursorPagination
 from tenants.access import Permission
 from tenants.api.views import principal_of
@@ -45,6 +47,22 @@ def _uuid_param(request: Request, name: str) -> UUID | None:
         return UUID(value)
     except ValueError:
         raise exceptions.ValidationError({name: ["Must be an id."]}) from None
+
+
+class MessageRescanSerializer(StrictSerializer):
+    """A rescan takes no options (an empty body or none)."""
+
+
+class AntivirusNotConfigured(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "antivirus_not_configured"
+    default_detail = "Virus scanning is not configured on this platform (CLAMD_URL)."
+
+
+class AntivirusUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "antivirus_unavailable"
+    default_detail = "The virus scanner is unavailable; try again later."
 
 
 @extend_schema_view(
@@ -75,6 +93,7 @@ class MessageViewSet(
         "raw": Permission.MESSAGES_READ,
         "partial_update": Permission.MESSAGES_WRITE,
         "destroy": Permission.MESSAGES_WRITE,
+        "rescan": Permission.MESSAGES_WRITE,
     }
 
     def get_serializer_class(self) -> Any:
@@ -109,6 +128,30 @@ class MessageViewSet(
 
     def perform_destroy(self, instance: Message) -> None:
         services.message_delete(principal=principal_of(self.request), message=instance)
+
+    @extend_schema(
+        request=MessageRescanSerializer,
+        responses={200: MessageDetailSerializer, 409: OpenApiResponse(description="antivirus_not_configured")},
+    )
+    @action(detail=True, methods=["post"])
+    def rescan(self, request: Request, pk: str) -> Response:
+        """Scan the message for viruses again (clamd), store the verdict and apply the mode.
+
+        Infected: quarantined (quarantine and reject modes) or tagged ``virus`` (tag mode); clean
+        lifts the tags ``virus`` and ``unscanned``. 503 ``antivirus_unavailable`` while clamd
+        cannot be reached (the verdict becomes ``error``, and the sweeper tries again).
+        """
+        message = self.get_object()
+        MessageRescanSerializer(data=request.data).is_valid(raise_exception=True)
+        if not clamd.configured():
+            raise AntivirusNotConfigured()
+        rescanned = antivirus.message_rescan(message_id=message.pk, principal=principal_of(request))
+        if rescanned is None:
+            raise exceptions.NotFound()
+        if rescanned.antivirus_verdict == "error":
+            raise AntivirusUnavailable()
+        rescanned = self.get_queryset().get(pk=rescanned.pk)
+        return Response(MessageDetailSerializer(rescanned, context=self.get_serializer_context()).data)
 
     @extend_schema(responses=DownloadSerializer)
     @action(detail=True, methods=["get"])
