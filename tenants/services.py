@@ -292,6 +292,7 @@ def api_key_mint(
     permissions: Iterable[str],
     domains: Iterable[Domain] = (),
     mailboxes: Iterable[Any] = (),
+    pools: Iterable[Any] = (),
     expires_at: datetime | None = None,
     created_by: User | None = None,
     ip_allowlist: Iterable[str] = (),
@@ -315,23 +316,30 @@ def api_key_mint(
         if parent is not None:
             raise _exceeds("permissions", "permissions_exceed_parent", "The key's own permissions are the limit.")
         raise PermissionDenied("A key cannot be given permissions its creator does not hold.")
-    domains, mailboxes = list(domains), list(mailboxes)
-    for resource in [*domains, *mailboxes]:
+    domains, mailboxes, pools = list(domains), list(mailboxes), list(pools)
+    for resource in [*domains, *mailboxes, *pools]:
         if resource.tenant_id != principal.tenant.pk:
             raise ValidationError({"resources": "Unknown resource."})
     if not principal.is_tenant_wide:
-        if not (domains or mailboxes):  # inherit the parent's allow-list rather than the whole tenant
+        if not (domains or mailboxes or pools):  # inherit the parent's allow-list rather than the whole tenant
             domains = list(Domain.objects.filter(pk__in=principal.granted_domain_ids or ()))
             mailboxes = list(parent.allowed_mailboxes.all()) if parent is not None else []
+            pools = list(parent.allowed_pools.all()) if parent is not None else []
         granted_domains = principal.granted_domain_ids or frozenset()
         outside = [domain for domain in domains if domain.pk not in granted_domains] + [
             mailbox
             for mailbox in mailboxes
             if mailbox.pk not in (principal.granted_mailbox_ids or ()) and mailbox.domain_id not in granted_domains
         ]
+        # A pool is within the parent's reach if the parent was granted it or its domain.
+        outside += [
+            pool
+            for pool in pools
+            if pool.pk not in (principal.granted_pool_ids or ()) and pool.domain_id not in granted_domains
+        ]
         if outside:
             raise _exceeds("resources", "resources_exceed_parent", "Only resources within the key's own allow-list.")
-    if (domains or mailboxes) and TENANT_WIDE_PERMISSIONS & set(wanted):
+    if (domains or mailboxes or pools) and TENANT_WIDE_PERMISSIONS & set(wanted):
         raise ValidationError(
             {"permissions": "keys:manage and tenant:manage need a key for the whole tenant."}, code="invalid"
         )
@@ -360,6 +368,7 @@ def api_key_mint(
         api_key.save(force_insert=True)
         api_key.allowed_domains.set(domains)
         api_key.allowed_mailboxes.set(mailboxes)
+        api_key.allowed_pools.set(pools)
         audit_entry_record(
             tenant_id=principal.tenant.pk,
             actor=principal.actor,
@@ -371,6 +380,7 @@ def api_key_mint(
                 "permissions": wanted,
                 "domains": [str(domain.pk) for domain in domains],
                 "mailboxes": [str(mailbox.pk) for mailbox in mailboxes],
+                "pools": [str(pool.pk) for pool in pools],
                 "expires_at": expires_at,
                 "ip_allowlist": api_key.ip_allowlist,
                 "parent": str(parent.pk) if parent is not None else None,

@@ -95,6 +95,7 @@ class DomainUpdateSerializer(StrictSerializer):
 class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
     domains = serializers.SerializerMethodField()
     mailboxes = serializers.SerializerMethodField()
+    pools = serializers.SerializerMethodField()
 
     class Meta:
         model = ApiKey
@@ -105,6 +106,7 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
             "permissions",
             "domains",
             "mailboxes",
+            "pools",
             "ip_allowlist",
             "expires_at",
             "revoked_at",
@@ -120,6 +122,9 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
 
     def get_mailboxes(self, api_key: ApiKey) -> list[str]:
         return [str(mailbox.pk) for mailbox in api_key.allowed_mailboxes.all()]
+
+    def get_pools(self, api_key: ApiKey) -> list[str]:
+        return [str(pool.pk) for pool in api_key.allowed_pools.all()]
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
@@ -142,6 +147,9 @@ class ApiKeyCreateSerializer(StrictSerializer):
     )
     domains = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=1000)
     mailboxes = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=1000)
+    pools = serializers.ListField(
+        child=serializers.UUIDField(), required=False, default=list, max_length=1000, help_text="Mailbox pools"
+    )
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
     ip_allowlist = _cidr_list(required=False, default=list, help_text="CIDRs this key may be used from")
 

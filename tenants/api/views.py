@@ -134,9 +134,19 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                 pk__in=data["mailboxes"]
             )
         )
-        if len(domains) != len(set(data["domains"])) or len(mailboxes) != len(set(data["mailboxes"])):
+        pool_model = ApiKey._meta.get_field("allowed_pools").related_model
+        pools = list(
+            principal.scope(pool_model._default_manager.all(), domain_field="domain", pool_field="pk").filter(
+                pk__in=data["pools"]
+            )
+        )
+        if (
+            len(domains) != len(set(data["domains"]))
+            or len(mailboxes) != len(set(data["mailboxes"]))
+            or len(pools) != len(set(data["pools"]))
+        ):
             return Response(
-                error_body("validation_error", "Unknown domain or mailbox in the allow-list."),
+                error_body("validation_error", "Unknown domain, mailbox or pool in the allow-list."),
                 status=status.HTTP_400_BAD_REQUEST,
             )
         api_key, secret = services.api_key_mint(
@@ -145,6 +155,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             permissions=data["permissions"],
             domains=domains,
             mailboxes=mailboxes,
+            pools=pools,
             expires_at=data.get("expires_at"),
             ip_allowlist=data["ip_allowlist"],
         )
