@@ -59,8 +59,22 @@
     }
     render(); setInterval(render, 1000);
   }
+  // Live figures (the console's pools): reload the fragment every few seconds while visible.
+  function refreshing(container) {
+    var seconds = parseInt(container.getAttribute("data-refresh-every"), 10) || 5;
+    setInterval(function () {
+      if (document.hidden) { return; }
+      var page = new URL(window.location.href);
+      page.searchParams.set("partial", "1");
+      fetch(page.toString(), { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) { container.innerHTML = html; })
+        .catch(function () { /* try again next time */ });
+    }, seconds * 1000);
+  }
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-poll-url]").forEach(live);
+    document.querySelectorAll("[data-refresh-every]").forEach(refreshing);
     document.querySelectorAll("[data-expires]").forEach(countdown);
   });
 })();

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webinbox.views import console, inbox, public
+from webinbox.views import console, inbox, pools, public
 
 app_name = "webinbox"
 
@@ -43,4 +43,6 @@ urlpatterns = [
     path("console/<slug:tenant_slug>/events/", console.events, name="console-events"),
     path("console/<slug:tenant_slug>/audit/", console.audit_log, name="console-audit"),
     path("console/<slug:tenant_slug>/audit/export/", console.audit_export, name="console-audit-export"),
+    path("console/<slug:tenant_slug>/pools/", pools.pools, name="console-pools"),
+    path("console/<slug:tenant_slug>/pools/<str:pool_id>/", pools.pool_detail, name="console-pool"),
 ]
