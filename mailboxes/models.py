@@ -169,6 +169,8 @@ class Message(models.Model):
     antivirus_signature = models.CharField(max_length=255, blank=True, help_text="What clamd found")
     antivirus_scanned_at = models.DateTimeField(null=True, blank=True)
     is_read = models.BooleanField(default=False)
+    # A copy of mail the tenant sent (outbound/sent.py): shown in its thread, found by in:sent.
+    is_sent = models.BooleanField(default=False)
     # The IMAP UID within the mailbox (RFC 3501 section 2.3.1.1): strictly ascending in the
     # order messages become visible, never reused.
     uid = models.PositiveBigIntegerField(null=True, blank=True, editable=False)

@@ -1,4 +1,4 @@
-"""The Celery application. Queues: ingest, parse, index, webhooks, maintenance."""
+"""The Celery application. Queues: ingest, parse, index, webhooks, maintenance, outbound."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ app = Celery("mailplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Each queue has its own exchange and routing key. A bare Queue(name) is bound to the default
 # exchange with the default routing key, so every task would land in all five queues.
-QUEUES = ("ingest", "parse", "index", "webhooks", "maintenance")
+QUEUES = ("ingest", "parse", "index", "webhooks", "maintenance", "outbound")
 app.conf.task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
 app.autodiscover_tasks()
 
@@ -41,6 +41,8 @@ app.conf.beat_schedule = {
     "login-tokens-purge": {"task": "webinbox.tasks.login_tokens_purge", "schedule": 3600.0},
     # Upload idempotency keys past their lifetime, heartbeats of nodes gone for a day.
     "ingest-rows-purge": {"task": "ingest.tasks.ingest_rows_purge", "schedule": 600.0},
+    # Outbound recipients due (retries, lost broker messages, claims of dead workers run out).
+    "outbound-dispatch": {"task": "outbound.tasks.recipients_due_dispatch", "schedule": 5.0},
 }
 
 

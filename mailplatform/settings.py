@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "tenants",
     "mailboxes",
     "ingest",
+    "outbound",
     "webhooks",
     "webinbox",
 ]
@@ -251,6 +252,7 @@ CELERY_TASK_ROUTES = {
     "mailboxes.tasks.message_parse": {"queue": "parse"},
     "mailboxes.tasks.message_index": {"queue": "index"},
     "webhooks.tasks.*": {"queue": "webhooks"},
+    "outbound.tasks.*": {"queue": "outbound"},
 }
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
@@ -446,6 +448,23 @@ if METRICS_DIR:
     from mailplatform.metrics import multiprocess_enable
 
     multiprocess_enable(METRICS_DIR)
+# Outbound mail (outbound/): OUTBOUND_URL names a smarthost (smtp://, smtp+tls:// for STARTTLS,
+# smtps://, with user:password@); empty sends straight to each recipient's MX (port
+# OUTBOUND_MX_PORT, STARTTLS when offered). DSNs come back to bounces+<id>@OUTBOUND_BOUNCE_DOMAIN.
+OUTBOUND_URL = config.string("OUTBOUND_URL", "")
+OUTBOUND_BOUNCE_DOMAIN = config.string("OUTBOUND_BOUNCE_DOMAIN", f"bounces.{_mail_domain}").lower()
+OUTBOUND_MX_PORT = config.integer("OUTBOUND_MX_PORT", 25, minimum=1, maximum=65535)
+OUTBOUND_SMTP_TIMEOUT = config.integer("OUTBOUND_SMTP_TIMEOUT", 60, minimum=1, maximum=600)
+# RFC 5321 section 4.5.4.1: retry at growing intervals (seconds), give up after some days.
+OUTBOUND_RETRY_SCHEDULE = [int(value) for value in config.csv("OUTBOUND_RETRY_SCHEDULE", ["300", "900", "1800", "3600", "7200", "14400"])]
+OUTBOUND_GIVE_UP_AFTER = config.integer("OUTBOUND_GIVE_UP_AFTER", 5 * 24 * 3600, minimum=60)
+OUTBOUND_CLAIM_LEASE = config.integer("OUTBOUND_CLAIM_LEASE", 300, minimum=5)
+OUTBOUND_RATE_PER_TENANT = config.integer("OUTBOUND_RATE_PER_TENANT", 6000, minimum=1)  # messages a minute
+OUTBOUND_DAILY_QUOTA = config.integer("OUTBOUND_DAILY_QUOTA", 50_000, minimum=1)  # recipients a day
+OUTBOUND_MAX_RECIPIENTS = config.integer("OUTBOUND_MAX_RECIPIENTS", 100, minimum=1)
+# SMTP submission (RFC 6409): STARTTLS required before AUTH; a certificate of its own or SMTP_TLS_*.
+SUBMISSION_HOST = config.string("SUBMISSION_HOST", "127.0.0.1")
+SUBMISSION_PORT = config.integer("SUBMISSION_PORT", 587, minimum=1, maximum=65535)
 # Idempotency-Key of raw uploads: how long (seconds) a key and its first answer are kept.
 IDEMPOTENCY_KEY_TTL = config.integer("IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)
 # Mail flow in /readyz and /metrics: SMTP nodes, workers and connector runners beat every

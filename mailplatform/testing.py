@@ -245,7 +245,7 @@ class ChildProcess:
 
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_QUEUES = "ingest,parse,index,webhooks,maintenance"
+ALL_QUEUES = "ingest,parse,index,webhooks,maintenance,outbound"
 
 
 def run_script() -> Any:
@@ -483,7 +483,8 @@ class RunsmtpProcess:
 class Zone:
     """A small authoritative DNS server on loopback (UDP and TCP) whose records tests change.
 
-    ``records`` maps (name, type) to a list of values: TXT strings, or (priority, host) for MX.
+    ``records`` maps (name, type) to a list of values: TXT strings, (priority, host) for MX, or
+    IPv4 addresses for A.
     Names not in it answer NXDOMAIN, like a real zone.
     """
 
@@ -506,7 +507,7 @@ class Zone:
         self.records.pop((name.lower().rstrip("."), rtype), None)
 
     def resolve(self, request, handler):  # type: ignore[no-untyped-def]
-        from dnslib import MX, QTYPE, RCODE, RR, TXT
+        from dnslib import MX, QTYPE, RCODE, RR, TXT, A
 
         reply = request.reply()
         name = str(request.q.qname).lower().rstrip(".")
@@ -516,7 +517,12 @@ class Zone:
             return reply
         for value in self.records.get((name, rtype), []):
             if rtype == "TXT":
-                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(str(value)), ttl=1))
+                # One record of several 255-byte strings (RFC 7208 section 3.3; DKIM keys are longer).
+                text = str(value)
+                chunks = [text[start : start + 255] for start in range(0, len(text), 255)] or [""]
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(chunks), ttl=1))
+            elif rtype == "A":
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(str(value)), ttl=1))
             elif rtype == "MX":
                 priority, host = cast(tuple[int, str], value)
                 reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX(host, priority), ttl=1))

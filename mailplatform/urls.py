@@ -26,6 +26,7 @@ api_v1: list[URLPattern | URLResolver] = [
     ),
     path("", include("tenants.api.urls")),
     path("", include("mailboxes.api.urls")),
+    path("", include("outbound.api.urls")),
     path("", include("audit.api.urls")),
     path("", include("webhooks.api.urls")),
     path("", include("webinbox.api.urls")),

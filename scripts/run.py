@@ -25,7 +25,7 @@ from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-QUEUES = "ingest,parse,index,webhooks,maintenance"
+QUEUES = "ingest,parse,index,webhooks,maintenance,outbound"
 COLORS = {"web": "36", "worker": "35", "beat": "34", "smtp": "33"}
 
 

@@ -68,3 +68,19 @@ def domain_records(name: str) -> DomainRecords:
         )
     )
     return DomainRecords(txt=txt, mx=mx, implicit_mx=not mx)
+
+
+def mx_exchanges(name: str) -> list[tuple[int, str]]:
+    """``name``'s MX records as (preference, host), best first (RFC 5321 section 5.1);
+    empty when it has none. LookupFailed when the DNS cannot tell."""
+    resolver = _resolver()
+    return sorted(
+        (int(record.preference), str(record.exchange).rstrip(".").lower())  # type: ignore[attr-defined]
+        for record in _answer(resolver, name, "MX")
+    )
+
+
+def host_addresses(name: str) -> list[str]:
+    """The IPv4 and IPv6 addresses of a host name (A, then AAAA)."""
+    resolver = _resolver()
+    return [str(record) for rdtype in ("A", "AAAA") for record in _answer(resolver, name, rdtype)]

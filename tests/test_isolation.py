@@ -20,6 +20,7 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from mailboxes.tests.pool_fixtures import pools_of
+from outbound.tests import walks as outbound_walks
 from tenants.access import ALL_PERMISSIONS, TENANT_WIDE_PERMISSIONS
 from tenants.api.permissions import required_permission
 
@@ -67,9 +68,6 @@ ROUTES: dict[str, Route] = {
         kwargs=lambda w: {"pk": w.message.pk},
         sibling_kwargs=lambda w: {"pk": w.sibling_message.pk},
         body=lambda w: {"is_read": True, "tags": ["x"]},
-    ),
-    "message-rescan": Route(
-        kwargs=lambda w: {"pk": w.message.pk}, sibling_kwargs=lambda w: {"pk": w.sibling_message.pk}
     ),
     "message-raw": Route(kwargs=lambda w: {"pk": w.message.pk}, sibling_kwargs=lambda w: {"pk": w.sibling_message.pk}),
     "message-attachment": Route(
@@ -142,6 +140,17 @@ ROUTES: dict[str, Route] = {
     "provider-detail": Route(
         kwargs=lambda w: {"pk": pools_of(w).provider.pk}, body=lambda w: {"sender_domains": ["x.example"]}
     ),
+    "message-send": Route(body=lambda w: dict(outbound_walks.SEND_BODY)),
+    "outbound-message-list": Route(),
+    "outbound-message-detail": Route(
+        kwargs=lambda w: {"pk": outbound_walks.outbound_message(w, w.mailbox).pk},
+        sibling_kwargs=lambda w: {"pk": outbound_walks.outbound_message(w, w.sibling).pk},
+    ),
+    "dkim-key-list": Route(kwargs=lambda w: {"domain_id": w.domain.pk}, body=lambda w: {"algorithm": "ed25519"}),
+    "dkim-key-detail": Route(kwargs=outbound_walks.dkim_key_kwargs),
+    "dkim-key-verify": Route(kwargs=outbound_walks.dkim_key_kwargs),
+    "suppression-list": Route(body=lambda w: {"address": "someone@remote.example.org"}),
+    "suppression-detail": Route(kwargs=lambda w: {"pk": outbound_walks.suppression(w).pk}),
     "event-list": Route(),
     "event-detail": Route(
         kwargs=lambda w: {"event_id": w.mailbox_event_id},

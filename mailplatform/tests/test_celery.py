@@ -211,7 +211,7 @@ def test_it_puts_each_task_in_exactly_one_queue() -> None:
     }
     # Other tests send to queues of their own, which Celery adds to app.amqp.queues; only
     # the app's five declared queues matter here.
-    assert QUEUES == ("ingest", "parse", "index", "webhooks", "maintenance")
+    assert QUEUES == ("ingest", "parse", "index", "webhooks", "maintenance", "outbound")
     declared = {name: app.amqp.queues[name] for name in QUEUES}
     assert {name: (queue.exchange.name, queue.routing_key) for name, queue in declared.items()} == {
         name: (name, name) for name in QUEUES

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from mailplatform.api import StrictSerializer
+from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
+
+
+class DkimKeySerializer(serializers.ModelSerializer[DkimKey]):
+    record_name = serializers.CharField(read_only=True, help_text="Where to publish the TXT record")
+    record_value = serializers.CharField(read_only=True, help_text="The TXT record's value")
+    domain = serializers.CharField(source="domain.name", read_only=True)
+
+    class Meta:
+        model = DkimKey
+        fields = [
+            "id",
+            "domain",
+            "selector",
+            "algorithm",
+            "state",
+            "record_name",
+            "record_value",
+            "published",
+            "last_checked_at",
+            "last_check_error",
+            "activated_at",
+            "retired_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class DkimKeyCreateSerializer(StrictSerializer):
+    algorithm = serializers.ChoiceField(choices=DkimKey.Algorithm.choices, default=DkimKey.Algorithm.RSA)
+    selector = serializers.CharField(required=False, allow_blank=True, max_length=63)
+
+
+class DkimKeyVerifySerializer(DkimKeySerializer):
+    check = serializers.SerializerMethodField()
+
+    class Meta(DkimKeySerializer.Meta):
+        fields = [*DkimKeySerializer.Meta.fields, "check"]
+        read_only_fields = fields
+
+    def get_check(self, key: DkimKey) -> dict[str, Any]:
+        return dict(self.context.get("check", {}))
+
+
+class AttachmentSerializer(StrictSerializer):
+    filename = serializers.CharField(max_length=255)
+    content_type = serializers.CharField(max_length=255, required=False, default="application/octet-stream")
+    content = serializers.CharField(help_text="base64")
+
+
+class SendSerializer(StrictSerializer):
+    from_ = serializers.CharField(max_length=320, help_text="A mailbox address on a verified domain")
+    to = serializers.ListField(
+        child=serializers.CharField(max_length=320), required=False, default=list, max_length=100
+    )
+    cc = serializers.ListField(
+        child=serializers.CharField(max_length=320), required=False, default=list, max_length=100
+    )
+    bcc = serializers.ListField(
+        child=serializers.CharField(max_length=320), required=False, default=list, max_length=100
+    )
+    reply_to = serializers.ListField(
+        child=serializers.CharField(max_length=320), required=False, default=list, max_length=10
+    )
+    subject = serializers.CharField(max_length=998, required=False, default="", allow_blank=True)
+    text = serializers.CharField(required=False, default="", allow_blank=True, trim_whitespace=False)
+    html = serializers.CharField(required=False, default="", allow_blank=True, trim_whitespace=False)
+    headers = serializers.DictField(child=serializers.CharField(max_length=998), required=False, default=dict)
+    attachments = AttachmentSerializer(many=True, required=False, default=list)
+    reply_to_message = serializers.UUIDField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="A stored message to answer: threads with In-Reply-To/References",
+    )
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()
+        fields["from"] = fields.pop("from_")
+        return fields
+
+
+class RecipientSerializer(serializers.ModelSerializer[Recipient]):
+    class Meta:
+        model = Recipient
+        fields = [
+            "id",
+            "address",
+            "state",
+            "attempts",
+            "next_attempt_at",
+            "last_attempt_at",
+            "last_response",
+            "remote_host",
+            "delivered_at",
+            "bounced_at",
+            "dkim_selector",
+        ]
+        read_only_fields = fields
+
+
+class OutboundMessageSerializer(serializers.ModelSerializer[OutboundMessage]):
+    recipients = RecipientSerializer(many=True, read_only=True)
+    sent_message = serializers.UUIDField(source="sent_message_id", read_only=True, allow_null=True)
+    mailbox = serializers.UUIDField(source="mailbox_id", read_only=True, allow_null=True)
+    status = serializers.SerializerMethodField()
+
+    class Meta:
+        model = OutboundMessage
+        fields = [
+            "id",
+            "status",
+            "source",
+            "from_address",
+            "subject",
+            "message_id",
+            "size",
+            "mailbox",
+            "sent_message",
+            "created_at",
+            "recipients",
+        ]
+        read_only_fields = fields
+
+    def get_status(self, message: OutboundMessage) -> str:
+        """``queued`` while any recipient is pending, otherwise ``done``."""
+        states = {recipient.state for recipient in message.recipients.all()}
+        return "queued" if states & set(Recipient.PENDING_STATES) else "done"
+
+
+class SuppressionSerializer(serializers.ModelSerializer[Suppression]):
+    class Meta:
+        model = Suppression
+        fields = ["id", "address", "reason", "detail", "created_at"]
+        read_only_fields = fields
+
+
+class SuppressionCreateSerializer(StrictSerializer):
+    address = serializers.CharField(max_length=320)
+    detail = serializers.CharField(max_length=1000, required=False, default="", allow_blank=True)

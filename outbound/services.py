@@ -1,0 +1,566 @@
+"""Writes of outbound mail: DKIM keys, sending (API and submission), suppressions.
+
+A message is accepted only once it is committed with its recipients (the same discipline as
+the inbound spool: 202 or 250 after the commit), then delivered by the Celery worker
+(outbound/delivery.py). The sender is checked here, for both doors alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.policy
+import email.utils
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from email import message_from_bytes
+from email.message import EmailMessage, Message
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from audit.services import EventSpec, audit_entry_record, event_record, events_record
+from mailplatform.enqueue import tasks_enqueue_on_commit
+from outbound import dkim as dkim_keys
+from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
+from tenants import crypto
+from tenants import dns as tenant_dns
+from tenants.access import Permission, Principal
+from tenants.models import Domain
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_PATTERN = re.compile(r"^[^@\s<>\"(),;:\\]+@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?$", re.IGNORECASE)
+# Header fields a JSON send may not set: we write them, or they would lie about the message.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "dkim-signature",
+        "return-path",
+        "received",
+        "sender",
+    }
+)
+
+
+class SendRefused(Exception):
+    """A send that cannot be accepted: ``code`` for programs, the message for people."""
+
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def require(principal: Principal, permission: Permission) -> None:
+    if not principal.has_perm(permission):
+        raise PermissionDenied(f"This action needs the {permission} permission.")
+
+
+def address_normalize(address: str) -> str:
+    """``Box@Example.COM`` -> ``Box@example.com`` (the domain is case-insensitive, RFC 5321 2.4);
+    ValidationError for something that is not one plain address."""
+    candidate = address.strip()
+    local, at, domain = candidate.rpartition("@")
+    if not at or not local:
+        raise ValidationError(f"{address[:100]!r} is not an e-mail address.", code="invalid_address")
+    try:
+        domain = domain.rstrip(".").lower().encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValidationError(f"{address[:100]!r} has an invalid domain.", code="invalid_address") from None
+    normalized = f"{local}@{domain}"
+    if len(normalized) > 254 or not ADDRESS_PATTERN.match(normalized) or any(ord(c) < 32 for c in normalized):
+        raise ValidationError(f"{address[:100]!r} is not an e-mail address.", code="invalid_address")
+    return normalized
+
+
+# --- DKIM keys -------------------------------------------------------------------------------
+def dkim_key_create(*, principal: Principal, domain: Domain, algorithm: str = "rsa", selector: str = "") -> DkimKey:
+    """A new key for ``domain``, pending until its TXT record is published and verified.
+
+    With an active key already there, this is the first half of a rotation: both selectors
+    stay published, the new one signs once verified (:func:`dkim_key_verify`)."""
+    require(principal, Permission.DOMAINS_MANAGE)
+    if not principal.may_manage_domain(domain.pk):
+        raise PermissionDenied("This key may not manage this domain.")
+    selector = (selector or dkim_keys.selector_new()).strip().lower()
+    if not dkim_keys.SELECTOR_PATTERN.match(selector):
+        raise ValidationError({"selector": "Letters, digits and hyphens, 1 to 63 characters."})
+    if algorithm not in DkimKey.Algorithm.values:
+        raise ValidationError({"algorithm": f"One of {', '.join(DkimKey.Algorithm.values)}."})
+    if DkimKey.objects.filter(domain=domain).exclude(state=DkimKey.State.RETIRED).count() >= 2:
+        raise ValidationError(
+            "This domain already has two keys in use (active and pending): verify or delete one first.",
+            code="dkim_rotation_in_progress",
+        )
+    pair = dkim_keys.key_pair_generate(algorithm)
+    try:
+        with transaction.atomic():
+            key = DkimKey.objects.create(
+                tenant_id=domain.tenant_id,
+                domain=domain,
+                selector=selector,
+                algorithm=algorithm,
+                private_key_encrypted=crypto.encrypt(pair.private),
+                public_key=pair.public,
+            )
+    except IntegrityError:
+        raise ValidationError({"selector": "This domain already has a key with this selector."}) from None
+    audit_entry_record(
+        tenant_id=domain.tenant_id,
+        actor=principal.actor,
+        action="dkim_key.create",
+        resource_type="dkim_key",
+        resource_id=key.pk,
+        after={"domain": domain.name, "selector": selector, "algorithm": algorithm},
+    )
+    return key
+
+
+@dataclass(frozen=True)
+class DkimCheck:
+    published: bool
+    error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"published": self.published, "error": self.error}
+
+
+def dkim_key_check(key: DkimKey) -> DkimCheck:
+    """Whether the key's TXT record is published (the domain checks' own resolver)."""
+    try:
+        records = tenant_dns.domain_records(key.record_name).txt
+    except tenant_dns.LookupFailed as exc:
+        return DkimCheck(published=False, error=f"DNS did not answer: {exc}"[:300])
+    if any(dkim_keys.record_matches(record, key.public_key) for record in records):
+        return DkimCheck(published=True)
+    if records:
+        return DkimCheck(published=False, error="A TXT record is there, but its p= is not this key.")
+    return DkimCheck(published=False, error=f"No TXT record at {key.record_name}.")
+
+
+def dkim_key_verify(*, principal: Principal, key: DkimKey) -> DkimCheck:
+    """Look the TXT record up now; once it is published a pending key becomes the active one
+    and the previous active key is retired (it stays published, signs nothing more)."""
+    require(principal, Permission.DOMAINS_MANAGE)
+    check = dkim_key_check(key)
+    now = timezone.now()
+    with transaction.atomic():
+        key = DkimKey.objects.select_for_update().select_related("domain").get(pk=key.pk)
+        key.published, key.last_checked_at, key.last_check_error = check.published, now, check.error
+        if check.published and key.state == DkimKey.State.PENDING:
+            DkimKey.objects.filter(domain_id=key.domain_id, state=DkimKey.State.ACTIVE).update(
+                state=DkimKey.State.RETIRED, retired_at=now
+            )
+            key.state, key.activated_at = DkimKey.State.ACTIVE, now
+        key.save()
+        audit_entry_record(
+            tenant_id=key.tenant_id,
+            actor=principal.actor,
+            action="dkim_key.verify",
+            resource_type="dkim_key",
+            resource_id=key.pk,
+            after={**check.as_json(), "state": key.state},
+        )
+    return check
+
+
+def dkim_key_delete(*, principal: Principal, key: DkimKey) -> None:
+    """Remove a key. The active key goes only once a newer one is active (no unsigned gap)."""
+    require(principal, Permission.DOMAINS_MANAGE)
+    if key.state == DkimKey.State.ACTIVE:
+        raise ValidationError(
+            "This is the key that signs: create and verify a new key first (rotation), then delete this one.",
+            code="dkim_key_active",
+        )
+    audit_entry_record(
+        tenant_id=key.tenant_id,
+        actor=principal.actor,
+        action="dkim_key.delete",
+        resource_type="dkim_key",
+        resource_id=key.pk,
+        before={"selector": key.selector, "state": key.state},
+    )
+    key.delete()
+
+
+def dkim_key_active(domain_id: Any) -> DkimKey | None:
+    return DkimKey.objects.filter(domain_id=domain_id, state=DkimKey.State.ACTIVE).select_related("domain").first()
+
+
+# --- Suppressions ----------------------------------------------------------------------------
+def suppression_add(
+    *, principal: Principal, address: str, reason: str = Suppression.Reason.MANUAL, detail: str = ""
+) -> Suppression:
+    require(principal, Permission.MESSAGES_SEND)
+    normalized = address_normalize(address).lower()
+    suppression, created = Suppression.objects.get_or_create(
+        tenant_id=principal.tenant_id, address=normalized, defaults={"reason": reason, "detail": detail[:1000]}
+    )
+    if created:
+        audit_entry_record(
+            tenant_id=principal.tenant_id,
+            actor=principal.actor,
+            action="suppression.create",
+            resource_type="suppression",
+            resource_id=suppression.pk,
+            after={"address": normalized, "reason": reason},
+        )
+    return suppression
+
+
+def suppression_remove(*, principal: Principal, suppression: Suppression) -> None:
+    require(principal, Permission.MESSAGES_SEND)
+    audit_entry_record(
+        tenant_id=suppression.tenant_id,
+        actor=principal.actor,
+        action="suppression.delete",
+        resource_type="suppression",
+        resource_id=suppression.pk,
+        before={"address": suppression.address, "reason": suppression.reason},
+    )
+    suppression.delete()
+
+
+def suppression_record(*, tenant_id: Any, address: str, reason: str, detail: str) -> None:
+    """A hard bounce or a complaint suppresses the address (the platform's own doing)."""
+    Suppression.objects.get_or_create(
+        tenant_id=tenant_id, address=address.lower(), defaults={"reason": reason, "detail": detail[:1000]}
+    )
+
+
+# --- Sending ---------------------------------------------------------------------------------
+@dataclass
+class Attachment:
+    filename: str
+    content: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class Composition:
+    """A JSON send, before it is a message."""
+
+    from_address: str
+    to: list[str] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    subject: str = ""
+    text: str = ""
+    html: str = ""
+    reply_to: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    attachments: list[Attachment] = field(default_factory=list)
+    reply_to_message: Any = None  # a mailboxes.Message the principal may see
+
+
+def attachment_decode(filename: str, content_base64: str, content_type: str) -> Attachment:
+    try:
+        content = base64.b64decode(content_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError({"attachments": f"{filename[:100]!r}: content is not base64."}) from None
+    return Attachment(filename=filename, content=content, content_type=content_type or "application/octet-stream")
+
+
+def _header_safe(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValidationError({"headers": "Header values cannot contain line breaks."})
+    return value
+
+
+def composition_render(composition: Composition, *, message_id: str) -> bytes:
+    """The RFC 5322 message of a JSON send: headers, text and/or HTML, attachments; CRLF."""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = _header_safe(composition.from_address)
+    if composition.to:
+        message["To"] = ", ".join(composition.to)
+    if composition.cc:
+        message["Cc"] = ", ".join(composition.cc)
+    if composition.reply_to:
+        message["Reply-To"] = ", ".join(composition.reply_to)
+    message["Subject"] = _header_safe(composition.subject)
+    message["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
+    message["Message-ID"] = message_id
+    parent = composition.reply_to_message
+    if parent is not None and parent.message_id:
+        # RFC 5322 section 3.6.4: the parent's References (or In-Reply-To), then its own id.
+        references = list(parent.references or []) or ([parent.in_reply_to] if parent.in_reply_to else [])
+        message["In-Reply-To"] = parent.message_id
+        message["References"] = " ".join([*references[-20:], parent.message_id])
+    message["MIME-Version"] = "1.0"
+    for name, value in composition.headers.items():
+        if name.strip().lower() in RESERVED_HEADERS or not re.fullmatch(r"[!-9;-~]{1,76}", name):
+            raise ValidationError({"headers": f"The header {name[:80]!r} cannot be set."})
+        message[name] = _header_safe(value)
+    message.set_content(composition.text or ("" if composition.html else " "))
+    if composition.html:
+        message.add_alternative(composition.html, subtype="html")
+    for attachment in composition.attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(
+            attachment.content,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=attachment.filename,
+        )
+    return message.as_bytes()
+
+
+def _addresses(values: Iterable[str], field_name: str) -> list[str]:
+    result = []
+    for value in values:
+        try:
+            result.append(address_normalize(value))
+        except ValidationError as exc:
+            raise ValidationError({field_name: exc.messages}, code="invalid_address") from None
+    return result
+
+
+@dataclass(frozen=True)
+class Sender:
+    domain: Domain
+    mailbox: Any  # mailboxes.Mailbox or None
+
+
+def sender_check(principal: Principal, from_address: str) -> Sender:
+    """The sender must be a live mailbox of a verified domain this principal may use.
+
+    Raises :class:`SendRefused` with ``domain_not_verified`` or ``sender_not_allowed``."""
+    from mailboxes.models import Mailbox
+
+    local, _, domain_name = from_address.rpartition("@")
+    domain = principal.scope_domains(Domain.objects.all()).filter(name=domain_name.lower()).first()
+    if domain is None or domain.state not in (Domain.State.VERIFIED, Domain.State.MX_LOST):
+        raise SendRefused(
+            "domain_not_verified",
+            f"{domain_name} is not a verified domain of this tenant: verify it before sending from it.",
+            status=403,
+        )
+    mailbox = (
+        principal.scope(Mailbox.objects.live(), domain_field="domain", mailbox_field="pk")
+        .filter(domain=domain, local_part=local.lower())
+        .first()
+    )
+    if mailbox is None:
+        raise SendRefused("sender_not_allowed", f"{from_address} is not a mailbox this key may send as.", status=403)
+    return Sender(domain=domain, mailbox=mailbox)
+
+
+def _limits_check(tenant_id: Any, recipients: int) -> None:
+    """Per-tenant rate (messages a minute) and daily quota (recipients since midnight UTC),
+    counted in the database so every web process and submission server agrees."""
+    now = timezone.now()
+    recent = OutboundMessage.objects.filter(tenant_id=tenant_id, created_at__gte=now - timedelta(seconds=60)).count()
+    if recent >= settings.OUTBOUND_RATE_PER_TENANT:
+        raise SendRefused(
+            "rate_limited",
+            f"More than {settings.OUTBOUND_RATE_PER_TENANT} messages in the last minute; slow down and retry.",
+            status=429,
+        )
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = Recipient.objects.filter(tenant_id=tenant_id, message__created_at__gte=midnight).count()
+    if today + recipients > settings.OUTBOUND_DAILY_QUOTA:
+        raise SendRefused(
+            "quota_exceeded",
+            f"The daily quota of {settings.OUTBOUND_DAILY_QUOTA} recipients is used up "
+            f"({today} sent today); it renews at midnight UTC.",
+            status=429,
+        )
+
+
+def bounce_address(recipient_id: uuid.UUID) -> str:
+    """The VERP return path of one recipient (a DSN names exactly what bounced)."""
+    return f"bounces+{recipient_id.hex}@{settings.OUTBOUND_BOUNCE_DOMAIN}"
+
+
+@dataclass(frozen=True)
+class Queued:
+    message: OutboundMessage
+    recipients: list[Recipient]
+
+
+def message_queue(
+    *,
+    principal: Principal,
+    content: bytes,
+    from_address: str,
+    recipients: Sequence[str],
+    source: str = OutboundMessage.Source.API,
+) -> Queued:
+    """Check the sender and the limits, then commit the message and its recipients and
+    enqueue delivery after the commit. Suppressed recipients are recorded as ``suppressed``
+    and not sent. Raises :class:`SendRefused` or PermissionDenied."""
+    require(principal, Permission.MESSAGES_SEND)
+    from_address = address_normalize(from_address)
+    sender = sender_check(principal, from_address)
+    unique = list(dict.fromkeys(address_normalize(address) for address in recipients))
+    if not unique:
+        raise SendRefused("no_recipients", "Name at least one recipient (to, cc or bcc).")
+    if len(unique) > settings.OUTBOUND_MAX_RECIPIENTS:
+        raise SendRefused("too_many_recipients", f"At most {settings.OUTBOUND_MAX_RECIPIENTS} recipients a message.")
+    limit = principal.tenant.max_message_size or settings.INGEST_MAX_MESSAGE_SIZE
+    if len(content) > limit:
+        raise SendRefused("message_too_large", f"The message is larger than {limit} bytes.", status=413)
+    parsed = message_from_bytes(content)
+    now = timezone.now()
+    _limits_check(principal.tenant_id, len(unique))
+    suppressed = set(
+        Suppression.objects.filter(
+            tenant_id=principal.tenant_id, address__in=[address.lower() for address in unique]
+        ).values_list("address", flat=True)
+    )
+    from outbound.tasks import message_deliver, sent_copy_store
+
+    with transaction.atomic():
+        message = OutboundMessage.objects.create(
+            tenant_id=principal.tenant_id,
+            domain=sender.domain,
+            mailbox=sender.mailbox,
+            source=source,
+            from_address=from_address,
+            mail_from=f"bounces@{settings.OUTBOUND_BOUNCE_DOMAIN}",
+            subject=str(parsed.get("Subject", ""))[:998],
+            message_id=str(parsed.get("Message-ID", ""))[:998],
+            content=content,
+            size=len(content),
+            actor_label=principal.actor.label[:300],
+            created_at=now,
+        )
+        rows = []
+        give_up = now + timedelta(seconds=settings.OUTBOUND_GIVE_UP_AFTER)
+        for address in unique:
+            is_suppressed = address.lower() in suppressed
+            rows.append(
+                Recipient(
+                    message=message,
+                    tenant_id=principal.tenant_id,
+                    address=address,
+                    state=Recipient.State.SUPPRESSED if is_suppressed else Recipient.State.QUEUED,
+                    last_response="suppressed: this address bounced or complained before" if is_suppressed else "",
+                    next_attempt_at=now,
+                    give_up_at=give_up,
+                )
+            )
+        Recipient.objects.bulk_create(rows)
+        specs = [
+            EventSpec(
+                tenant_id=principal.tenant_id,
+                type="outbound.queued",
+                data={"outbound_id": str(message.pk), "recipients": len(rows), "source": source},
+                trace_id=str(message.pk),
+                domain_id=sender.domain.pk,
+                mailbox_id=sender.mailbox.pk if sender.mailbox else None,
+            )
+        ]
+        specs += [
+            EventSpec(
+                tenant_id=principal.tenant_id,
+                type="outbound.suppressed",
+                data={"outbound_id": str(message.pk), "recipient": row.address},
+                trace_id=str(message.pk),
+                domain_id=sender.domain.pk,
+            )
+            for row in rows
+            if row.state == Recipient.State.SUPPRESSED
+        ]
+        events_record(specs)
+        audit_entry_record(
+            tenant_id=principal.tenant_id,
+            actor=principal.actor,
+            action="message.send",
+            resource_type="outbound_message",
+            resource_id=message.pk,
+            after={"from": from_address, "recipients": len(rows), "size": len(content), "source": source},
+        )
+        if any(row.state == Recipient.State.QUEUED for row in rows):
+            tasks_enqueue_on_commit(message_deliver, [(str(message.pk),)])
+        if sender.mailbox is not None:
+            tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
+    return Queued(message=message, recipients=rows)
+
+
+def message_id_new(domain: str) -> str:
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def message_send(*, principal: Principal, composition: Composition) -> Queued:
+    """A JSON send: compose the message (threaded under ``reply_to_message``), then queue it."""
+    from_address = address_normalize(composition.from_address)
+    composition.to = _addresses(composition.to, "to")
+    composition.cc = _addresses(composition.cc, "cc")
+    composition.bcc = _addresses(composition.bcc, "bcc")
+    composition.reply_to = _addresses(composition.reply_to, "reply_to")
+    composition.from_address = from_address
+    require(principal, Permission.MESSAGES_SEND)
+    sender_check(principal, from_address)
+    content = composition_render(composition, message_id=message_id_new(from_address.rpartition("@")[2]))
+    return message_queue(
+        principal=principal,
+        content=content,
+        from_address=from_address,
+        recipients=[*composition.to, *composition.cc, *composition.bcc],
+    )
+
+
+def raw_envelope(content: bytes) -> tuple[bytes, str, list[str]]:
+    """A raw RFC 5322 send: (bytes without Bcc, the From address, To+Cc+Bcc addresses).
+
+    A missing Date or Message-ID is added (RFC 6409 section 8 lets submission do so)."""
+    parsed: Message = message_from_bytes(content, policy=email.policy.compat32)
+    senders = email.utils.getaddresses(parsed.get_all("From", []))
+    if len(senders) != 1 or not senders[0][1]:
+        raise SendRefused("invalid_message", "The message needs exactly one From address.")
+    recipients = [
+        address
+        for _, address in email.utils.getaddresses(
+            parsed.get_all("To", []) + parsed.get_all("Cc", []) + parsed.get_all("Bcc", [])
+        )
+        if address
+    ]
+    headers, separator, body = content.partition(b"\r\n\r\n")
+    if not separator:
+        headers, separator, body = content.partition(b"\n\n")
+        headers, body = headers.replace(b"\n", b"\r\n"), body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # Drop Bcc (RFC 5322 section 3.6.3), with its folded continuation lines.
+    lines, skipping = [], False
+    for line in headers.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                lines.append(line)
+            continue
+        skipping = line.lower().startswith(b"bcc:")
+        if not skipping:
+            lines.append(line)
+    domain = senders[0][1].rpartition("@")[2].lower() or "localhost"
+    if parsed.get("Date") is None:
+        lines.append(f"Date: {email.utils.formatdate(usegmt=True)}".encode())
+    if parsed.get("Message-ID") is None:
+        lines.append(f"Message-ID: {message_id_new(domain)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body, senders[0][1], recipients
+
+
+def event_outbound(recipient: Recipient, event_type: str, data: dict[str, Any]) -> None:
+    event_record(
+        tenant_id=recipient.tenant_id,
+        type=event_type,
+        data={"outbound_id": str(recipient.message_id), "recipient": recipient.address, **data},
+        trace_id=str(recipient.message_id),
+    )

@@ -1,0 +1,63 @@
+"""Celery tasks of outbound mail (queue ``outbound``); thin, idempotent, ids only.
+
+The database says what is pending: ``recipients_due_dispatch`` (beat, every few seconds)
+re-enqueues any message with a recipient due whose claim is free or ran out, so a lost
+broker message or a worker killed mid-delivery delays mail but never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from uuid import UUID
+
+from celery import shared_task
+
+from outbound import bounces, delivery, sent
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(
+    name="outbound.tasks.message_deliver",
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=300,
+    time_limit=360,
+)
+def message_deliver(message_id: str) -> None:
+    """Deliver the due recipients of one outbound message (outbound/delivery.py)."""
+    delivery.message_deliver(UUID(message_id))
+
+
+@shared_task(name="outbound.tasks.recipients_due_dispatch", ignore_result=True, soft_time_limit=60, time_limit=90)
+def recipients_due_dispatch() -> int:
+    due = delivery.recipients_due()
+    for message_id in due:
+        message_deliver.delay(message_id)
+    return len(due)
+
+
+@shared_task(
+    name="outbound.tasks.sent_copy_store",
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(OSError,),
+    retry_backoff=True,
+    max_retries=8,
+)
+def sent_copy_store(message_id: str) -> None:
+    """The sent copy in the sender's mailbox (outbound/sent.py)."""
+    sent.sent_copy_store(UUID(message_id))
+
+
+@shared_task(
+    name="outbound.tasks.bounce_process",
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(OSError,),
+    retry_backoff=True,
+    max_retries=8,
+)
+def bounce_process(message_id: str) -> None:
+    """A DSN stored in the bounce mailbox, applied to its recipient (outbound/bounces.py)."""
+    bounces.bounce_process(message_id)
