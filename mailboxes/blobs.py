@@ -8,6 +8,7 @@ points at :func:`mailboxes.views.blob_download` with a signed, expiring token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from urllib.parse import quote
 
 from django.conf import settings
@@ -92,3 +93,22 @@ def blob_token_read(token: str) -> dict[str, object]:
 
 def disposition(filename: str, inline: bool) -> str:
     return _disposition(filename, inline)
+
+
+def blob_chunks(key: str, *, chunk_size: int = 64 * 1024, storage: Storage | None = None) -> Iterator[bytes]:
+    """The object's bytes in chunks, never the whole of it in memory (IMAP/POP3 bodies).
+
+    On S3 this is one streaming GET (django-storages' file object would buffer the object).
+    """
+    storage = storage or blob_storage()
+    bucket = getattr(storage, "bucket", None)
+    if bucket is not None:
+        body = bucket.Object(storage._normalize_name(key)).get()["Body"]  # type: ignore[attr-defined]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+        return
+    with storage.open(key, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            yield bytes(chunk)

@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "outbound",
     "webhooks",
     "webinbox",
+    "mailaccess",
 ]
 
 MIDDLEWARE = [
@@ -502,6 +503,27 @@ SSO_HTTP_TIMEOUT = config.integer("SSO_HTTP_TIMEOUT", 5, minimum=1, maximum=30)
 SSO_DOCUMENT_LIMIT = config.integer("SSO_DOCUMENT_LIMIT", 256 * 1024, minimum=4096, maximum=4 * 1024 * 1024)
 # Who may reach the Django admin (CIDRs; empty: anywhere).
 STAFF_IP_ALLOWLIST = config.cidrs("STAFF_IP_ALLOWLIST", [])
+
+# --- IMAP and POP3 over the stored mail (mailaccess/: runimap, runpop3) ----------------
+IMAP_HOST = config.string("IMAP_HOST", "127.0.0.1")
+IMAP_PORT = config.integer("IMAP_PORT", 1143, minimum=1, maximum=65535)
+IMAPS_PORT = config.integer("IMAPS_PORT", 0, minimum=0, maximum=65535)  # implicit TLS; 0: off
+POP3_HOST = config.string("POP3_HOST", "127.0.0.1")
+POP3_PORT = config.integer("POP3_PORT", 1110, minimum=1, maximum=65535)
+POP3S_PORT = config.integer("POP3S_PORT", 0, minimum=0, maximum=65535)
+# The certificate of STARTTLS/STLS and the implicit-TLS ports: SMTP's unless set.
+MAILACCESS_TLS_CERT_FILE = config.string("MAILACCESS_TLS_CERT_FILE", "") or SMTP_TLS_CERT_FILE
+MAILACCESS_TLS_KEY_FILE = config.string("MAILACCESS_TLS_KEY_FILE", "") or SMTP_TLS_KEY_FILE
+# Passwords over plaintext only from loopback, unless this development setting says otherwise.
+MAILACCESS_ALLOW_PLAINTEXT = config.boolean("MAILACCESS_ALLOW_PLAINTEXT", False)
+# Failed logins per client IP and per address in a sliding window: past it, logins are refused.
+MAILACCESS_LOGIN_FAILURES = config.integer("MAILACCESS_LOGIN_FAILURES", 10, minimum=1)
+MAILACCESS_LOGIN_WINDOW = config.integer("MAILACCESS_LOGIN_WINDOW", 900, minimum=10)
+MAILACCESS_MAX_CONNECTIONS_PER_IP = config.integer("MAILACCESS_MAX_CONNECTIONS_PER_IP", 200, minimum=1)
+MAILACCESS_MAX_CONNECTIONS_PER_KEY = config.integer("MAILACCESS_MAX_CONNECTIONS_PER_KEY", 500, minimum=1)
+MAILACCESS_MAX_FOLDERS = config.integer("MAILACCESS_MAX_FOLDERS", 1000, minimum=1)
+MAILACCESS_IDLE_TIMEOUT = config.integer("MAILACCESS_IDLE_TIMEOUT", 1800, minimum=60)  # RFC 3501 5.4: 30 min
+MAILACCESS_METRICS_PORT = config.integer("MAILACCESS_METRICS_PORT", 0, minimum=0, maximum=65535)
 
 # --- Accounts (django-allauth) -------------------------------------------------------
 ACCOUNT_LOGIN_METHODS = {"email"}

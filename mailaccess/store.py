@@ -1,0 +1,200 @@
+"""What the IMAP and POP3 sessions read and write, as synchronous ORM calls.
+
+The servers run these in the waiters' bounded database pool (``mailboxes.waiting.db``).
+Every query goes through the principal's scope (``mailboxes.selectors.message_scope``);
+flag changes and deletions go through the same services as the API (audited, evented).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+from uuid import UUID
+
+from django.db.models import Count, Max, QuerySet
+
+from ingest.services import accept, spool_default, spool_entry_drain
+from ingest.spool import Recipient
+from mailaccess.auth import Access
+from mailboxes.blobs import blob_chunks
+from mailboxes.models import Mailbox, Message
+from mailboxes.selectors import mailbox_list, message_scope
+from mailboxes.services import message_delete, message_update
+
+SYSTEM_FLAG_TAGS = {"\\Flagged": "flagged", "\\Answered": "answered", "\\Draft": "draft"}
+TAG_SYSTEM_FLAGS = {tag: flag for flag, tag in SYSTEM_FLAG_TAGS.items()}
+SPOOL_MEMORY = 1024 * 1024  # a message body larger than this is spooled to disk, not memory
+
+
+@dataclass(frozen=True)
+class Row:
+    pk: UUID
+    uid: int
+    is_read: bool
+    tags: tuple[str, ...]
+    size: int
+    received_at: datetime
+    storage_key: str
+
+    def flags(self) -> list[str]:
+        flags = ["\\Seen"] if self.is_read else []
+        for tag in self.tags:
+            flags.append(TAG_SYSTEM_FLAGS.get(tag, tag))
+        return flags
+
+
+_ROW_FIELDS = ("pk", "uid", "is_read", "tags", "size", "received_at", "storage_key")
+
+
+def visible(access: Access, mailbox_id: UUID) -> QuerySet[Message]:
+    """The folder's messages a client sees: stored, not deleted, not quarantined, numbered."""
+    return (
+        message_scope(access.principal)
+        .filter(mailbox_id=mailbox_id, deleted_at__isnull=True, uid__isnull=False)
+        .exclude(state=Message.State.QUARANTINED)
+    )
+
+
+def folder_mailbox(access: Access, mailbox_id: UUID) -> Mailbox | None:
+    """The mailbox behind a folder, if the principal still sees it."""
+    return mailbox_list(access.principal).filter(pk=mailbox_id).first()
+
+
+def folder_uids(access: Access, mailbox_id: UUID) -> list[int]:
+    return [int(uid or 0) for uid in visible(access, mailbox_id).order_by("uid").values_list("uid", flat=True)]
+
+
+def folder_summary(access: Access, mailbox_id: UUID) -> tuple[int, int]:
+    """(count, highest UID): a cheap "did anything change?" check."""
+    summary = visible(access, mailbox_id).aggregate(count=Count("pk"), top=Max("uid"))
+    return int(summary["count"]), int(summary["top"] or 0)
+
+
+def unseen_count(access: Access, mailbox_id: UUID) -> int:
+    return visible(access, mailbox_id).filter(is_read=False).count()
+
+
+def rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, Row]:
+    found: dict[int, Row] = {}
+    for start in range(0, len(uids), 5000):
+        chunk = uids[start : start + 5000]
+        queryset = visible(access, mailbox_id)
+        if len(chunk) > 1 and chunk[-1] - chunk[0] + 1 == len(chunk):
+            queryset = queryset.filter(uid__gte=chunk[0], uid__lte=chunk[-1])
+        else:
+            queryset = queryset.filter(uid__in=chunk)
+        for values in queryset.values_list(*_ROW_FIELDS):
+            pk, uid, is_read, tags, size, received_at, storage_key = values
+            row = Row(pk, int(uid or 0), is_read, tuple(tags or ()), size, received_at, storage_key)
+            found[row.uid] = row
+    return found
+
+
+def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
+    """Everything SEARCH may test, one dict per message, in UID order."""
+    return list(
+        visible(access, mailbox_id)  # type: ignore[arg-type]
+        .order_by("uid")
+        .values(
+            "uid",
+            "is_read",
+            "tags",
+            "size",
+            "received_at",
+            "date",
+            "subject",
+            "from_address",
+            "from_name",
+            "recipients_text",
+            "text",
+        )
+    )
+
+
+def flags_store(access: Access, mailbox_id: UUID, uids: list[int], mode: str, flags: list[str]) -> dict[int, Row]:
+    """STORE: set (mode ""), add ("+") or remove ("-") flags; the rows after the change.
+
+    ``\\Seen`` is ``is_read``; ``\\Flagged``, ``\\Answered``, ``\\Draft`` and keywords are tags.
+    Each changed message goes through ``message_update`` (audited, like the API).
+    """
+    wanted_seen = "\\Seen" in flags
+    wanted_tags = {
+        SYSTEM_FLAG_TAGS.get(flag, flag.lower()) for flag in flags if flag not in ("\\Seen", "\\Deleted", "\\Recent")
+    }
+    messages = {int(message.uid or 0): message for message in visible(access, mailbox_id).filter(uid__in=uids)}
+    for message in messages.values():
+        tags = set(message.tags)
+        is_read = message.is_read
+        if mode == "+":
+            is_read = is_read or wanted_seen
+            tags |= wanted_tags
+        elif mode == "-":
+            is_read = is_read and not wanted_seen
+            tags -= wanted_tags
+        else:
+            is_read = wanted_seen
+            tags = wanted_tags | {tag for tag in tags if tag not in TAG_SYSTEM_FLAGS and not _is_keyword(tag)}
+        changes: dict[str, object] = {}
+        if is_read != message.is_read:
+            changes["is_read"] = is_read
+        if tags != set(message.tags):
+            changes["tags"] = sorted(tags)
+        if changes:
+            message_update(principal=access.principal, message=message, **changes)
+    return rows(access, mailbox_id, sorted(messages))
+
+
+def _is_keyword(tag: str) -> bool:
+    return bool(tag) and all(33 <= ord(char) < 127 and char not in '(){ %*"\\]' for char in tag)
+
+
+def messages_seen(access: Access, mailbox_id: UUID, uids: list[int]) -> None:
+    """A non-PEEK body fetch sets ``\\Seen`` (RFC 3501 section 6.4.5)."""
+    for message in visible(access, mailbox_id).filter(uid__in=uids, is_read=False):
+        message_update(principal=access.principal, message=message, is_read=True)
+
+
+def messages_delete(access: Access, mailbox_id: UUID, uids: list[int]) -> list[int]:
+    """EXPUNGE / DELE: soft-delete through the API's service; the UIDs actually removed."""
+    removed = []
+    for message in visible(access, mailbox_id).filter(uid__in=uids).order_by("uid"):
+        message_delete(principal=access.principal, message=message)
+        removed.append(int(message.uid or 0))
+    return removed
+
+
+def message_append(access: Access, mailbox_id: UUID, content: bytes, *, ip: str | None, tls: bool) -> tuple[int, int]:
+    """APPEND: the message enters through ``accept`` like any other mail, drained at once so
+    its UID is known; returns (UIDVALIDITY, UID) for APPENDUID (RFC 4315)."""
+    mailbox = mailbox_list(access.principal).get(pk=mailbox_id)
+    spool = spool_default()
+    queue_id = accept(
+        content=content,
+        mail_from="",
+        recipients=[Recipient(address=mailbox.address, mailbox_id=str(mailbox.pk), tenant_id=str(mailbox.tenant_id))],
+        remote_ip=ip,
+        helo="imap-append",
+        tls=tls,
+        source=Message.Source.IMAP,
+        spool=spool,
+    )
+    spool_entry_drain(spool, queue_id)
+    message = Message.objects.get(mailbox_id=mailbox.pk, trace_id=queue_id)
+    return int(mailbox.uid_validity), int(message.uid or 0)
+
+
+def mailbox_uid_state(mailbox_id: UUID) -> tuple[int, int]:
+    """(UIDVALIDITY, UIDNEXT) of a mailbox."""
+    validity, uid_next = Mailbox.objects.filter(pk=mailbox_id).values_list("uid_validity", "uid_next").get()
+    return int(validity), int(uid_next)
+
+
+def blob_spooled(storage_key: str) -> IO[bytes]:
+    """The raw message in a seekable file: memory up to SPOOL_MEMORY, a temporary file beyond."""
+    handle = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 - the caller closes it
+    for chunk in blob_chunks(storage_key):
+        handle.write(chunk)
+    handle.seek(0)
+    return handle  # type: ignore[return-value]
