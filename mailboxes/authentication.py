@@ -33,6 +33,7 @@ is a ``temperror`` (RFC 8601 section 2.7), never a ``fail``.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -69,6 +70,8 @@ SPF_TIME_LIMIT = 10.0  # seconds for one whole SPF evaluation (RFC 7208 section 
 _NEGATIVE_TTL_CAP = 30.0
 _CACHE_SIZE = 20_000
 _VERDICT_CACHE_SIZE = 2_000
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_ARC_SEAL = re.compile(rb"(?im)^arc-seal[ \t]*:")
 SOURCES_WITH_SENDER_IP = frozenset({"smtp"})
 # The result words each mechanism can have (RFC 8601 section 2.7, RFC 8617 section 4.4);
 # DKIM's "none" is the summary of a message without a signature.
@@ -301,10 +304,9 @@ def _dkim_one(verifier: dkim.DKIM, index: int) -> dict[str, Any]:
     if not key:
         verdict["reason"] = f"no key for signature at {name}"
         return verdict
-    try:
-        dkim.evaluate_pk(name, key[0])
-    except dkim.DKIMException as exc:
-        verdict["reason"] = _reason(f"bad key: {exc}")
+    problem = _key_problem(key[0])
+    if problem:
+        verdict["reason"] = problem
         return verdict
     try:
         good = verifier.verify(idx=index, dnsfunc=_dkim_txt)
@@ -326,8 +328,22 @@ def _dkim_one(verifier: dkim.DKIM, index: int) -> dict[str, Any]:
     return verdict
 
 
+@functools.lru_cache(maxsize=1024)
+def _key_problem(record: bytes) -> str:
+    """Why a key record is unusable (RFC 6376 section 3.6.1), or "" for a good one."""
+    try:
+        dkim.evaluate_pk("key", record)
+    except dkim.DKIMException as exc:
+        return _reason(f"bad key: {exc}")
+    except Exception as exc:  # the library tripping over a hostile record
+        return _reason(f"bad key: {type(exc).__name__}")
+    return ""
+
+
 def arc_verify(raw: bytes) -> dict[str, Any]:
     """The ARC chain validation status (RFC 8617 section 5.2) and who sealed each instance."""
+    if not _ARC_SEAL.search(header_block(raw)):  # most mail: no chain, so no second parse of it
+        return {"result": "none", "instances": 0, "sealers": [], "reason": ""}
     try:
         verifier = dkim.ARC(raw, logger=_LIBRARY_LOG, minkey=1024, timeout=settings.AUTH_DNS_TIMEOUT)
         instances, headers = verifier.sorted_arc_headers()
@@ -392,10 +408,15 @@ def _aligned(domain: str, from_domain: str, mode: str) -> bool:
     return organizational_domain(domain) == organizational_domain(from_domain)
 
 
+def header_block(raw: bytes) -> bytes:
+    """The header section of a message (RFC 5322 section 2.1), up to the first empty line."""
+    header_end = _HEADER_END.search(raw)
+    return raw[: header_end.start()] if header_end else raw
+
+
 def from_domains(raw: bytes) -> list[str]:
     """The domains of the RFC5322.From addresses (RFC 7489 section 6.6.1), in order."""
-    header_end = re.search(rb"\r?\n\r?\n", raw)
-    head = raw[: header_end.start()] if header_end else raw
+    head = header_block(raw)
     values = [
         re.sub(r"\r?\n[ \t]", " ", match.group(1).decode("utf-8", "replace"))
         for match in re.finditer(rb"(?im)^from[ \t]*:((?:.*)(?:\r?\n[ \t].*)*)", head)
