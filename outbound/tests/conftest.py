@@ -11,11 +11,13 @@ from mailplatform.testing import free_port
 from outbound.tests.harness import Postfix, Sink, SinkHandler
 
 BOUNCE_DOMAIN = "bounces.mailplatform.test"
+SINK: dict[str, int] = {}
 
 
 @pytest.fixture(scope="session")
 def _sink() -> Iterator[Sink]:
     sink = Sink()
+    SINK["port"] = sink.port
     yield sink
     sink.stop()
 

@@ -39,9 +39,11 @@ class SinkHandler:
     refuse: set[str] = field(default_factory=set)
     defer_once: set[str] = field(default_factory=set)
     rcpt_delay: float = 0.0
+    rcpt_seen: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        self.rcpt_seen.set()
         if self.rcpt_delay:
             import asyncio
 
@@ -68,6 +70,7 @@ class SinkHandler:
             self.refuse.clear()
             self.defer_once.clear()
             self.rcpt_delay = 0.0
+            self.rcpt_seen.clear()
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
         deadline = time.monotonic() + timeout
