@@ -86,6 +86,7 @@ class PoolUpdateSerializer(_PoolSettings):
 
 class BindingSerializer(serializers.ModelSerializer[AccountBinding]):
     address = serializers.CharField(source="mailbox.address", read_only=True, help_text="The account's e-mail address")
+    ended_reason = serializers.CharField(read_only=True, help_text="released or reassigned; empty while active")
 
     class Meta:
         model = AccountBinding

@@ -100,6 +100,8 @@ def test_it_does_not_return_a_code_received_before_the_binding(world):
     # since= narrows further, never widens past the binding.
     assert _code(world, key, bound.link, since="2000-01-01T00:00:00Z").json()["code"] == "333444"
     assert _code(world, key, bound.link, since="2999-01-01T00:00:00Z").status_code == 404
+    assert _code(world, key, bound.link, since="9288-08-02T06:21:10+22:31").status_code == 404  # in UTC first
+    assert _code(world, key, bound.link, since="yesterday").json()["error"]["code"] == "validation_error"
 
 
 def test_it_answers_a_released_link_404_like_an_unknown_one(world):
