@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from django.conf import settings
@@ -117,15 +117,54 @@ def readyz(request: HttpRequest) -> JsonResponse:
     The body names each check with ``ok``, the error's type when it failed (never its text,
     which may hold a URL with credentials) and how long it took; then whether mail flows
     through the rest of the platform (``mail_flow``, ``warnings``: stale SMTP nodes, no live
-    worker, an old spool entry or unparsed backlog), which leaves the status code alone.
+    worker, an old spool entry or unparsed backlog), which leaves the status code alone; and
+    with CLAMD_URL set, ``antivirus``: whether clamd answers, and its version.
     """
+    antivirus = _antivirus_check_start()
     results = _run_checks()
     failed = [name for name, result in results.items() if not result["ok"]]
     for name in failed:
         logger.warning("readiness check %s failed: %s", name, results[name]["error"])
     body: dict[str, object] = {"status": "unavailable" if failed else "ok", "failed": failed, "checks": results}
     body.update(_mail_flow(detailed=_metrics_allowed(request), database_ok=results["database"]["ok"]))
+    if antivirus is not None:
+        _antivirus_report(body, *antivirus)
     return JsonResponse(body, status=503 if failed else 200)
+
+
+def _antivirus_check_start() -> tuple[Future[str], float] | None:
+    """clamd's VERSION, asked beside the other checks when CLAMD_URL is set."""
+    if not settings.CLAMD_URL:
+        return None
+    from mailplatform import clamd
+
+    return _executor.submit(clamd.version, timeout=CHECK_TIMEOUT), time.monotonic()
+
+
+def _antivirus_report(body: dict[str, object], future: Future[str], started: float) -> None:
+    """``antivirus`` in the body, and a ``clamd_unavailable`` warning when it does not answer.
+
+    Not a reason for 503: this web node serves without clamd; SMTP in reject mode answers
+    451 meanwhile (or accepts, fail-open), and the parse holds quarantine-mode mail.
+    """
+    remaining = max(0.0, CHECK_TIMEOUT - (time.monotonic() - started))
+    result: dict[str, object]
+    try:
+        result = {"ok": True, "version": future.result(timeout=remaining)}
+    except FutureTimeout:
+        future.cancel()
+        result = {"ok": False, "error": "timeout"}
+    except Exception as exc:
+        result = {"ok": False, "error": type(exc).__name__}
+    result["ms"] = round((time.monotonic() - started) * 1000, 1)
+    body["antivirus"] = result
+    if not result["ok"]:
+        logger.warning("clamd does not answer: %s", result["error"])
+        warnings = body.setdefault("warnings", [])
+        assert isinstance(warnings, list)
+        warnings.append({"code": "clamd_unavailable", "message": "clamd (CLAMD_URL) does not answer."})
+        if body.get("mail_flow") == "ok":
+            body["mail_flow"] = "degraded"
 
 
 def _mail_flow(*, detailed: bool, database_ok: object) -> dict[str, object]:

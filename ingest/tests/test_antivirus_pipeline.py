@@ -168,3 +168,26 @@ def test_it_carries_the_verdict_made_before_the_250_onto_the_message(
     pipeline.message_parse(message_id=message.pk, index=True)  # not scanned a second time
     message.refresh_from_db()
     assert (message.state, message.antivirus_verdict) == ("indexed", "clean")
+
+
+def test_it_shows_clamd_in_readyz_without_making_the_node_unready(world: Any, scanning: Any, settings: Any) -> None:
+    body = world.client().get("/readyz").json()
+    assert body["antivirus"]["ok"] is True and body["antivirus"]["version"].startswith("ClamAV ")
+    settings.CLAMD_URL = f"tcp://127.0.0.1:{free_port()}"
+    body = world.client().get("/readyz").json()
+    assert body["antivirus"]["ok"] is False and "antivirus" not in body["failed"]
+    assert "clamd_unavailable" in [warning["code"] for warning in body["warnings"]]
+    settings.CLAMD_URL = ""
+    assert "antivirus" not in world.client().get("/readyz").json()
+
+
+def test_it_counts_scans_infected_errors_and_scan_time_in_metrics(world: Any, scanning: Any, settings: Any) -> None:
+    _mode(world, AntivirusMode.TAG)
+    _parsed(world, INFECTED["zipped"]())
+    settings.CLAMD_URL = f"tcp://127.0.0.1:{free_port()}"
+    _parsed(world, clean_message())
+    text = world.client().get("/metrics").content.decode()
+    infected = [line for line in text.splitlines() if line.startswith("antivirus_scans_total{")]
+    assert any('result="infected"' in line and 'stage="pipeline"' in line for line in infected), infected
+    assert any('result="error"' in line for line in infected), infected
+    assert "antivirus_scan_seconds_bucket{" in text
