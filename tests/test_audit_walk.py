@@ -128,6 +128,7 @@ WRITES: dict[tuple[str, str], Write] = {
         kwargs=lambda w: {"pk": w.message.pk}, body=lambda w: {"is_read": True}, action="message.update"
     ),
     ("message-detail", "DELETE"): Write(kwargs=lambda w: {"pk": w.message.pk}, action="message.delete"),
+    ("message-rescan", "POST"): Write(kwargs=lambda w: {"pk": w.message.pk}, action="message.rescan"),
     ("connector-list", "POST"): Write(
         body=lambda w: {
             "mailbox": str(w.mailbox.pk),
@@ -224,6 +225,8 @@ def test_it_audits_each_write_exactly_once_without_secrets(cast, endpoint, dns_z
     write = WRITES[(endpoint.name, endpoint.method)]
     if endpoint.name == "sso":
         cast.oidc = request.getfixturevalue("oidc_provider")
+    if endpoint.name == "message-rescan":  # a real clamd to scan with
+        request.getfixturevalue("settings").CLAMD_URL = request.getfixturevalue("clamd_server").tcp_url
     _publish_dns(cast, dns_zone)
     kwargs = write.kwargs(cast)
     client = cast.client(cast.owner_key)

@@ -69,6 +69,9 @@ ROUTES: dict[str, Route] = {
         sibling_kwargs=lambda w: {"pk": w.sibling_message.pk},
         body=lambda w: {"is_read": True, "tags": ["x"]},
     ),
+    "message-rescan": Route(
+        kwargs=lambda w: {"pk": w.message.pk}, sibling_kwargs=lambda w: {"pk": w.sibling_message.pk}
+    ),
     "message-raw": Route(kwargs=lambda w: {"pk": w.message.pk}, sibling_kwargs=lambda w: {"pk": w.sibling_message.pk}),
     "message-attachment": Route(
         kwargs=lambda w: {"pk": w.message.pk, "attachment_id": w.attachment_id},
