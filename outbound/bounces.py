@@ -27,7 +27,6 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from audit.services import Actor
 from mailplatform.enqueue import tasks_enqueue_on_commit
 
 logger = logging.getLogger(__name__)
@@ -41,15 +40,13 @@ def bounce_mailbox_get_or_create() -> Any:
     """The platform's bounce mailbox (``bounces@OUTBOUND_BOUNCE_DOMAIN``); idempotent."""
     from mailboxes.models import Mailbox
     from tenants.models import Domain, Tenant
-    from tenants.services import tenant_create
 
-    tenant = Tenant.objects.filter(slug=BOUNCE_TENANT_SLUG).first()
-    if tenant is None:
-        try:
-            with transaction.atomic():
-                tenant = tenant_create(name="Platform bounces", slug=BOUNCE_TENANT_SLUG, actor=Actor.system("bounces"))
-        except IntegrityError:
-            tenant = Tenant.objects.get(slug=BOUNCE_TENANT_SLUG)
+    # Made quietly (no audit entry, no event): the platform's own plumbing, not a tenant's act.
+    try:
+        with transaction.atomic():
+            tenant, _ = Tenant.objects.get_or_create(slug=BOUNCE_TENANT_SLUG, defaults={"name": "Platform bounces"})
+    except IntegrityError:
+        tenant = Tenant.objects.get(slug=BOUNCE_TENANT_SLUG)
     domain = Domain.objects.filter(name=settings.OUTBOUND_BOUNCE_DOMAIN, tenant=tenant).first()
     if domain is None:
         domain, _ = Domain.objects.get_or_create(
@@ -61,6 +58,16 @@ def bounce_mailbox_get_or_create() -> Any:
         domain=domain, local_part=BOUNCE_LOCAL_PART, defaults={"tenant": tenant, "name": "DSNs (VERP)"}
     )
     return mailbox
+
+
+_ready: set[str] = set()
+
+
+def bounce_mailbox_ensure() -> None:
+    """The bounce mailbox exists (checked once per process and bounce domain)."""
+    if settings.OUTBOUND_BOUNCE_DOMAIN not in _ready:
+        bounce_mailbox_get_or_create()
+        _ready.add(settings.OUTBOUND_BOUNCE_DOMAIN)
 
 
 def _bounce_tenant_id() -> str | None:

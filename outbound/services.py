@@ -427,8 +427,10 @@ def message_queue(
             tenant_id=principal.tenant_id, address__in=[address.lower() for address in unique]
         ).values_list("address", flat=True)
     )
+    from outbound.bounces import bounce_mailbox_ensure
     from outbound.tasks import message_deliver, sent_copy_store
 
+    bounce_mailbox_ensure()  # DSNs to our VERP addresses must find a mailbox
     with transaction.atomic():
         message = OutboundMessage.objects.create(
             tenant_id=principal.tenant_id,

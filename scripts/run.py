@@ -205,6 +205,7 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--smtp-port", type=int, default=2525)
+    parser.add_argument("--submission-port", type=int, default=2587, help="SMTP submission for outgoing mail")
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -250,6 +251,8 @@ def main() -> int:
         commands.append(
             ("smtp", [PYTHON, "manage.py", "runsmtp", "--host", options.host, "--port", str(options.smtp_port)])
         )
+        submission = [PYTHON, "manage.py", "runsmtp", "--submission", "--host", options.host]
+        commands.append(("submission", [*submission, "--port", str(options.submission_port)]))
 
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     children: list[Child] = []

@@ -15,8 +15,15 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []  # starts even while the database is down
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default=settings.SMTP_HOST)
-        parser.add_argument("--port", type=int, default=settings.SMTP_PORT)
+        parser.add_argument("--host", default=None, help="Default SMTP_HOST (SUBMISSION_HOST with --submission)")
+        parser.add_argument(
+            "--port", type=int, default=None, help="Default SMTP_PORT (SUBMISSION_PORT with --submission)"
+        )
+        parser.add_argument(
+            "--submission",
+            action="store_true",
+            help="SMTP submission for outgoing mail instead (outbound/submission.py)",
+        )
         parser.add_argument("--lmtp", action="store_true", help="Speak LMTP (RFC 2033) instead of SMTP")
         parser.add_argument("--workers", type=int, default=settings.INGEST_WORKERS, help="Accept processes")
         parser.add_argument(
@@ -27,11 +34,18 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["submission"]:
+            # The listener lives with outbound mail; called by name, so ingest imports nothing above it.
+            from django.core.management import call_command
+
+            host, port = options["host"] or settings.SUBMISSION_HOST, options["port"] or settings.SUBMISSION_PORT
+            call_command("runsubmission", host=host, port=port)
+            return
         try:
             serve(
                 ServerOptions(
-                    host=options["host"],
-                    port=options["port"],
+                    host=options["host"] or settings.SMTP_HOST,
+                    port=options["port"] or settings.SMTP_PORT,
                     lmtp=options["lmtp"],
                     workers=max(1, options["workers"]),
                     drain=settings.INGEST_DRAIN and not options["no_drain"],
