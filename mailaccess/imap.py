@@ -129,6 +129,7 @@ class ImapSession:
         self.selected: Selected | None = None
         self.cache: OrderedDict[str, tuple[IO[bytes], Entity]] = OrderedDict()
         self.key_slot: Any = None
+        self.closing = False
 
     # --- I/O ------------------------------------------------------------------------------
     async def send(self, data: bytes) -> None:
@@ -223,6 +224,8 @@ class ImapSession:
                 if done is None:
                     break
                 await self.send(f"{tag} {done}\r\n".encode())
+                if self.closing:
+                    break
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         except Exception:
@@ -279,9 +282,10 @@ class ImapSession:
             await self.refresh(expunge=True)
         return "OK NOOP completed"
 
-    async def cmd_logout(self, args: list[Token]) -> None:
+    async def cmd_logout(self, args: list[Token]) -> str:
         await self.untagged(b"BYE logging out")
-        return None
+        self.closing = True
+        return "OK LOGOUT completed"
 
     async def cmd_id(self, args: list[Token]) -> str:
         await self.untagged(b'ID ("name" "mailplatform" "vendor" "mailplatform")')
