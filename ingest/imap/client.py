@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import socket
 import ssl
@@ -428,10 +429,8 @@ class ImapClient:
             self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, RuntimeError):
             self.writer.close()
-        except (OSError, RuntimeError):
-            pass
 
 
 def _uid_set(uids: list[int]) -> bytes:

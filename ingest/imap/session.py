@@ -94,24 +94,35 @@ class Session:
         self.drain = drain
         self.client: ImapClient | None = None
         self.connected = False
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Stop for good (lease lost, runner shutting down): the socket closes at once, so a
+        pending read ends even if a cancellation were swallowed on the way."""
+        self.stopped = True
+        self._disconnect()
 
     async def run(self) -> None:
         if self.stagger > 0:  # spread a thousand first connects over the stagger window
             await asyncio.sleep(random.uniform(0, self.stagger))
         attempt = 0
         try:
-            while True:
+            while not self.stopped:
                 try:
                     await self._connected_loop()
                 except leases.LeaseLost:
                     logger.info("connector %s: lease lost", self.connector_id)
                     return
                 except (ImapAuthFailed, oauth.OAuthRevoked) as exc:
+                    if self.stopped:
+                        return
                     metrics.ERRORS.labels("auth_failed").inc()
                     logger.warning("connector %s: authentication failed: %s", self.connector_id, exc)
                     await self._state(Connector.State.AUTH_FAILED, error=str(exc), kind="auth_failed")
                     return
                 except (ImapError, UrlRefused, oauth.OAuthError, OSError) as exc:
+                    if self.stopped:
+                        return
                     kind = getattr(exc, "kind", "host_refused" if isinstance(exc, UrlRefused) else "network")
                     metrics.ERRORS.labels(kind).inc()
                     logger.info("connector %s: %s: %s", self.connector_id, kind, exc)
@@ -165,7 +176,7 @@ class Session:
         idle_seconds = float(settings.CONNECTOR_IDLE_SECONDS)
         if len(folders) > 1:  # the other folders are looked at every poll interval
             idle_seconds = min(idle_seconds, float(settings.CONNECTOR_POLL_INTERVAL))
-        while True:
+        while not self.stopped:
             if connector.auth_type != Connector.AuthType.PASSWORD:
                 expires = connector.oauth_access_token_expires_at
                 if expires is not None and expires - oauth.REFRESH_MARGIN < _now():

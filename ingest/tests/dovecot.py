@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -153,6 +152,7 @@ class Dovecot:
     port: int
     process: subprocess.Popen[bytes]
     tokens: TokenServer | None = None
+    users: list[tuple[str, str]] = field(default_factory=list)
     accounts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,16 +168,17 @@ class Dovecot:
             raise RuntimeError(f"doveadm {' '.join(args[:3])} failed: {result.stderr.decode(errors='replace')[-500:]}")
         return result.stdout.decode(errors="replace")
 
-    def account_new(self, *, password: str | None = None) -> Account:
-        """A new user with an empty maildir (its INBOX exists)."""
+    def account_new(self) -> Account:
+        """The next of the users made at start, its INBOX created.
+
+        All users are written before Dovecot starts: passwd-file is read again only when it
+        notices a change, which a file grown within the same second may not be.
+        """
         with self._lock:
+            if self.accounts >= len(self.users):
+                raise RuntimeError(f"all {len(self.users)} accounts of this Dovecot are in use")
+            username, password = self.users[self.accounts]
             self.accounts += 1
-            username = f"user{self.accounts}"
-            password = password or secrets.token_urlsafe(12)
-            with (self.home / "users").open("a") as users:
-                users.write(f"{username}:{{PLAIN}}{password}::::{self.home / 'mail' / username}\n")
-            # passwd-file is read again when its mtime changes (1 s resolution): make sure.
-            os.utime(self.home / "users", (time.time() + self.accounts % 2, time.time() + self.accounts % 2))
         account = Account(self, username, password)
         self.doveadm("mailbox", "create", "-u", username, "-s", "INBOX")
         return account
@@ -199,7 +200,7 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_dovecot(*, idle: bool = True, oauth: bool = True, max_connections: int = 100) -> Dovecot:
+def start_dovecot(*, idle: bool = True, oauth: bool = True, accounts: int = 50, max_connections: int = 100) -> Dovecot:
     """Dovecot on a free port; ``idle=False`` leaves IDLE out of its capabilities (polling tests)."""
     if not Path(DOVECOT).exists():
         raise RuntimeError(f"{DOVECOT} is missing: run `make test-tools` (scripts/install-test-servers.sh)")
@@ -209,7 +210,10 @@ def start_dovecot(*, idle: bool = True, oauth: bool = True, max_connections: int
     home.chmod(0o755)
     (home / "mail").mkdir()
     os.chown(home / "mail", mail_user.pw_uid, mail_user.pw_gid)
-    (home / "users").write_text("")
+    users = [(f"user{number}", secrets.token_urlsafe(12)) for number in range(1, accounts + 1)]
+    (home / "users").write_text(
+        "".join(f"{name}:{{PLAIN}}{password}::::{home / 'mail' / name}\n" for name, password in users)
+    )
     tokens = TokenServer().start() if oauth else None
     port = free_port()
     capability = "" if idle else "imap_capability = IMAP4rev1 SASL-IR LITERAL+ ENABLE UIDPLUS\n"
@@ -283,7 +287,7 @@ default_process_limit = {max(100, max_connections)}
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
-    server = Dovecot(home=home, port=port, process=process, tokens=tokens)
+    server = Dovecot(home=home, port=port, process=process, tokens=tokens, users=users)
     try:
         wait_for_port("127.0.0.1", port, timeout=20)
     except BaseException:

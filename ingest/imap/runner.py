@@ -1,0 +1,185 @@
+"""The connector runner (``python manage.py runconnectors``): one process, one event loop.
+
+Design: every account is a coroutine (:class:`~ingest.imap.session.Session`) on one asyncio
+loop, not a thread: an idle IMAP session is a socket, a stream buffer and a suspended task,
+so one process holds thousands of IDLE accounts (bench/imap_pull.py measures the RSS per
+account). Database work (leases, cursors, ``accept`` into the spool, the drain) runs in a
+small thread pool, so a slow query never stalls the sockets.
+
+Every ``CONNECTOR_LEASE_SECONDS / 3`` the supervisor renews its leases (a connector whose
+lease is gone, or whose settings changed, has its session stopped or restarted), then
+claims free connectors up to ``CONNECTOR_CAPACITY``. Several runners on several machines
+share the accounts this way; a dead runner's accounts are claimed by the others once its
+leases expire. A heartbeat row (kind ``connectors``) tells ``/readyz`` the runner lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from ingest.heartbeats import HeartbeatThread
+from ingest.imap import leases, metrics
+from ingest.imap.session import Session
+from ingest.models import Heartbeat
+from ingest.services import spool_default, spool_drain, spool_entry_drain
+
+logger = logging.getLogger(__name__)
+
+SPOOL_SWEEP_SECONDS = 60.0
+
+
+def owner_name(node: str | None = None) -> str:
+    """``host:pid:random``: unique per process, so a restarted runner never reuses a lease."""
+    return f"{node or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"[:200]
+
+
+def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    close_old_connections()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        close_old_connections()
+
+
+@dataclass
+class _Held:
+    session: Session
+    task: asyncio.Task[None]
+    token: int
+    generation: int
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        owner: str | None = None,
+        capacity: int | None = None,
+        stagger: float | None = None,
+        db_threads: int = 4,
+    ) -> None:
+        self.owner = owner or owner_name()
+        self.capacity = capacity or int(settings.CONNECTOR_CAPACITY)
+        self.stagger = float(settings.CONNECTOR_STARTUP_STAGGER if stagger is None else stagger)
+        self.executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="connector-db")
+        self.held: dict[UUID, _Held] = {}
+        self.spool = spool_default()
+        self.interval = max(0.5, settings.CONNECTOR_LEASE_SECONDS / 3)
+        self.first_round = True
+
+    async def db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(_in_thread, function, *args, **kwargs))
+
+    async def drain(self, queue_id: str) -> None:
+        """Drain the entry now (rows, events, parse); a failure leaves it for the sweep."""
+        try:
+            await self.db(spool_entry_drain, self.spool, queue_id)
+        except Exception as exc:
+            logger.warning("drain of %s failed, the sweep retries: %s", queue_id, type(exc).__name__)
+
+    def _start(self, connector_id: UUID, token: int, generation: int, *, stagger: float) -> None:
+        session = Session(connector_id=connector_id, token=token, db=self.db, stagger=stagger, drain=self.drain)
+        task = asyncio.create_task(session.run(), name=f"connector-{connector_id}")
+        self.held[connector_id] = _Held(session, task, token, generation)
+
+    async def _stop(self, connector_id: UUID) -> None:
+        held = self.held.pop(connector_id, None)
+        if held is None:
+            return
+        held.session.stop()
+        held.task.cancel()
+        await asyncio.wait({held.task}, timeout=5)
+
+    async def round(self) -> None:
+        """Renew, stop what was lost or changed, claim more."""
+        for connector_id, held in list(self.held.items()):
+            if held.task.done():  # auth_failed (released) or lease lost
+                self.held.pop(connector_id, None)
+        kept = await self.db(
+            leases.leases_renew, owner=self.owner, held={pk: held.token for pk, held in self.held.items()}
+        )
+        for connector_id, held in list(self.held.items()):
+            if connector_id not in kept:
+                logger.info("connector %s: lease lost or connector stopped", connector_id)
+                await self._stop(connector_id)
+            elif kept[connector_id] != held.generation:
+                logger.info("connector %s: settings changed, restarting its session", connector_id)
+                token = held.token
+                await self._stop(connector_id)
+                self._start(connector_id, token, kept[connector_id], stagger=0)
+        claims = await self.db(
+            leases.leases_claim, owner=self.owner, limit=self.capacity - len(self.held), exclude=set(self.held)
+        )
+        for claim in claims:
+            if claim.taken_over:
+                metrics.TAKEOVERS.inc()
+                logger.info("connector %s: taken over from an expired lease", claim.connector_id)
+            self._start(
+                claim.connector_id, claim.token, claim.generation, stagger=self.stagger if self.first_round else 0
+            )
+        self.first_round = False
+        metrics.HELD.set(len(self.held))
+
+    async def _connections_close(self) -> None:
+        """Close each pool thread's database connection (a barrier gives every thread one call)."""
+        threads = self.executor._max_workers
+        barrier = threading.Barrier(threads, timeout=5)
+
+        def close() -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+            connections.close_all()
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.executor, close) for _ in range(threads)))
+
+    async def run(self, stop: asyncio.Event, *, ready: Callable[[], None] | None = None) -> None:
+        heartbeat = HeartbeatThread(
+            kind=Heartbeat.Kind.CONNECTORS, node=self.owner, details=lambda: {"connectors": len(self.held)}
+        )
+        heartbeat.start()
+        loop = asyncio.get_running_loop()
+        last_sweep = 0.0
+        try:
+            with contextlib.suppress(Exception):
+                await self.db(spool_drain, self.spool)  # what a crash left behind
+            if ready is not None:
+                ready()
+            while not stop.is_set():
+                try:
+                    await self.round()
+                except Exception as exc:  # the database may be away: keep the sessions, retry
+                    logger.warning("connector runner round failed: %s: %s", type(exc).__name__, exc)
+                if loop.time() - last_sweep > SPOOL_SWEEP_SECONDS:
+                    last_sweep = loop.time()
+                    with contextlib.suppress(Exception):
+                        await self.db(spool_drain, self.spool)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            held = list(self.held.items())
+            for connector_id, _ in held:
+                await self._stop(connector_id)
+            for connector_id, entry in held:
+                with contextlib.suppress(Exception):
+                    await self.db(leases.lease_release, connector_id=connector_id, token=entry.token)
+            heartbeat.stop()
+            await self._connections_close()
+            self.executor.shutdown(wait=True)
+            metrics.HELD.set(0)

@@ -1,0 +1,279 @@
+"""The connector runner against a real Dovecot: IDLE, polling, initial window, reconnects,
+UIDVALIDITY changes, flags untouched, auth failures not retried, OAuth2 refresh.
+
+The runner runs in this process (its event loop in a thread, its database threads on the
+test database); the tests with several runner processes are in test_connectors_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from audit.models import Event
+from ingest.imap.runner import Runner
+from ingest.models import Connector, ConnectorFolder, ConnectorSeen
+from mailboxes.models import Message
+from tenants import crypto
+
+
+def message(number: int, *, subject: str = "", message_id: str | None = None) -> bytes:
+    mid = message_id if message_id is not None else f"<m{number}-{time.time_ns()}@source.example>"
+    return (
+        f"From: sender@source.example\r\nTo: me@source.example\r\nSubject: {subject or f'message {number}'}\r\n"
+        f"Message-ID: {mid}\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nbody {number}\r\n"
+    ).encode()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout}s: {condition}")
+
+
+@dataclass
+class RunningRunner:
+    runner: Runner
+    loop: asyncio.AbstractEventLoop
+    stop_event: asyncio.Event
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(20)
+        if self.thread.is_alive():
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def runner_settings(settings: Any, tmp_path: Any) -> Any:
+    settings.SPOOL_DIR = tmp_path / "spool"
+    settings.CONNECTOR_LEASE_SECONDS = 3
+    settings.CONNECTOR_STARTUP_STAGGER = 0
+    settings.CONNECTOR_BACKOFF_MAX = 1
+    settings.CONNECTOR_TIMEOUT = 5
+    settings.IMAP_INITIAL_WINDOW = 50
+    settings.CONNECTOR_IDLE_SECONDS = 600
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    return settings
+
+
+@pytest.fixture
+def start_runner(transactional_db: Any, runner_settings: Any) -> Iterator[Callable[..., RunningRunner]]:
+    started: list[RunningRunner] = []
+
+    def start(**options: Any) -> RunningRunner:
+        runner = Runner(**options)
+        ready = threading.Event()
+        holder: dict[str, Any] = {}
+
+        def run() -> None:
+            async def main() -> None:
+                holder["loop"] = asyncio.get_running_loop()
+                holder["stop"] = asyncio.Event()
+                await runner.run(holder["stop"], ready=ready.set)
+
+            asyncio.run(main())
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        running = RunningRunner(runner, holder["loop"], holder["stop"], thread)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive():
+            running.stop()
+
+
+def connector_for(world: Any, dovecot: Any, account: Any, **fields: Any) -> Connector:
+    defaults = {
+        "tenant": world.tenant,
+        "mailbox": world.mailbox,
+        "host": "127.0.0.1",
+        "port": dovecot.port,
+        "tls_mode": Connector.TlsMode.NONE,
+        "username": account.username,
+        "password_encrypted": crypto.encrypt(account.password),
+        "folders": ["INBOX"],
+    }
+    return Connector.objects.create(**{**defaults, **fields})
+
+
+def imap_messages(mailbox: Any) -> list[Message]:
+    return list(Message.objects.filter(mailbox=mailbox, source=Message.Source.IMAP).order_by("received_at"))
+
+
+def test_it_takes_the_initial_window_then_new_mail_through_idle_leaving_flags_alone(
+    world, dovecot, imap_account, start_runner, runner_settings, caplog
+):
+    runner_settings.IMAP_INITIAL_WINDOW = 2
+    for number in range(1, 4):  # three old messages: only the newest two are taken
+        imap_account.save(message(number))
+    connector = connector_for(world, dovecot, imap_account)
+    running = start_runner()
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 2)
+    assert sorted(m.size for m in imap_messages(world.mailbox)) == sorted(len(message(n)) for n in (2, 3))
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    started = time.monotonic()
+    imap_account.save(message(4, subject="fresh"))
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 3, timeout=3)
+    assert time.monotonic() - started < 3
+    taken = imap_messages(world.mailbox)[-1]
+    assert taken.source == "imap"
+    assert taken.storage_key
+    # The source mailbox is untouched: nothing marked \Seen (BODY.PEEK[] on EXAMINE).
+    assert imap_account.count() == 4
+    assert not any("Seen" in flags for flags in imap_account.flags())
+    connected = Event.objects.get(type="connector.connected")
+    assert connected.data["mode"] == "idle"
+    assert Event.objects.filter(type="ingest.received", mailbox_id=world.mailbox.pk).count() == 3
+    cursor = ConnectorFolder.objects.get(connector=connector, name="INBOX")
+    assert cursor.last_uid == 4
+    running.stop()
+    assert Connector.objects.get(pk=connector.pk).lease_owner == ""  # released on shutdown
+    assert imap_account.password not in caplog.text
+    assert imap_account.password not in json.dumps(list(Event.objects.values_list("data", flat=True)))
+
+
+def test_it_reconnects_after_a_kick_and_takes_nothing_twice(world, dovecot, imap_account, start_runner):
+    imap_account.save(message(1))
+    connector = connector_for(world, dovecot, imap_account)
+    start_runner()
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    assert len(imap_messages(world.mailbox)) == 1
+    imap_account.kick()
+    wait_until(lambda: Event.objects.filter(type="connector.error").exists())
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE, timeout=5)
+    imap_account.save(message(2))
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 2, timeout=3)
+    time.sleep(0.5)
+    assert len(imap_messages(world.mailbox)) == 2
+    assert Event.objects.filter(type="connector.connected").count() == 2
+
+
+def test_it_takes_nothing_twice_when_the_folder_is_recreated_with_a_new_uidvalidity(
+    world, dovecot, imap_account, start_runner
+):
+    imap_account.folder_create("Work")
+    old = [message(1), message(2)]
+    for content in old:
+        imap_account.save(content, folder="Work")
+    connector = connector_for(world, dovecot, imap_account, folders=["Work"])
+    start_runner()
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 2)
+    first_validity = ConnectorFolder.objects.get(connector=connector).uid_validity
+    imap_account.folder_delete("Work")
+    time.sleep(1.1)  # Dovecot's UIDVALIDITY is a timestamp
+    imap_account.folder_create("Work")
+    for content in old:  # the same mail again (a restore), then a new one
+        imap_account.save(content, folder="Work")
+    imap_account.save(message(3), folder="Work")
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 3, timeout=8)
+    time.sleep(0.5)
+    assert len(imap_messages(world.mailbox)) == 3
+    cursor = ConnectorFolder.objects.get(connector=connector)
+    assert cursor.uid_validity != first_validity
+    assert cursor.last_uid == 3
+    assert ConnectorSeen.objects.filter(connector=connector).count() == 3
+
+
+def test_it_polls_a_server_without_idle(world, start_runner, runner_settings):
+    from ingest.tests.dovecot import start_dovecot
+
+    runner_settings.CONNECTOR_POLL_INTERVAL = 1
+    server = start_dovecot(idle=False, oauth=False)
+    try:
+        account = server.account_new()
+        connector = connector_for(world, server, account)
+        start_runner()
+        wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.POLLING)
+        account.save(message(1))
+        wait_until(lambda: len(imap_messages(world.mailbox)) == 1, timeout=4)
+        assert Event.objects.get(type="connector.connected").data["mode"] == "polling"
+    finally:
+        server.stop()
+
+
+def test_it_stops_at_refused_credentials_with_an_event_and_a_mail_and_no_retry(
+    world, dovecot, imap_account, start_runner, caplog
+):
+    connector = connector_for(world, dovecot, imap_account, password_encrypted=crypto.encrypt("wrong-password-x"))
+    start_runner()
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.AUTH_FAILED)
+    row = Connector.objects.get(pk=connector.pk)
+    assert row.lease_owner == ""
+    assert row.last_error_kind == "auth_failed"
+    event = Event.objects.get(type="connector.auth_failed")
+    assert event.data["connector"] == str(connector.pk)
+    wait_until(lambda: len(mail.outbox) == 1)
+    assert "wrong-password-x" not in mail.outbox[0].body
+    assert world.owner.email in mail.outbox[0].to
+    # Dovecot logs the failed login once its auth_failure_delay (2 s) has passed.
+    wait_until(lambda: f"user=<{imap_account.username}>" in dovecot.log_text(), timeout=5)
+    time.sleep(3.5)  # more than a lease round: nobody claims it again, nobody logs in again
+    assert dovecot.log_text().count(f"user=<{imap_account.username}>") == 1
+    assert Connector.objects.get(pk=connector.pk).lease_owner == ""
+    assert Event.objects.filter(type="connector.auth_failed").count() == 1
+    assert "wrong-password-x" not in caplog.text
+
+
+def test_it_refreshes_an_expired_access_token_and_logs_in_with_xoauth2(world, dovecot, imap_account, start_runner):
+    tokens = dovecot.tokens
+    access, refresh = tokens.grant(imap_account.username)
+    tokens.expire(access)
+    connector = connector_for(
+        world, dovecot, imap_account, auth_type=Connector.AuthType.XOAUTH2, password_encrypted="",
+        oauth_client_id="client", oauth_token_url=f"{tokens.url}/token",
+        oauth_refresh_token_encrypted=crypto.encrypt(refresh),
+        oauth_access_token_encrypted=crypto.encrypt(access),
+        oauth_access_token_expires_at=timezone.now() - timedelta(minutes=1),
+    )  # fmt: skip
+    imap_account.save(message(1))
+    start_runner()
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 1)
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    assert tokens.refreshes == 1
+    row = Connector.objects.get(pk=connector.pk)
+    assert crypto.decrypt(row.oauth_access_token_encrypted) != access
+    assert row.oauth_access_token_expires_at is not None
+    assert row.oauth_access_token_expires_at > timezone.now() + timedelta(minutes=30)
+
+
+def test_it_puts_a_revoked_refresh_token_in_auth_failed(world, dovecot, imap_account, start_runner):
+    tokens = dovecot.tokens
+    _, refresh = tokens.grant(imap_account.username)
+    tokens.revoke(refresh)
+    connector = connector_for(
+        world, dovecot, imap_account, auth_type=Connector.AuthType.OAUTHBEARER, password_encrypted="",
+        oauth_client_id="client", oauth_token_url=f"{tokens.url}/token",
+        oauth_refresh_token_encrypted=crypto.encrypt(refresh),
+    )  # fmt: skip
+    start_runner()
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.AUTH_FAILED)
+    assert "invalid_grant" in Connector.objects.get(pk=connector.pk).last_error
+    assert Event.objects.filter(type="connector.auth_failed").count() == 1
+    requests = len(tokens.token_requests)
+    time.sleep(2.5)
+    assert len(tokens.token_requests) == requests  # no retry storm
+    wait_until(lambda: len(mail.outbox) == 1)
