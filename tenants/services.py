@@ -90,7 +90,7 @@ def tenant_create(
     return tenant
 
 
-_TENANT_EDITABLE = ("name", "ip_allowlist", "retention_days")
+_TENANT_EDITABLE = ("name", "ip_allowlist", "retention_days", "antivirus_mode")
 
 
 def ip_allowlist_normalize(cidrs: Iterable[str], *, field: str = "ip_allowlist") -> list[str]:
@@ -185,7 +185,7 @@ def membership_set(*, tenant: Tenant, user: User, role: str, actor: Actor) -> Me
 
 
 # --- Domains ----------------------------------------------------------------------------
-_DOMAIN_FIELDS = ("name", "recipient_policy", "dmarc_reject", "state")
+_DOMAIN_FIELDS = ("name", "recipient_policy", "dmarc_reject", "antivirus_mode", "state")
 
 
 def domain_create(*, principal: Principal, name: str, recipient_policy: str = Domain.RecipientPolicy.REJECT) -> Domain:
@@ -241,18 +241,26 @@ def domain_name_unavailable(name: str, *, tenant_id: Any) -> bool:
 
 
 def domain_update(
-    *, principal: Principal, domain: Domain, recipient_policy: str | None = None, dmarc_reject: bool | None = None
+    *,
+    principal: Principal,
+    domain: Domain,
+    recipient_policy: str | None = None,
+    dmarc_reject: bool | None = None,
+    antivirus_mode: str | None = None,
 ) -> Domain:
-    """Change a domain's recipient policy, or its refusal at DATA of mail failing DMARC under p=reject."""
+    """Change a domain's recipient policy, its refusal at DATA of mail failing DMARC under p=reject,
+    or its antivirus mode ("" for the tenant's)."""
     require(principal, Permission.DOMAINS_MANAGE)
     before = _summary(domain, _DOMAIN_FIELDS)
     if recipient_policy is not None:
         domain.recipient_policy = recipient_policy
     if dmarc_reject is not None:
         domain.dmarc_reject = dmarc_reject
+    if antivirus_mode is not None:
+        domain.antivirus_mode = antivirus_mode
     domain.full_clean()
     with transaction.atomic():
-        domain.save(update_fields=["recipient_policy", "dmarc_reject", "updated_at"])
+        domain.save(update_fields=["recipient_policy", "dmarc_reject", "antivirus_mode", "updated_at"])
         audit_entry_record(
             tenant_id=domain.tenant_id,
             actor=principal.actor,

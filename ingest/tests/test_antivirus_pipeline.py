@@ -191,3 +191,24 @@ def test_it_counts_scans_infected_errors_and_scan_time_in_metrics(world: Any, sc
     assert any('result="infected"' in line and 'stage="pipeline"' in line for line in infected), infected
     assert any('result="error"' in line for line in infected), infected
     assert "antivirus_scan_seconds_bucket{" in text
+
+
+def test_it_sets_the_modes_through_the_api_and_smtp_follows_them(world: Any, scanning: Any) -> None:
+    client = world.client(world.owner_key)
+    answer = client.patch("/api/v1/tenant/", {"antivirus_mode": "quarantine"})
+    assert answer.status_code == 200 and answer.json()["antivirus_mode"] == "quarantine"
+    answer = client.patch(f"/api/v1/domains/{world.domain.pk}/", {"antivirus_mode": "reject"})
+    assert answer.status_code == 200 and answer.json()["antivirus_mode"] == "reject"
+    assert client.patch(f"/api/v1/domains/{world.domain.pk}/", {"antivirus_mode": "maybe"}).status_code == 400
+    from ingest.directory import RecipientDirectory
+
+    directory = RecipientDirectory(check_misses=False)
+    assert directory.reload()
+    assert directory.decide("inbox@acme.example.test").antivirus_mode == "reject"
+    client.patch(f"/api/v1/domains/{world.domain.pk}/", {"antivirus_mode": ""})
+    assert directory.reload() and directory.decide("inbox@acme.example.test").antivirus_mode == "quarantine"
+    assert mailbox_mode_of(world) == "quarantine"
+
+
+def mailbox_mode_of(world: Any) -> str:
+    return antivirus.mailbox_mode(world.mailbox.pk)

@@ -7,13 +7,23 @@ from rest_framework import serializers
 
 from mailplatform.api import StrictSerializer
 from tenants.access import ALL_PERMISSIONS
-from tenants.models import ApiKey, Domain, SsoProvider, Tenant
+from tenants.models import AntivirusMode, ApiKey, Domain, SsoProvider, Tenant
 
 
 class TenantSerializer(serializers.ModelSerializer[Tenant]):
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "plan", "status", "ip_allowlist", "retention_days", "created_at"]
+        fields = [
+            "id",
+            "slug",
+            "name",
+            "plan",
+            "status",
+            "ip_allowlist",
+            "retention_days",
+            "antivirus_mode",
+            "created_at",
+        ]
         read_only_fields = fields
 
 
@@ -32,6 +42,12 @@ class TenantUpdateSerializer(StrictSerializer):
         min_value=1,
         max_value=3650,
         help_text="Days mail is kept unless a mailbox says otherwise; null for the platform default",
+    )
+    antivirus_mode = serializers.ChoiceField(
+        choices=["", *AntivirusMode.values],
+        required=False,
+        help_text="What a virus found by clamd does to this tenant's mail (domains may override): off, tag,"
+        " quarantine, or reject (554 before the 250); empty for the platform's ANTIVIRUS_MODE",
     )
 
 
@@ -54,6 +70,7 @@ class DomainSerializer(serializers.ModelSerializer[Domain]):
             "state_reason",
             "recipient_policy",
             "dmarc_reject",
+            "antivirus_mode",
             "verified_at",
             "last_checked_at",
             "txt_ok",
@@ -89,6 +106,12 @@ class DomainUpdateSerializer(StrictSerializer):
         help_text="Refuse at DATA (550 5.7.1) SMTP mail that fails DMARC while its From domain publishes p=reject;"
         " a DNS failure defers it (451 4.7.0). Off by default: forwarded and mailing-list mail can fail"
         " DMARC (RFC 7489 section 10.3)",
+    )
+    antivirus_mode = serializers.ChoiceField(
+        choices=["", *AntivirusMode.values],
+        required=False,
+        help_text="What a virus found by clamd does to this domain's mail: off, tag, quarantine, or reject"
+        " (554 5.7.1 before the 250); empty for the tenant's mode",
     )
 
 
