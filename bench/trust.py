@@ -15,6 +15,13 @@ from a few senders; each message is distinct, so no verdict is reused.
 
 Modes are named sets of settings (``MODES``): ``off`` (nothing verified), ``auth`` (SPF,
 DKIM, DMARC, ARC). Prints msgs/s per mode and each mode's share of ``off``.
+
+Antivirus: ``scan`` (every message through a real clamd, Debian's, started here with a
+one-signature database; tag mode) and ``both`` (``auth`` and ``scan``). ``--smtp N`` also
+times the SMTP ``250`` itself: N messages over a real socket to the in-process SMTP server
+(real spool with fsync, the recipient directory from the database), the client's DATA-to-250
+round trip, p50 and p95, with the domain's antivirus mode off, tag, quarantine and reject
+(only reject scans before the 250).
 """
 
 from __future__ import annotations
@@ -31,10 +38,82 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+CLAMD = "<the bench's clamd>"  # replaced by the URL of the clamd started here
 MODES: dict[str, dict[str, Any]] = {
-    "off": {"AUTH_VERIFY": False},
-    "auth": {"AUTH_VERIFY": True},
+    "off": {"AUTH_VERIFY": False, "CLAMD_URL": ""},
+    "auth": {"AUTH_VERIFY": True, "CLAMD_URL": ""},
+    "scan": {"AUTH_VERIFY": False, "CLAMD_URL": CLAMD, "ANTIVIRUS_MODE": "tag"},
+    "both": {"AUTH_VERIFY": True, "CLAMD_URL": CLAMD, "ANTIVIRUS_MODE": "tag"},
 }
+
+
+def _smtp_server_start(handler: Any) -> tuple[Any, Any, int]:
+    """The in-process SMTP server on a loopback port, in a thread of its own."""
+    import asyncio
+    import threading
+
+    from ingest.smtp import IngestSMTP
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port = 0
+
+    def run() -> None:
+        nonlocal port
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(loop.create_server(lambda: IngestSMTP(handler, loop=loop), "127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    return loop, thread, port
+
+
+def smtp_latencies(mailbox: Any, clamd_url: str, count: int, size: int) -> None:
+    """DATA-to-250 round trips (p50, p95) per antivirus mode of the recipient's domain."""
+    import smtplib
+    import tempfile
+
+    from ingest.directory import RecipientDirectory
+    from ingest.smtp import IngestHandler, Limits
+    from ingest.spool import Spool, SpoolWriter
+
+    body = message_bytes(size, 0, "smtp.bench.test")
+    for mode in ("off", "tag", "quarantine", "reject"):
+        type(mailbox.domain).objects.filter(pk=mailbox.domain_id).update(antivirus_mode=mode)
+        directory = RecipientDirectory(check_misses=False)
+        directory.reload()
+        directory.max_staleness = 3600
+        spool = Spool(tempfile.mkdtemp(prefix="mp-bench-spool-"))
+        handler = IngestHandler(
+            directory=directory,
+            writer=SpoolWriter(spool),
+            limits=Limits(rate_per_ip=0, rate_per_tenant=0, spool_low_water=0),
+            hostname="mx.bench.test",
+            clamd_url=clamd_url,
+        )
+        loop, thread, port = _smtp_server_start(handler)
+        times = []
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo("client.bench.test")
+            for number in range(count + 10):
+                smtp.mail("bounce@smtp.bench.test")
+                smtp.rcpt(mailbox.address)
+                started = time.perf_counter()
+                code, _ = smtp.data(body)
+                if number >= 10:  # warm-up left out
+                    times.append(time.perf_counter() - started)
+                assert code == 250, code
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        handler.writer.close()
+        times.sort()
+        p50, p95 = times[len(times) // 2], times[int(len(times) * 0.95)]
+        print(f"smtp {mode:>10}: DATA to 250 p50 {p50 * 1000:.2f} ms, p95 {p95 * 1000:.2f} ms ({count} messages)")
+    type(mailbox.domain).objects.filter(pk=mailbox.domain_id).update(antivirus_mode="")
 
 
 def message_bytes(size: int, number: int, sender: str) -> bytes:
@@ -58,7 +137,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--senders", type=int, default=40, help="sending domains, each with SPF, DKIM and DMARC")
     parser.add_argument("--size", type=int, default=10240)
-    parser.add_argument("--modes", default="off,auth")
+    parser.add_argument("--modes", default="off,auth,scan,both")
+    parser.add_argument("--smtp", type=int, default=0, help="also time N SMTP 250s per antivirus mode")
     parser.add_argument("--database", default="mp_bench_trust")
     options = parser.parse_args()
     modes = options.modes.split(",")
@@ -101,6 +181,14 @@ def main() -> None:
                 record.ttl = 300
             return reply
 
+    clamd_server = None
+    if any(MODES[mode].get("CLAMD_URL") == CLAMD for mode in modes) or options.smtp:
+        from mailplatform.testing_clamd import ClamdServer
+
+        clamd_server = ClamdServer().start()
+        for settings_of_mode in MODES.values():
+            if settings_of_mode.get("CLAMD_URL") == CLAMD:
+                settings_of_mode["CLAMD_URL"] = clamd_server.unix_url
     zone = LongTtlZone()
     senders = [f"shop{number}.bench.test" for number in range(options.senders)]
     key = helpers.rsa_key("bench")
@@ -152,14 +240,20 @@ def main() -> None:
                     verified = Message.objects.filter(pk__in=ids, auth_dmarc="pass").count()
                     expected = len(ids) if MODES[mode].get("AUTH_VERIFY", False) else 0
                     assert verified == expected, (mode, verified, expected)
+                    scanned = Message.objects.filter(pk__in=ids, antivirus_verdict="clean").count()
+                    assert scanned == (len(ids) if MODES[mode].get("CLAMD_URL") else 0), (mode, scanned)
             base = statistics.median(rates[modes[0]])
             for mode in modes:
                 median = statistics.median(rates[mode])
                 runs = ", ".join(f"{rate:.1f}" for rate in rates[mode])
                 print(f"{mode:>6}: {median:6.1f} msg/s median ({runs}); {median / base * 100:5.1f} % of {modes[0]}")
+            if options.smtp and clamd_server is not None:
+                smtp_latencies(mailbox, clamd_server.unix_url, options.smtp, options.size)
             print(f"load average {os.getloadavg()}")
     finally:
         zone.stop()
+        if clamd_server is not None:
+            clamd_server.stop()
         import redis
 
         redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).delete("index")
