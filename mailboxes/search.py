@@ -7,6 +7,7 @@ Grammar (terms are ANDed)::
     value    := word | '"' phrase '"'
     operator := from | to | subject | has | is | tag | before | after | larger | smaller | in | thread | auth
 
+``in:sent`` is the mail sent from the mailboxes, ``in:<mailbox>`` one mailbox's;
 ``has:attachment``, ``is:read`` / ``is:unread``, ``before:``/``after:`` take ``YYYY-MM-DD``
 (or ``YYYY/MM/DD``), ``larger:``/``smaller:`` take a size with an optional K, M or G
 suffix. ``from:``, ``to:`` and ``subject:`` match case-insensitive substrings of the
@@ -210,6 +211,8 @@ def _condition(term: Term) -> Q:
     if operator == "thread":
         return Q(thread_id=value)
     if operator == "in":
+        if value.lower() == "sent":  # what the tenant sent (outbound/sent.py), like Gmail's in:sent
+            return Q(is_sent=True)
         return Q(mailbox__address__iexact=value) | Q(mailbox__local_part__iexact=value)
     if operator == "auth":
         return _auth(term)

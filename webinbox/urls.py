@@ -27,6 +27,7 @@ urlpatterns = [
     path("inbox/<slug:tenant_slug>/mailboxes/<str:mailbox_id>/poll/", inbox.poll, name="mailbox-poll"),
     path("inbox/<slug:tenant_slug>/m/<str:message_id>/", inbox.message, name="message"),
     path("inbox/<slug:tenant_slug>/m/<str:message_id>/body/", inbox.message_body, name="message-body"),
+    path("inbox/<slug:tenant_slug>/m/<str:message_id>/reply/", inbox.message_reply, name="message-reply"),
     # The tenant console
     path("console/", console.console_home, name="console"),
     path("console/<slug:tenant_slug>/", console.settings_page, name="console-settings"),

@@ -85,6 +85,7 @@ class MessageSummarySerializer(serializers.ModelSerializer[Message]):
             "thread_id",
             "tags",
             "is_read",
+            "is_sent",
             "has_attachments",
             "codes",
             "size",

@@ -10,7 +10,7 @@ from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from mailboxes.selectors import mailbox_get, mailbox_list, message_get
 from tenants.access import Permission, Principal, TenantSuspended, principal_ensure_usable, session_memberships
@@ -143,6 +143,8 @@ def message(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResp
         "back_url": back,
         "current_tenant": principal.tenant,
         "can_write": can_write,
+        "can_reply": principal.has_perm(Permission.MESSAGES_SEND) and found.mailbox is not None,
+        "reply_url": request.path + "reply/",
         "tags_form": TagsForm(initial={"tags": ", ".join(found.tags)}),
         **common.message_context(found, request, body_url=request.path + "body/"),
     }
@@ -154,3 +156,42 @@ def message(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResp
 def message_body(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResponse:
     _, found = _message(request, tenant_slug, message_id)
     return common.message_body(request, found)
+
+
+@login_required
+@require_POST
+def message_reply(request: HttpRequest, tenant_slug: str, message_id: str) -> HttpResponse:
+    """The reply box: answer from the mailbox's own address, threaded under the message
+    (outbound.services.message_send sets In-Reply-To and References)."""
+    from django.contrib import messages as flash
+    from django.core.exceptions import ValidationError
+    from django.shortcuts import redirect
+
+    from mailboxes.replies import subject_is_reply
+    from outbound import services as outbound
+
+    principal, found = _message(request, tenant_slug, message_id)
+    if not principal.has_perm(Permission.MESSAGES_SEND) or found.mailbox is None:
+        raise PermissionDenied
+    text = request.POST.get("text", "")[:100_000]
+    if not text.strip():
+        flash.error(request, "Write something to send.")
+        return redirect(request.path.removesuffix("reply/"))
+    answer_to = [entry["address"] for entry in found.reply_to if entry.get("address")] or [found.from_address]
+    subject = found.subject if subject_is_reply(found.subject) else f"Re: {found.subject}"
+    composition = outbound.Composition(
+        from_address=found.mailbox.address,
+        to=[address for address in answer_to if address],
+        subject=subject[:998],
+        text=text,
+        reply_to_message=found,
+    )
+    try:
+        outbound.message_send(principal=principal, composition=composition)
+    except outbound.SendRefused as refusal:
+        flash.error(request, f"Not sent: {refusal}")
+    except (ValidationError, PermissionDenied) as exc:
+        flash.error(request, f"Not sent: {' '.join(getattr(exc, 'messages', [str(exc)]))}")
+    else:
+        flash.success(request, f"Reply queued to {', '.join(composition.to)}.")
+    return redirect(request.path.removesuffix("reply/"))
