@@ -171,6 +171,7 @@ def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
         "=" * 78,
         f"  web          {web}/",
         f"  SMTP         {smtp}" if smtp else "  SMTP         not started (no runsmtp command yet)",
+        f"  IMAP / POP3  {demo.get('imap', '')}   (user: the mailbox address, password: the API key)",
         f"  tenant       {demo['tenant']}",
         f"  mailbox      {mailbox}   (id {demo['mailbox_id']})",
         f"  API key      {key}   (shown once; `make run` mints a new one each time)",
@@ -213,6 +214,8 @@ def main() -> int:
         help="runsmtp's Prometheus port (0: none)",
     )
     parser.add_argument("--no-smtp", action="store_true", help="do not start the SMTP server")
+    parser.add_argument("--imap-port", type=int, default=1143, help="IMAP over the stored mail (runimap)")
+    parser.add_argument("--pop3-port", type=int, default=1110, help="POP3 over the stored mail (runpop3)")
     options = parser.parse_args()
 
     os.chdir(ROOT)
@@ -237,6 +240,7 @@ def main() -> int:
         sys.stderr.write(result.stderr)
         return 1
     demo = json.loads(result.stdout.strip().splitlines()[-1])
+    demo["imap"] = f"{reachable_host(options.host)}:{options.imap_port} / {options.pop3_port}"
 
     smtp_enabled = not options.no_smtp and has_command("runsmtp")
     commands: list[tuple[str, list[str]]] = [
@@ -253,6 +257,13 @@ def main() -> int:
         )
         submission = [PYTHON, "manage.py", "runsmtp", "--submission", "--host", options.host]
         commands.append(("submission", [*submission, "--port", str(options.submission_port)]))
+    if has_command("runimap"):  # mail clients (Thunderbird, mutt) read the same store
+        commands.append(
+            ("imap", [PYTHON, "manage.py", "runimap", "--host", options.host, "--port", str(options.imap_port)])
+        )
+        commands.append(
+            ("pop3", [PYTHON, "manage.py", "runpop3", "--host", options.host, "--port", str(options.pop3_port)])
+        )
 
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     children: list[Child] = []

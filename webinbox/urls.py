@@ -39,6 +39,12 @@ urlpatterns = [
     path("console/<slug:tenant_slug>/members/<str:membership_id>/", console.member_action, name="console-member"),
     path("console/<slug:tenant_slug>/keys/", console.api_keys, name="console-keys"),
     path("console/<slug:tenant_slug>/keys/<str:key_id>/revoke/", console.api_key_revoke, name="console-key-revoke"),
+    path("console/<slug:tenant_slug>/app-passwords/", console.app_passwords, name="console-app-passwords"),
+    path(
+        "console/<slug:tenant_slug>/app-passwords/<str:app_password_id>/revoke/",
+        console.app_password_revoke,
+        name="console-app-password-revoke",
+    ),
     path("console/<slug:tenant_slug>/webhooks/", console.webhooks, name="console-webhooks"),
     path("console/<slug:tenant_slug>/webhooks/<str:endpoint_id>/", console.webhook_detail, name="console-webhook"),
     path("console/<slug:tenant_slug>/events/", console.events, name="console-events"),

@@ -329,6 +329,51 @@ def api_key_revoke(request: HttpRequest, principal: Principal, key_id: str) -> H
     return redirect("webinbox:console-keys", tenant_slug=principal.tenant.slug)
 
 
+# --- App passwords (IMAP and POP3 clients: mailaccess/) ---------------------------------
+@console_view
+@require_http_methods(["GET", "POST"])
+def app_passwords(request: HttpRequest, principal: Principal) -> HttpResponse:
+    from mailaccess import auth as mailaccess_auth
+    from mailaccess.selectors import app_password_list
+
+    tenant_services.require(principal, Permission.MESSAGES_READ)
+    made = None
+    if request.method == "POST":
+        mailbox = mailbox_selectors.mailbox_get(principal, _uuid(request.POST.get("mailbox", "")))
+        app_password, secret = mailaccess_auth.app_password_create(
+            principal=principal,
+            mailbox=mailbox,
+            name=request.POST.get("name", "").strip()[:100],
+            can_write=request.POST.get("can_write") == "on",
+        )
+        made = {"app_password": app_password, "secret": secret}
+    response = _page(
+        request,
+        principal,
+        "app_passwords.html",
+        "app_passwords",
+        made=made,
+        app_passwords=app_password_list(principal)[:200],
+        mailboxes=mailbox_selectors.mailbox_list(principal).order_by("address")[:500],
+        imap=f"{settings.IMAP_HOST}:{settings.IMAP_PORT}",
+        pop3=f"{settings.POP3_HOST}:{settings.POP3_PORT}",
+    )
+    response["Cache-Control"] = "no-store"  # the page may hold a secret shown once
+    return response
+
+
+@console_view
+@require_POST
+def app_password_revoke(request: HttpRequest, principal: Principal, app_password_id: str) -> HttpResponse:
+    from mailaccess import auth as mailaccess_auth
+    from mailaccess.selectors import app_password_list
+
+    app_password = app_password_list(principal).get(pk=_uuid(app_password_id))
+    mailaccess_auth.app_password_revoke(principal=principal, app_password=app_password)
+    flash.success(request, f"App password {app_password.name} revoked.")
+    return redirect("webinbox:console-app-passwords", tenant_slug=principal.tenant.slug)
+
+
 # --- Webhooks ---------------------------------------------------------------------------
 @console_view
 @require_http_methods(["GET", "POST"])
