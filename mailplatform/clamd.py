@@ -164,6 +164,19 @@ def _limits(url: str | None, timeout: float | None, max_length: int | None) -> t
     )
 
 
+def _connect(address: ClamdAddress, timeout: float) -> socket.socket:
+    if address.path:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection((address.host, address.port), timeout=timeout)
+
+
 def scan(
     content: bytes,
     *,
@@ -179,12 +192,7 @@ def scan(
         return _finish(ScanResult("too_large"), started, stage)
     deadline = time.monotonic() + timeout
     try:
-        if address.path:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(address.path)
-        else:
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        sock = _connect(address, timeout)
     except OSError as exc:
         return _finish(ScanResult("error", error=f"connect to {address}: {type(exc).__name__}"), started, stage)
     with sock:
@@ -230,14 +238,7 @@ async def scan_async(content: bytes, *, stage: str = "smtp", **options: Any) -> 
 
 def version(*, url: str | None = None, timeout: float = 3.0) -> str:
     """clamd's VERSION answer (``ClamAV 1.4.6/...``): /readyz's check; raises OSError when down."""
-    address = address_parse(url if url is not None else settings.CLAMD_URL)
-    if address.path:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(address.path)
-    else:
-        sock = socket.create_connection((address.host, address.port), timeout=timeout)
-    with sock:
+    with _connect(address_parse(url if url is not None else settings.CLAMD_URL), timeout) as sock:
         sock.sendall(b"zVERSION\0")
         reply = b""
         while not reply.endswith(b"\0") and len(reply) < MAX_REPLY:
