@@ -228,6 +228,8 @@ def main() -> int:
         # A laptop's: webhooks (and a test SSO provider) may be servers on this machine. The
         # deployed platform keeps the default, refusing loopback and private addresses.
         os.environ.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
+    # A connector may pull from a Dovecot on this machine or the LAN, without TLS (development).
+    os.environ.setdefault("CONNECTOR_ALLOW_INSECURE", "true")
     os.environ["INGEST_METRICS_PORT"] = str(options.metrics_port)  # read by runsmtp
 
     print("== migrating the database", flush=True)
@@ -257,6 +259,8 @@ def main() -> int:
         )
         submission = [PYTHON, "manage.py", "runsmtp", "--submission", "--host", options.host]
         commands.append(("submission", [*submission, "--port", str(options.submission_port)]))
+    if has_command("runconnectors"):  # IMAP pull: mail of existing accounts, through leases
+        commands.append(("connectors", [PYTHON, "manage.py", "runconnectors"]))
     if has_command("runimap"):  # mail clients (Thunderbird, mutt) read the same store
         commands.append(
             ("imap", [PYTHON, "manage.py", "runimap", "--host", options.host, "--port", str(options.imap_port)])

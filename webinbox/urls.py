@@ -1,6 +1,7 @@
 from django.urls import path
 
 from webinbox.views import console, inbox, pools, public
+from webinbox.views.connectors import connector_action, connectors
 
 app_name = "webinbox"
 
@@ -47,6 +48,8 @@ urlpatterns = [
     ),
     path("console/<slug:tenant_slug>/webhooks/", console.webhooks, name="console-webhooks"),
     path("console/<slug:tenant_slug>/webhooks/<str:endpoint_id>/", console.webhook_detail, name="console-webhook"),
+    path("console/<slug:tenant_slug>/connectors/", connectors, name="console-connectors"),
+    path("console/<slug:tenant_slug>/connectors/<str:connector_id>/", connector_action, name="console-connector"),
     path("console/<slug:tenant_slug>/events/", console.events, name="console-events"),
     path("console/<slug:tenant_slug>/audit/", console.audit_log, name="console-audit"),
     path("console/<slug:tenant_slug>/audit/export/", console.audit_export, name="console-audit-export"),
