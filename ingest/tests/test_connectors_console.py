@@ -34,7 +34,7 @@ def test_it_adds_tests_pauses_and_deletes_a_connector_from_the_console(world, do
             "username": imap_account.username,
             "password": imap_account.password,
             "folders": "INBOX, Archive",
-        },  # fmt: skip
+        },
     )
     assert response.status_code == 302, response.content
     connector = Connector.objects.get()
