@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import re
 import ssl
@@ -42,6 +43,7 @@ from mailaccess.imapwire import (
 )
 from mailaccess.limits import ConnectionLimits, is_loopback
 from mailaccess.mime import Entity, SectionError, header_fields, parse, section_bounds, section_range
+from mailboxes.blobs import blob_get
 from mailboxes.waiting import db, hub_current
 
 logger = logging.getLogger(__name__)
@@ -601,18 +603,89 @@ class ImapSession:
         if sets_seen and not any(item.kind == "FLAGS" for item in items):
             items.append(FetchItem(name="FLAGS", kind="FLAGS"))
         needs_file = any(item.kind in ("SECTION", "ENVELOPE", "BODYSTRUCTURE", "BODY") for item in items)
-        for start in range(0, len(targets), 1000):
-            batch = targets[start : start + 1000]
+        if all(item.kind in ("UID", "FLAGS") for item in items) and not sets_seen:
+            await self.fetch_flags(targets, items, selected)
+            return f"OK {'UID ' if by_uid else ''}FETCH completed"
+        # The whole message and nothing parsed: straight from storage, no MIME scan.
+        whole_only = all(
+            item.kind in ("UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE")
+            or (item.kind == "SECTION" and item.section == "" and item.origin is None)
+            for item in items
+        )
+        size = 20000 if not needs_file else 200
+        for start in range(0, len(targets), size):
+            batch = targets[start : start + size]
             uids = [uid for _seq, uid in batch]
             if sets_seen:
                 await db(store.messages_seen, self.access, selected.mailbox_id, uids)
-            rows = await db(store.rows, self.access, selected.mailbox_id, uids)
+            light = not needs_file and not any(item.kind == "INTERNALDATE" for item in items)
+            rows = await db(store.rows, self.access, selected.mailbox_id, uids, light=light)
+            if not needs_file:  # metadata only: one write for the batch
+                out = bytearray()
+                for seq, uid in batch:
+                    row = rows.get(uid)
+                    if row is not None:
+                        out += self.fetch_metadata(seq, row, items, selected)
+                await self.send(bytes(out))
+                continue
             for seq, uid in batch:
                 row = rows.get(uid)
                 if row is None:
                     continue  # expunged by someone else; reported at the next NOOP
-                await self.fetch_one(seq, row, items, needs_file, selected)
+                if whole_only and row.size <= store.SPOOL_MEMORY:
+                    await self.fetch_whole(seq, row, items, selected)
+                else:
+                    await self.fetch_one(seq, row, items, needs_file, selected)
         return f"OK {'UID ' if by_uid else ''}FETCH completed"
+
+    async def fetch_flags(self, targets: list[tuple[int, int]], items: list[FetchItem], selected: Selected) -> None:
+        """FETCH of UID and FLAGS only (a client's resync of a big folder): one query, one
+        write per 20,000 messages, each distinct flag set rendered once."""
+        assert self.access is not None
+        rendered: dict[tuple[bool, str], bytes] = {}
+        for start in range(0, len(targets), 20000):
+            batch = targets[start : start + 20000]
+            found = await db(store.flag_rows, self.access, selected.mailbox_id, [uid for _seq, uid in batch])
+            out = bytearray()
+            for seq, uid in batch:
+                state = found.get(uid)
+                if state is None:
+                    continue
+                flags = rendered.get(state)
+                if flags is None:
+                    names = store.flags_of(state[0], json.loads(state[1]) or [])
+                    flags = rendered[state] = " ".join(names).encode()
+                if uid in selected.deleted:
+                    flags = (flags + b" \\Deleted").strip()
+                parts = [b"UID %d" % uid if item.kind == "UID" else b"FLAGS (" + flags + b")" for item in items]
+                out += b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
+            await self.send(bytes(out))
+
+    def _metadata_item(self, item: FetchItem, row: store.Row, selected: Selected) -> bytes:
+        if item.kind == "UID":
+            return b"UID %d" % row.uid
+        if item.kind == "FLAGS":
+            flags = row.flags() + (["\\Deleted"] if row.uid in selected.deleted else [])
+            return b"FLAGS (" + " ".join(flags).encode() + b")"
+        if item.kind == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % row.size
+        assert row.received_at is not None
+        return b'INTERNALDATE "' + internal_date(row.received_at) + b'"'
+
+    def fetch_metadata(self, seq: int, row: store.Row, items: list[FetchItem], selected: Selected) -> bytes:
+        parts = [self._metadata_item(item, row, selected) for item in items]
+        return b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
+
+    async def fetch_whole(self, seq: int, row: store.Row, items: list[FetchItem], selected: Selected) -> None:
+        """BODY[] / RFC822 of a message that fits in memory: one read, one write."""
+        data = await asyncio.to_thread(blob_get, row.storage_key)
+        parts = []
+        for item in items:
+            if item.kind == "SECTION":
+                parts.append(item.name.encode() + b" {%d}\r\n" % len(data) + data)
+            else:
+                parts.append(self._metadata_item(item, row, selected))
+        await self.send(b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n")
 
     async def fetch_one(
         self, seq: int, row: store.Row, items: list[FetchItem], needs_file: bool, selected: Selected
@@ -633,6 +706,7 @@ class ImapSession:
             elif item.kind == "RFC822.SIZE":
                 out.append(b"RFC822.SIZE %d" % row.size)
             elif item.kind == "INTERNALDATE":
+                assert row.received_at is not None
                 out.append(b'INTERNALDATE "' + internal_date(row.received_at) + b'"')
             elif item.kind == "ENVELOPE":
                 assert root is not None

@@ -7,12 +7,14 @@ flag changes and deletions go through the same services as the API (audited, eve
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
+from django.db import connection
 from django.db.models import Count, Max, QuerySet
 
 from ingest.services import accept, spool_default, spool_entry_drain
@@ -35,14 +37,16 @@ class Row:
     is_read: bool
     tags: tuple[str, ...]
     size: int
-    received_at: datetime
+    received_at: datetime | None  # None in a light read
     storage_key: str
 
     def flags(self) -> list[str]:
-        flags = ["\\Seen"] if self.is_read else []
-        for tag in self.tags:
-            flags.append(TAG_SYSTEM_FLAGS.get(tag, tag))
-        return flags
+        return flags_of(self.is_read, self.tags)
+
+
+def flags_of(is_read: bool, tags: tuple[str, ...] | list[str]) -> list[str]:
+    """IMAP flags of a message: ``\\Seen`` from is_read, system flags and keywords from tags."""
+    return (["\\Seen"] if is_read else []) + [TAG_SYSTEM_FLAGS.get(tag, tag) for tag in tags]
 
 
 _ROW_FIELDS = ("pk", "uid", "is_read", "tags", "size", "received_at", "storage_key")
@@ -76,19 +80,47 @@ def unseen_count(access: Access, mailbox_id: UUID) -> int:
     return visible(access, mailbox_id).filter(is_read=False).count()
 
 
-def rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, Row]:
+def rows(access: Access, mailbox_id: UUID, uids: list[int], *, light: bool = False) -> dict[int, Row]:
+    """The messages of these UIDs that are still there.
+
+    The scoped queryset writes the SQL; its rows are read with a plain cursor, without the
+    ORM's per-value converters (a FETCH of 100,000 flags spends its time there otherwise).
+    """
     found: dict[int, Row] = {}
-    for start in range(0, len(uids), 5000):
-        chunk = uids[start : start + 5000]
-        queryset = visible(access, mailbox_id)
+    for start in range(0, len(uids), 20000):
+        chunk = uids[start : start + 20000]
+        queryset = visible(access, mailbox_id).order_by()
         if len(chunk) > 1 and chunk[-1] - chunk[0] + 1 == len(chunk):
             queryset = queryset.filter(uid__gte=chunk[0], uid__lte=chunk[-1])
         else:
             queryset = queryset.filter(uid__in=chunk)
-        for values in queryset.values_list(*_ROW_FIELDS):
-            pk, uid, is_read, tags, size, received_at, storage_key = values
-            row = Row(pk, int(uid or 0), is_read, tuple(tags or ()), size, received_at, storage_key)
-            found[row.uid] = row
+        # light: flags and sizes only (no dates to convert, no keys), for FLAGS/UID/RFC822.SIZE.
+        fields = _ROW_FIELDS[:5] if light else _ROW_FIELDS
+        sql, params = queryset.values_list(*fields).query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for values in cursor.fetchall():
+                pk, uid, is_read, tags, size = values[:5]
+                if isinstance(tags, str):
+                    tags = () if tags == "[]" else json.loads(tags)
+                received_at, storage_key = (None, "") if light else values[5:]
+                found[int(uid)] = Row(pk, int(uid), is_read, tuple(tags or ()), size, received_at, storage_key)
+    return found
+
+
+def flag_rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, tuple[bool, str]]:
+    """UID -> (is_read, tags as JSON text): all a FETCH of UID and FLAGS needs, read in bulk."""
+    found: dict[int, tuple[bool, str]] = {}
+    for start in range(0, len(uids), 50000):
+        chunk = uids[start : start + 50000]
+        queryset = visible(access, mailbox_id).order_by().filter(uid__gte=chunk[0], uid__lte=chunk[-1])
+        sql, params = queryset.values_list("uid", "is_read", "tags").query.sql_with_params()
+        wanted = set(chunk) if chunk[-1] - chunk[0] + 1 != len(chunk) else None
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            for uid, is_read, tags in cursor.fetchall():
+                if wanted is None or uid in wanted:
+                    found[uid] = (is_read, tags if isinstance(tags, str) else json.dumps(tags))
     return found
 
 
