@@ -156,6 +156,13 @@ def _unparsed_oldest_age(now: datetime) -> float | None:
     return max(0.0, (now - min(received)).total_seconds()) if received else None
 
 
+def _connectors_waiting() -> bool:
+    """Whether any IMAP connector should be held by a runner (runconnectors)."""
+    from ingest.models import Connector
+
+    return Connector.objects.filter(active=True).exclude(state=Connector.State.AUTH_FAILED).exists()
+
+
 def mail_flow_status() -> dict[str, Any]:
     """Nodes with their ages, and warnings: stale nodes, no live worker or SMTP node, old backlog.
 
@@ -204,6 +211,10 @@ def mail_flow_status() -> dict[str, Any]:
         warnings.append({"code": "no_live_smtp_node", "message": "No SMTP node has beaten recently."})
     if not live[Heartbeat.Kind.WORKER]:
         warnings.append({"code": "no_live_worker", "message": "No Celery worker has beaten recently."})
+    if not live[Heartbeat.Kind.CONNECTORS] and _connectors_waiting():
+        warnings.append(
+            {"code": "no_live_connector_runner", "message": "IMAP connectors are active, but no runconnectors beats."}
+        )
     unparsed = _unparsed_oldest_age(now)
     if unparsed is not None and unparsed > settings.MAIL_FLOW_UNPARSED_MAX_AGE:
         warnings.append({"code": "unparsed_backlog", "message": f"Oldest unparsed message {round(unparsed)} s old."})

@@ -41,6 +41,18 @@ from ingest.services import spool_default, spool_drain, spool_entry_drain
 logger = logging.getLogger(__name__)
 
 SPOOL_SWEEP_SECONDS = 60.0
+CONNECT_CONCURRENCY = 32  # sessions connecting, logging in and catching up at once
+TRIM_AFTER_SECONDS = 30.0  # quiet time after a ramp before freed heap is handed back
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the system after a ramp (glibc keeps it otherwise): the RSS
+    of a runner holding idle accounts then reflects the accounts, not the connect burst."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def owner_name(node: str | None = None) -> str:
@@ -81,6 +93,8 @@ class Runner:
         self.spool = spool_default()
         self.interval = max(0.5, settings.CONNECTOR_LEASE_SECONDS / 3)
         self.first_round = True
+        self.connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        self.trim_due: float | None = None
 
     async def db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -94,7 +108,10 @@ class Runner:
             logger.warning("drain of %s failed, the sweep retries: %s", queue_id, type(exc).__name__)
 
     def _start(self, connector_id: UUID, token: int, generation: int, *, stagger: float) -> None:
-        session = Session(connector_id=connector_id, token=token, db=self.db, stagger=stagger, drain=self.drain)
+        session = Session(
+            connector_id=connector_id, token=token, db=self.db, stagger=stagger, drain=self.drain,
+            connect_slots=self.connect_slots,
+        )  # fmt: skip
         task = asyncio.create_task(session.run(), name=f"connector-{connector_id}")
         self.held[connector_id] = _Held(session, task, token, generation)
 
@@ -135,6 +152,12 @@ class Runner:
             )
         self.first_round = False
         metrics.HELD.set(len(self.held))
+        loop = asyncio.get_running_loop()
+        if claims:
+            self.trim_due = loop.time() + self.stagger + TRIM_AFTER_SECONDS
+        elif self.trim_due is not None and loop.time() > self.trim_due:
+            self.trim_due = None
+            await self.db(_malloc_trim)
 
     async def _connections_close(self) -> None:
         """Close each pool thread's database connection (a barrier gives every thread one call)."""

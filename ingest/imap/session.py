@@ -85,13 +85,23 @@ class Session:
     """The task of one claimed connector; ends on cancel (lease lost, stop) or auth_failed."""
 
     def __init__(
-        self, *, connector_id: UUID, token: int, db: DbCall, stagger: float, drain: Callable[[str], Any]
+        self,
+        *,
+        connector_id: UUID,
+        token: int,
+        db: DbCall,
+        stagger: float,
+        drain: Callable[[str], Any],
+        connect_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.connector_id = connector_id
         self.token = token
         self.db = db
         self.stagger = stagger
         self.drain = drain
+        # Connect, log in and catch up a few accounts at a time: a thousand sessions starting
+        # together would otherwise all hold their first fetches and queries at once.
+        self.connect_slots = connect_slots or asyncio.Semaphore(1_000_000)
         self.client: ImapClient | None = None
         self.connected = False
         self.stopped = False
@@ -162,15 +172,16 @@ class Session:
         return str(access)
 
     async def _connected_loop(self) -> None:
-        connector: Connector = await self.db(leases.connector_load, self.connector_id)
-        access_token = await self._access_token(connector)
-        self.client = client = await open_connection(connector)
-        await credentials_login(client, connector, access_token)
-        folders = list(connector.folders) or ["INBOX"]
-        idle = "IDLE" in client.capabilities
-        # Catch up before saying "connected": an error here is a connect error.
-        await self._sync(client, folders)
-        await self._state(Connector.State.IDLE if idle else Connector.State.POLLING)
+        async with self.connect_slots:
+            connector: Connector = await self.db(leases.connector_load, self.connector_id)
+            access_token = await self._access_token(connector)
+            self.client = client = await open_connection(connector)
+            await credentials_login(client, connector, access_token)
+            folders = list(connector.folders) or ["INBOX"]
+            idle = "IDLE" in client.capabilities
+            # Catch up before saying "connected": an error here is a connect error.
+            await self._sync(client, folders)
+            await self._state(Connector.State.IDLE if idle else Connector.State.POLLING)
         self.connected = True
         metrics.CONNECTED.inc()
         idle_seconds = float(settings.CONNECTOR_IDLE_SECONDS)

@@ -277,3 +277,61 @@ def test_it_puts_a_revoked_refresh_token_in_auth_failed(world, dovecot, imap_acc
     time.sleep(2.5)
     assert len(tokens.token_requests) == requests  # no retry storm
     wait_until(lambda: len(mail.outbox) == 1)
+
+
+@pytest.mark.django_db
+def test_it_fences_a_runner_whose_lease_was_taken_over(world, runner_settings):
+    from ingest.imap import leases
+
+    connector = Connector.objects.create(
+        tenant=world.tenant, mailbox=world.mailbox, host="127.0.0.1", port=1, tls_mode="none", username="u",
+        password_encrypted=crypto.encrypt("p"), folders=["INBOX"],
+    )  # fmt: skip
+    (first,) = leases.leases_claim(owner="a", limit=5, exclude=set())
+    assert leases.leases_claim(owner="b", limit=5, exclude=set()) == []  # held: nobody else gets it
+    Connector.objects.filter(pk=connector.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    (second,) = leases.leases_claim(owner="b", limit=5, exclude=set())
+    assert second.token == first.token + 1 and second.taken_over
+    # The first runner comes back from a pause: its writes are refused, nothing is taken in.
+    with pytest.raises(leases.LeaseLost):
+        leases.message_take(
+            connector_id=connector.pk, token=first.token, folder="INBOX", uid_validity=1, uid=7, content=message(1)
+        )
+    with pytest.raises(leases.LeaseLost):
+        leases.cursor_set(connector_id=connector.pk, token=first.token, folder="INBOX", uid_validity=1, last_uid=9)
+    assert leases.leases_renew(owner="a", held={connector.pk: first.token}) == {}
+    assert not ConnectorFolder.objects.exists() and not ConnectorSeen.objects.exists()
+    # The new holder's writes go through, and the same message twice is taken in once.
+    assert leases.message_take(
+        connector_id=connector.pk, token=second.token, folder="INBOX", uid_validity=1, uid=7, content=message(1, message_id="<same@x>")
+    )  # fmt: skip
+    assert (
+        leases.message_take(
+            connector_id=connector.pk,
+            token=second.token,
+            folder="INBOX",
+            uid_validity=2,
+            uid=1,
+            content=message(1, message_id="<same@x>"),
+        )
+        is None
+    )
+    assert ConnectorFolder.objects.get().last_uid == 1
+
+
+@pytest.mark.django_db
+def test_it_tells_readyz_when_connectors_wait_for_a_runner(world):
+    from ingest.heartbeats import heartbeat_record, mail_flow_status
+    from ingest.models import Heartbeat
+
+    def codes() -> set[str]:
+        return {warning["code"] for warning in mail_flow_status()["warnings"]}
+
+    assert "no_live_connector_runner" not in codes()
+    Connector.objects.create(
+        tenant=world.tenant, mailbox=world.mailbox, host="127.0.0.1", port=1, tls_mode="none", username="u",
+        folders=["INBOX"],
+    )  # fmt: skip
+    assert "no_live_connector_runner" in codes()
+    heartbeat_record(kind=Heartbeat.Kind.CONNECTORS, node="runner-1", pid=1, started_at=timezone.now())
+    assert "no_live_connector_runner" not in codes()
