@@ -303,7 +303,8 @@ def test_it_fences_a_runner_whose_lease_was_taken_over(world, runner_settings):
     assert not ConnectorFolder.objects.exists() and not ConnectorSeen.objects.exists()
     # The new holder's writes go through, and the same message twice is taken in once.
     assert leases.message_take(
-        connector_id=connector.pk, token=second.token, folder="INBOX", uid_validity=1, uid=7, content=message(1, message_id="<same@x>")
+        connector_id=connector.pk, token=second.token, folder="INBOX", uid_validity=1, uid=7,
+        content=message(1, message_id="<same@x>"),
     )  # fmt: skip
     assert (
         leases.message_take(
