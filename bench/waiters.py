@@ -38,6 +38,47 @@ def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def scratch_database(name: str) -> None:
+    """Point this process at a new, empty PostgreSQL database ``name`` (local blobs, no S3)."""
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    os.environ.update(
+        DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{name}",
+        DATA_DIR=str(ROOT / "var" / f"bench-{name}"),
+        LOG_LEVEL="WARNING",
+        DJANGO_SETTINGS_MODULE="mailplatform.settings",
+    )
+    for variable in ("S3_BUCKET", "S3_ENDPOINT_URL"):
+        os.environ.pop(variable, None)
+
+
+def scratch_database_drop(name: str) -> None:
+    import psycopg
+    from django.db import connections
+
+    connections.close_all()
+    with psycopg.connect(ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def until_idle(pid: int) -> float:
+    """Seconds until the process's CPU time stops growing (every waiter authenticated and in)."""
+    previous, began = -1.0, time.monotonic()
+    while True:
+        await asyncio.sleep(1.0)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if cpu - previous < 0.05 and time.monotonic() - began > 3:
+            return time.monotonic() - began
+        previous = cpu
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -57,20 +98,7 @@ async def waiter(port: int, path: str, key: str, answered: dict[int, float], num
 
 
 async def run(options: argparse.Namespace) -> None:
-    import psycopg
-
-    name = options.database
-    admin = "postgres://postgres@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgres://postgres@127.0.0.1:5432/{name}"
-    data_dir = ROOT / "var" / f"bench-{name}"
-    os.environ.update(
-        DATABASE_URL=url, DATA_DIR=str(data_dir), LOG_LEVEL="WARNING", DJANGO_SETTINGS_MODULE="mailplatform.settings"
-    )
-    for variable in ("S3_BUCKET", "S3_ENDPOINT_URL"):
-        os.environ.pop(variable, None)
+    scratch_database(options.database)
     import django
 
     django.setup()
@@ -118,7 +146,6 @@ async def run(options: argparse.Namespace) -> None:
         idle = rss_mib(pid)
         since = datetime.fromtimestamp(time.time() - 1, tz=UTC).isoformat().replace("+00:00", "Z")
         answered: dict[int, float] = {}
-        began = time.monotonic()
         tasks = [
             asyncio.create_task(
                 waiter(
@@ -131,16 +158,7 @@ async def run(options: argparse.Namespace) -> None:
             )
             for n in range(options.waiters)
         ]
-        # Every waiter is in once the process's CPU time stops growing (all authenticated).
-        previous = -1.0
-        while True:
-            await asyncio.sleep(1.0)
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            if cpu - previous < 0.05 and time.monotonic() - began > 3:
-                break
-            previous = cpu
-        ramp = time.monotonic() - began
+        ramp = await until_idle(pid)
         assert not answered, f"{len(answered)} answered before any mail"
         waiting = rss_mib(pid)
         threads = threads_of(pid)
@@ -162,11 +180,7 @@ async def run(options: argparse.Namespace) -> None:
         print(f"load average {os.getloadavg()}")
     finally:
         web.stop()
-        from django.db import connections
-
-        await sync_to_async(connections.close_all)()
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await sync_to_async(scratch_database_drop)(options.database)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from django.core.exceptions import PermissionDenied
-from django.db.models import Model, Q, QuerySet
+from django.db.models import F, Model, Q, QuerySet
 
 from audit.services import Actor
 
@@ -126,9 +126,7 @@ class Principal:
 
     @classmethod
     def for_api_key(cls, api_key: ApiKey) -> Principal:
-        domain_ids = frozenset(api_key.allowed_domains.values_list("id", flat=True))
-        mailbox_rows = list(api_key.allowed_mailboxes.values_list("id", "domain_id"))
-        pool_ids = frozenset(api_key.allowed_pools.values_list("id", flat=True))
+        domain_ids, mailbox_rows, pool_ids = _grants(api_key)
         scoped = bool(domain_ids or mailbox_rows or pool_ids)
         # A minted key is never wider than the keys above it, whatever happened since.
         chain = api_key.ancestors()
@@ -258,6 +256,33 @@ def principal_ensure_usable(principal: Principal, ip: str | None) -> None:
     tenant_ensure_active(principal.tenant)
     if not principal.allows_ip(ip):
         raise IpNotAllowed(principal, ip)
+
+
+def _grants(api_key: ApiKey) -> tuple[frozenset[UUID], list[tuple[UUID, UUID]], frozenset[UUID]]:
+    """The key's resource allow-list: domain ids, (mailbox id, its domain id) and pool ids, in
+    one query (every API request asks it)."""
+    from django.db.models import CharField, UUIDField, Value
+
+    def rows(through: Any, kind: str, column: str, domain: Any) -> QuerySet[Any]:
+        return (
+            through.objects.filter(apikey_id=api_key.pk)
+            .annotate(grant_kind=Value(kind, output_field=CharField()), grant_domain=domain)
+            .values_list("grant_kind", column, "grant_domain")
+        )
+
+    none = Value(None, output_field=UUIDField())
+    grants = list(
+        rows(type(api_key).allowed_domains.through, "d", "domain_id", none).union(
+            rows(type(api_key).allowed_mailboxes.through, "m", "mailbox_id", F("mailbox__domain_id")),
+            rows(type(api_key).allowed_pools.through, "p", "mailboxpool_id", none),
+            all=True,
+        )
+    )
+    return (
+        frozenset(row[1] for row in grants if row[0] == "d"),
+        [(row[1], row[2]) for row in grants if row[0] == "m"],
+        frozenset(row[1] for row in grants if row[0] == "p"),
+    )
 
 
 def _allowlists(*lists: Sequence[str]) -> tuple[tuple[Network, ...], ...]:

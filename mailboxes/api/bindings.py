@@ -27,6 +27,7 @@ from mailboxes.api.binding_serializers import (
     ReassignSerializer,
 )
 from mailboxes.bindings import selectors, services
+from mailboxes.bindings.attribution import provider_name_normalize
 from mailboxes.models import AccountBinding, AccountProvider, MailboxPool
 from mailplatform.api import no_body_expected
 from mailplatform.pagination import CreatedCursorPagination
@@ -207,6 +208,15 @@ class LinkOrCreateView(APIView):
         serializer = LinkOrCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
+        # The common case first, in one query: the account is bound in this pool already.
+        existing = (
+            selectors.binding_scope(principal)
+            .filter(pool_id=data["pool"], account_ref=data["account_ref"].strip(), active=True)
+            .first()
+        )
+        if existing is not None and existing.provider == provider_name_normalize(data["provider"]):
+            output = LinkOrCreateResultSerializer(existing, context={"created": False, "link": None})
+            return Response(output.data)
         pool = selectors.pool_list(principal).filter(pk=data.pop("pool")).first()
         if pool is None:
             raise exceptions.ValidationError({"pool": ["Not one of your pools."]})

@@ -312,13 +312,17 @@ def _candidates(pool: MailboxPool, provider: str, excluded: set[int]) -> QuerySe
 
 
 def _still_fits(pool: MailboxPool, member: PoolMailbox, provider: str) -> bool:
-    """Re-read under the row lock: what was committed while we waited is visible now."""
-    count = PoolMailbox.objects.filter(pk=member.pk).values_list("active_bindings", flat=True).first()
-    if count is None or count >= pool.capacity_per_mailbox:
+    """Re-read under the row lock (one query): what was committed while we waited is visible now."""
+    same_provider = AccountBinding.objects.filter(mailbox_id=OuterRef("mailbox_id"), provider=provider, active=True)
+    row = (
+        PoolMailbox.objects.filter(pk=member.pk)
+        .annotate(provider_taken=Exists(same_provider))
+        .values_list("active_bindings", "provider_taken")
+        .first()
+    )
+    if row is None or row[0] >= pool.capacity_per_mailbox:
         return False
-    if pool.one_per_provider:
-        return not AccountBinding.objects.filter(mailbox_id=member.mailbox_id, provider=provider, active=True).exists()
-    return True
+    return not (pool.one_per_provider and row[1])
 
 
 def _allocate(pool: MailboxPool, provider: str, *, exclude_mailbox: UUID | None = None) -> PoolMailbox | None:
@@ -474,7 +478,8 @@ def binding_link_or_create(
                 raise
         else:
             if existing is None:
-                transaction.on_commit(lambda: _provision_after(pool.pk))
+                if pool.auto_provision:
+                    transaction.on_commit(lambda: _provision_after(pool.pk))
                 return LinkOrCreate(binding=binding, created=True, link=link)
     assert existing is not None
     if existing.provider != provider:
