@@ -95,7 +95,7 @@ class MessageAdmin(ReadOnlyAdmin):
     left out of the admin on purpose."""
 
     list_display = ("received_at", "mailbox", "mail_from", "subject", "state", "source", "size", "has_attachments")
-    list_filter = ("state", "source", "has_attachments", "is_read", "tls", "received_at")
+    list_filter = ("state", "source", "antivirus_verdict", "has_attachments", "is_read", "tls", "received_at")
     list_select_related = ("mailbox",)
     search_fields = (
         "=id",
@@ -137,6 +137,9 @@ class MessageAdmin(ReadOnlyAdmin):
         "storage_key",
         "has_attachments",
         "defects",
+        "antivirus_verdict",
+        "antivirus_signature",
+        "antivirus_scanned_at",
         "is_read",
         "parsed_at",
         "indexed_at",

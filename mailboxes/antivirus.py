@@ -22,6 +22,7 @@ which goes on like tag mode and quarantines on the rescan if it then finds a vir
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from uuid import UUID
@@ -58,10 +59,25 @@ class Screen:
     signature: str = ""
 
 
-def mailbox_mode(mailbox_id: UUID) -> str:
-    """The mode for a mailbox's mail: its domain's, else its tenant's, else ANTIVIRUS_MODE."""
+_MODE_CACHE_SECONDS = 5.0  # as stale as the SMTP directory's snapshot may be
+_modes: dict[UUID, tuple[str, float]] = {}
+
+
+def mailbox_mode(mailbox_id: UUID, *, cached: bool = False) -> str:
+    """The mode for a mailbox's mail: its domain's, else its tenant's, else ANTIVIRUS_MODE.
+
+    ``cached``: the parse's look-up, remembered a few seconds per process (a change reaches
+    the parse as soon as it reaches SMTP's directory); a rescan always asks the database.
+    """
+    now = time.monotonic()
+    if cached and (hit := _modes.get(mailbox_id)) is not None and hit[1] > now:
+        return hit[0]
     row = Mailbox.objects.filter(pk=mailbox_id).values_list("domain__antivirus_mode", "tenant__antivirus_mode").first()
-    return str((row and (row[0] or row[1])) or settings.ANTIVIRUS_MODE)
+    mode = str((row and (row[0] or row[1])) or settings.ANTIVIRUS_MODE)
+    if len(_modes) > 10_000:
+        _modes.clear()
+    _modes[mailbox_id] = (mode, now + _MODE_CACHE_SECONDS)
+    return mode
 
 
 def _verdict_fields(result: clamd.ScanResult) -> dict[str, object]:
@@ -99,20 +115,10 @@ def message_screen(*, message: Message, raw: bytes) -> Screen:
     """
     if not clamd.configured() or message.mailbox_id is None:
         return Screen()
-    # One query for the verdict made before the 250 and the mode (the parse loads neither).
-    row = (
-        Message.objects.filter(pk=message.pk)
-        .values_list(
-            "antivirus_verdict", "antivirus_signature", "mailbox__domain__antivirus_mode", "tenant__antivirus_mode"
-        )
-        .first()
-    )
-    if row is None:
-        return Screen()
-    verdict, signature, domain_mode, tenant_mode = row
-    mode = str(domain_mode or tenant_mode or settings.ANTIVIRUS_MODE)
+    mode = mailbox_mode(message.mailbox_id, cached=True)
     if mode == "off":
         return Screen()
+    verdict, signature = message.antivirus_verdict, message.antivirus_signature
     fields: dict[str, object] = {}
     if verdict in {"", AntivirusVerdict.ERROR}:
         result = clamd.scan(raw, stage="pipeline")

@@ -149,6 +149,8 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
             "remote_ip",
             "helo",
             "mail_from",
+            "antivirus_verdict",
+            "antivirus_signature",
         )
         .order_by()
         .first()

@@ -118,7 +118,7 @@ class DomainInline(admin.TabularInline):  # type: ignore[type-arg]
 class TenantAdmin(StaffAuditedAdmin):
     audit_resource_type = "tenant"
     list_display = ("name", "slug", "plan", "status", "status_reason", "created_at")
-    list_filter = ("status", "plan", "created_at")
+    list_filter = ("status", "plan", "antivirus_mode", "created_at")
     search_fields = ("name", "slug", "=id")
     readonly_fields = ("id", "status", "status_reason", "created_at", "updated_at")
     fields = (
@@ -130,6 +130,7 @@ class TenantAdmin(StaffAuditedAdmin):
         "status_reason",
         "max_message_size",
         "retention_days",
+        "antivirus_mode",
         "ip_allowlist",
         "created_at",
         "updated_at",
@@ -166,7 +167,7 @@ class TenantAdmin(StaffAuditedAdmin):
 class DomainForm(forms.ModelForm):  # type: ignore[type-arg]
     class Meta:
         model = Domain
-        fields = ("tenant", "name", "recipient_policy")
+        fields = ("tenant", "name", "recipient_policy", "antivirus_mode")
 
     def clean_name(self) -> str:
         # The same normalization as the API, so the admin cannot store "Example.COM.".
@@ -188,7 +189,7 @@ class DomainAdmin(StaffAuditedAdmin):
         "failed_checks",
         "created_at",
     )
-    list_filter = ("state", "platform_managed", "recipient_policy", "tenant__plan", "created_at")
+    list_filter = ("state", "platform_managed", "recipient_policy", "antivirus_mode", "tenant__plan", "created_at")
     list_select_related = ("tenant",)
     search_fields = ("name", "tenant__name", "tenant__slug", "=id")
     autocomplete_fields = ("tenant",)

@@ -167,3 +167,25 @@ def test_it_refuses_only_the_reject_mode_recipients_over_lmtp(
     assert [r.address for r in envelope.recipients] == ["theirs@outsider.example.test"]
     assert envelope.antivirus is not None
     assert (envelope.antivirus["verdict"], envelope.antivirus["signature"]) == ("infected", FOUND)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("CLAMD_URL", "http://127.0.0.1:3310"), ("ANTIVIRUS_MODE", "maybe")], ids=["url", "mode"]
+)
+def test_it_stops_at_start_on_a_bad_antivirus_setting(name: str, value: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mailplatform.testing import env_with
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=root,
+        env=env_with(**{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and f"configuration error: {name}:" in done.stderr, done.stderr[-500:]

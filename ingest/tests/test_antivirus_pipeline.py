@@ -36,6 +36,7 @@ def scanning(settings: Any, clamd_server: Any) -> Any:
 def _mode(world: Any, mode: str) -> None:
     world.domain.antivirus_mode = mode
     world.domain.save(update_fields=["antivirus_mode", "updated_at"])
+    antivirus._modes.clear()  # the parse remembers a mailbox's mode for a few seconds
 
 
 def _parsed(world: Any, raw: bytes) -> Message:
