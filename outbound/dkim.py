@@ -11,10 +11,12 @@ import base64
 import re
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 # Headers signed (RFC 6376 section 5.4.1 lists From as required; the rest are what receivers
 # show or thread by). Each is signed once more than it appears (oversigning) so none can be
@@ -33,6 +35,32 @@ SIGNED_HEADERS = (
     b"content-type",
     b"content-transfer-encoding",
 )
+
+
+@lru_cache(maxsize=256)
+def _openssl_key(n: int, e: int, d: int, p: int, q: int, dp: int, dq: int, qi: int) -> rsa.RSAPrivateKey:
+    return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n)).private_key()
+
+
+def _rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's RSASSA-PKCS1-v1_5 signature (RFC 8017 section 8.2.1) by OpenSSL: the same
+    bytes, about ten times faster than its pure-Python modular exponentiation."""
+    algorithm = hashes.SHA256() if digest.name == "sha256" else hashes.SHA1()  # noqa: S303 (rsa-sha1 verifiers)
+    key = _openssl_key(
+        private_key["modulus"],
+        private_key["publicExponent"],
+        private_key["privateExponent"],
+        private_key["prime1"],
+        private_key["prime2"],
+        private_key["exponent1"],
+        private_key["exponent2"],
+        private_key["coefficient"],
+    )
+    return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+
+
+dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign  # type: ignore[attr-defined]  # dkimpy resolves it at call time
+
 SELECTOR_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 

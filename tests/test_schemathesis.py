@@ -88,6 +88,22 @@ def _real_ids(world: Any) -> dict[str, Any]:
         "/api/v1/connectors/{id}/reconnect/": {"id": world.connector_id},
         "/api/v1/events/{event_id}/": {"event_id": world.mailbox_event_id},
         **_pool_ids(world),
+        **_outbound_ids(world),
+    }
+
+
+def _outbound_ids(world: Any) -> dict[str, Any]:
+    from outbound.tests import walks
+
+    return {
+        "/api/v1/outbound-messages/{id}/": {"id": walks.outbound_message(world, world.mailbox).pk},
+        "/api/v1/domains/{domain_id}/dkim-keys/": {"domain_id": world.domain.pk},
+        "/api/v1/domains/{domain_id}/dkim-keys/{id}/": {"domain_id": world.domain.pk, "id": walks.dkim_key(world).pk},
+        "/api/v1/domains/{domain_id}/dkim-keys/{id}/verify/": {
+            "domain_id": world.domain.pk,
+            "id": walks.dkim_key(world).pk,
+        },
+        "/api/v1/suppressions/{id}/": {"id": walks.suppression(world).pk},
     }
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webinbox.views import console, inbox, pools, public
+from webinbox.views import console, inbox, outbound, pools, public
 from webinbox.views.connectors import connector_action, connectors
 
 app_name = "webinbox"
@@ -29,6 +29,7 @@ urlpatterns = [
     path("inbox/<slug:tenant_slug>/m/<str:message_id>/", inbox.message, name="message"),
     path("inbox/<slug:tenant_slug>/m/<str:message_id>/body/", inbox.message_body, name="message-body"),
     path("inbox/<slug:tenant_slug>/m/<str:message_id>/reply/", inbox.message_reply, name="message-reply"),
+    path("console/<slug:tenant_slug>/suppressions/", outbound.suppressions, name="console-suppressions"),
     # The tenant console
     path("console/", console.console_home, name="console"),
     path("console/<slug:tenant_slug>/", console.settings_page, name="console-settings"),

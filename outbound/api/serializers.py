@@ -51,7 +51,12 @@ class DkimKeyVerifySerializer(DkimKeySerializer):
 
 class AttachmentSerializer(StrictSerializer):
     filename = serializers.CharField(max_length=255)
-    content_type = serializers.CharField(max_length=255, required=False, default="application/octet-stream")
+    content_type = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$",
+        required=False,
+        default="application/octet-stream",
+        help_text="type/subtype (RFC 6838)",
+    )
     content = serializers.CharField(help_text="base64")
 
 

@@ -6,7 +6,7 @@ from outbound.api import views
 router = SimpleRouter()
 router.register("outbound-messages", views.OutboundMessageViewSet, basename="outbound-message")
 router.register("suppressions", views.SuppressionViewSet, basename="suppression")
-router.register(r"domains/(?P<domain_id>[0-9a-fA-F-]{32,36})/dkim-keys", views.DkimKeyViewSet, basename="dkim-key")
+router.register(rf"domains/(?P<domain_id>{views._UUID})/dkim-keys", views.DkimKeyViewSet, basename="dkim-key")
 
 urlpatterns = [
     path("messages/send", views.SendView.as_view(), name="message-send"),

@@ -45,7 +45,8 @@ from tenants.access import Permission
 from tenants.api.views import principal_of
 from tenants.models import Domain
 
-_UUID = "[0-9a-fA-F-]{32,36}"
+# Only real UUIDs route (anything else is a 404, never a 400 from the database lookup).
+_UUID = "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
 
 class SendView(APIView):

@@ -34,7 +34,7 @@ def test_it_neither_loses_nor_doubles_a_message_when_the_worker_is_killed_mid_de
         "OUTBOUND_URL": "",
         "OUTBOUND_MX_PORT": str(SINK["port"]),
         "OUTBOUND_ALLOW_PRIVATE": "true",
-        "OUTBOUND_CLAIM_LEASE": "5",
+        "OUTBOUND_CLAIM_LEASE": "8",
         "DNS_RESOLVERS": f"127.0.0.1:{dns_zone.port}",
     }
     sink.rcpt_delay = 30.0  # the remote MX stalls at RCPT: the worker is mid-delivery
@@ -51,11 +51,11 @@ def test_it_neither_loses_nor_doubles_a_message_when_the_worker_is_killed_mid_de
         first.stop()
     recipient = Recipient.objects.get(message_id=message_id)
     assert recipient.state == "queued" and recipient.claimed_until is not None  # the dead worker's claim
+    # Beat's sweeper, run here: nothing is due until the dead worker's claim runs out.
+    assert recipients_due_dispatch() == 0
     sink.rcpt_delay = 0.0
     second = _worker(env, "outbound-crash-2")
     try:
-        # Beat's sweeper, run here: nothing is due until the dead worker's claim runs out.
-        assert recipients_due_dispatch() == 0
         wait_until(lambda: recipients_due_dispatch() == 1, timeout=15, what="the claim to run out")
         wait_until(
             lambda: Recipient.objects.filter(pk=recipient.pk, state="delivered").exists(), timeout=30, what="delivery"
