@@ -522,7 +522,12 @@ class ImapSession:
             ranges = sequence_set(text, uids[-1] if uids else 0)
             if text.endswith("*") and uids:  # "n:*" always includes the highest UID
                 ranges = [(min(a, uids[-1]), max(b, uids[-1])) for a, b in ranges]
-            return [(index + 1, uid) for index, uid in enumerate(uids) if in_ranges(uid, ranges)]
+            from bisect import bisect_left, bisect_right
+
+            chosen: set[int] = set()
+            for first, last in ranges:  # each range is a slice of the sorted UID list
+                chosen.update(range(bisect_left(uids, first), bisect_right(uids, last)))
+            return [(index + 1, uids[index]) for index in sorted(chosen)]
         if not uids and text in ("1:*", "*"):
             return []
         ranges = sequence_set(text, len(uids))
