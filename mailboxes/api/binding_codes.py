@@ -86,13 +86,15 @@ def _start(request: HttpRequest, *, link: str | None, account_ref: str | None, p
     since = request.GET.get("since")
     if since:
         after = max(after, _since(since))
-    question = selectors.CodeQuestion(
-        binding_id=binding.pk,
-        tenant_id=binding.tenant_id,
-        mailbox_id=binding.mailbox_id,
-        provider=binding.provider,
-        after=after,
-    )
+    try:
+        question = selectors.code_question_for(binding, after)
+    except selectors.ProviderNotConfigured:
+        raise ApiError(
+            409,
+            "provider_not_configured",
+            f"The mailbox is shared and provider {binding.provider!r} has no sender domains or subject "
+            "patterns: set them (/api/v1/providers/) so its mail can be told apart.",
+        ) from None
     return _Start(binding=binding, question=question)
 
 
@@ -129,15 +131,7 @@ class BindingCodeView(WaitingView):
         )
         binding = start.binding
         context.set_tenant(str(binding.tenant_id))
-        try:
-            found = await waiting.wait_for(_question(start.question), timeout=wait)
-        except selectors.ProviderNotConfigured:
-            raise ApiError(
-                409,
-                "provider_not_configured",
-                f"The mailbox is shared and provider {binding.provider!r} has no sender domains or subject "
-                "patterns: set them (/api/v1/providers/) so its mail can be told apart.",
-            ) from None
+        found = await waiting.wait_for(_question(start.question), timeout=wait)
         if found is None:
             if wait:
                 raise ApiError(408, "timeout", f"No code arrived within {wait:g} seconds.")

@@ -209,10 +209,10 @@ class LinkOrCreateView(APIView):
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
         # The common case first, in one query: the account is bound in this pool already.
-        existing = (
-            selectors.binding_scope(principal)
-            .filter(pool_id=data["pool"], account_ref=data["account_ref"].strip(), active=True)
-            .first()
+        existing = selectors.binding_one(
+            selectors.binding_scope(principal).filter(
+                pool_id=data["pool"], account_ref=data["account_ref"].strip(), active=True
+            )
         )
         if existing is not None and existing.provider == provider_name_normalize(data["provider"]):
             output = LinkOrCreateResultSerializer(existing, context={"created": False, "link": None})

@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from django.core.cache import cache
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Exists, QuerySet
 from django.utils import timezone
 
 from mailboxes.bindings.attribution import provider_filter
@@ -78,8 +78,14 @@ def binding_by_link(principal: Principal, link: str) -> AccountBinding | None:
     return None
 
 
+def binding_one(queryset: QuerySet[AccountBinding]) -> AccountBinding | None:
+    """The one row of a lookup by the active-account index, unordered: ``first()`` would add the
+    list's ORDER BY created_at, and the planner could walk the tenant's bindings in that order."""
+    return next(iter(queryset.order_by()[:1]), None)
+
+
 def binding_for_account(principal: Principal, account_ref: str, provider: str | None = None) -> AccountBinding | None:
-    binding = binding_scope(principal).filter(account_ref=account_ref, active=True).first()
+    binding = binding_one(binding_scope(principal).filter(account_ref=account_ref, active=True))
     if binding is None or (provider and binding.provider != provider.strip().lower()):
         return None
     return binding
@@ -101,44 +107,53 @@ class ProviderNotConfigured(Exception):
 
 @dataclass(frozen=True)
 class CodeQuestion:
-    """What a code waiter of one binding looks for (plain values: it runs in the pool threads)."""
+    """What a code waiter of one binding looks for (plain values: it runs in the pool threads).
+
+    ``sender_domains`` and ``subject_patterns``: the provider's rules, read once when the wait
+    starts (:func:`code_question_for`), so each look is one query.
+    """
 
     binding_id: UUID
     tenant_id: UUID
     mailbox_id: UUID
     provider: str
     after: datetime
+    sender_domains: tuple[str, ...] = ()
+    subject_patterns: tuple[str, ...] = ()
 
 
-def _attribution(question: CodeQuestion) -> Q | None:
-    """The filter that keeps other accounts' mail out, or None when the mailbox is the account's alone."""
+def code_question_for(binding: AccountBinding, after: datetime) -> CodeQuestion:
+    """The question of a code waiter; raises :class:`ProviderNotConfigured` for a shared mailbox
+    whose provider has no rules (its mail cannot be told apart from the other accounts')."""
     rules = (
-        AccountProvider.objects.filter(tenant_id=question.tenant_id, name=question.provider)
+        AccountProvider.objects.filter(tenant_id=binding.tenant_id, name=binding.provider)
         .values_list("sender_domains", "subject_patterns")
         .first()
+    ) or ([], [])
+    question = CodeQuestion(
+        binding_id=binding.pk,
+        tenant_id=binding.tenant_id,
+        mailbox_id=binding.mailbox_id,
+        provider=binding.provider,
+        after=after,
+        sender_domains=tuple(rules[0]),
+        subject_patterns=tuple(rules[1]),
     )
-    condition = provider_filter(*rules) if rules else None
-    if condition is not None:
-        return condition
-    shared = (
-        AccountBinding.objects.filter(mailbox_id=question.mailbox_id, active=True)
-        .exclude(pk=question.binding_id)
-        .exists()
-    )
-    if shared:
-        raise ProviderNotConfigured(question.provider)
-    return None
+    if provider_filter(question.sender_domains, question.subject_patterns) is None and (
+        AccountBinding.objects.filter(mailbox_id=binding.mailbox_id, active=True).exclude(pk=binding.pk).exists()
+    ):
+        raise ProviderNotConfigured(binding.provider)
+    return question
 
 
 def binding_code_newest(question: CodeQuestion, message_id: UUID | None = None) -> tuple[UUID, datetime] | None:
     """(id, received_at) of the newest indexed message with a code for this binding, or None.
 
     Only mail of the binding's mailbox received after ``after`` (never before the binding
-    existed), only while the binding is active, and in a shared mailbox only mail its
-    provider's rules attribute to it.
+    existed), only while the binding is active, and only mail its provider's rules attribute
+    to it; a provider without rules gets its mailbox's mail only while no other account is
+    bound to that mailbox. One query.
     """
-    if not AccountBinding.objects.filter(pk=question.binding_id, active=True).exists():
-        return None
     queryset = (
         Message.objects.filter(
             mailbox_id=question.mailbox_id,
@@ -148,11 +163,17 @@ def binding_code_newest(question: CodeQuestion, message_id: UUID | None = None) 
             received_at__gt=question.after,
         )
         .exclude(codes=[])
+        .filter(Exists(AccountBinding.objects.filter(pk=question.binding_id, active=True)))
         .order_by("-received_at", "-id")
     )
-    condition = _attribution(question)
+    condition = provider_filter(question.sender_domains, question.subject_patterns)
     if condition is not None:
         queryset = queryset.filter(condition)
+    else:
+        others = AccountBinding.objects.filter(mailbox_id=question.mailbox_id, active=True).exclude(
+            pk=question.binding_id
+        )
+        queryset = queryset.exclude(Exists(others))
     if message_id is not None:
         queryset = queryset.filter(pk=message_id)
     row = queryset.values_list("pk", "received_at").first()

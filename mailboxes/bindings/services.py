@@ -33,6 +33,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet, Sum
 from django.utils import timezone
 
 from audit.services import EventSpec, audit_entry_record, event_record, events_record
+from mailboxes.bindings import selectors
 from mailboxes.bindings.attribution import (
     provider_name_normalize,
     sender_domains_normalize,
@@ -407,10 +408,10 @@ def _binding_event_data(binding: AccountBinding, **extra: Any) -> dict[str, Any]
 
 
 def _active_for_account(tenant_id: UUID, account_ref: str) -> AccountBinding | None:
-    return (
-        AccountBinding.objects.select_related("mailbox", "pool")
-        .filter(tenant_id=tenant_id, account_ref=account_ref, active=True)
-        .first()
+    return selectors.binding_one(
+        AccountBinding.objects.select_related("mailbox", "pool").filter(
+            tenant_id=tenant_id, account_ref=account_ref, active=True
+        )
     )
 
 
