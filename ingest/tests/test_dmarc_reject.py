@@ -160,3 +160,20 @@ def test_it_lets_a_domain_manager_turn_the_policy_on_through_the_api(world: Any)
     assert world.client(world.key(["messages:read"])).patch(
         f"/api/v1/domains/{world.domain.pk}/", {"dmarc_reject": False}, format="json"
     ).status_code in {403, 404}
+
+
+def test_it_lets_an_owner_turn_the_policy_on_in_the_console_and_not_a_viewer(world: Any) -> None:
+    from django.test import Client
+
+    page = f"/console/{world.tenant.slug}/domains/{world.domain.pk}/"
+    viewer = Client()
+    viewer.force_login(world.viewer)
+    assert viewer.post(page, {"action": "dmarc_reject", "enabled": "1"}).status_code == 403
+    owner = Client()
+    owner.force_login(world.owner)
+    assert "Refuse DMARC failures under p=reject" in owner.get(page).content.decode()
+
+    assert owner.post(page, {"action": "dmarc_reject", "enabled": "1"}).status_code == 302
+
+    assert Domain.objects.get(pk=world.domain.pk).dmarc_reject is True
+    assert "is <strong>refused</strong>" in owner.get(page).content.decode()

@@ -182,6 +182,12 @@ def domain_detail(request: HttpRequest, principal: Principal, domain_id: str) ->
                         request,
                         _check_summary(result),
                     )
+            elif action == "dmarc_reject":
+                enabled = request.POST.get("enabled") == "1"
+                tenant_services.domain_update(principal=principal, domain=domain, dmarc_reject=enabled)
+                flash.success(
+                    request, "DMARC failures under p=reject are now " + ("refused." if enabled else "accepted.")
+                )
             elif action == "delete":
                 tenant_services.domain_delete(principal=principal, domain=domain)
                 flash.success(request, f"{domain.name} removed.")
