@@ -187,9 +187,11 @@ def test_it_appends_through_accept_and_answers_appenduid(imap_server: ServerThre
     assert message.source == Message.Source.IMAP and message.is_read and message.size == len(raw)
     client.select_folder("INBOX")
     assert client.fetch([1], ["BODY.PEEK[]"])[1][b"BODY[]"] == raw
-    result = client.move([1], world.sibling.address)
-    assert (client.search() == [] and result is None) or client.search() == []
-    assert Message.objects.filter(mailbox=world.sibling, deleted_at__isnull=True).count() == 1
+    client.move([1], world.sibling.address)
+    assert client.search() == []  # the source copy is expunged (RFC 6851)
+    assert Message.objects.get(pk=message.pk).deleted_at is not None
+    moved = Message.objects.get(mailbox=world.sibling, deleted_at__isnull=True)
+    assert moved.uid == 1 and moved.is_read and moved.size == len(raw)  # flags go with it
     client.logout()
 
 
