@@ -532,27 +532,34 @@ _NO_SENDER_IP = {
 
 
 # --- Our Authentication-Results ------------------------------------------------------------
+def _token(value: str) -> str | None:
+    """A property value safe in the header (RFC 8601 section 2.2 pvalue): hostile signatures
+    may carry anything in d= or s=, and a ``;`` would end the result early."""
+    return re.sub(r"[^A-Za-z0-9._@+-]", "", value)[:255] or None
+
+
 def authentication_results_value(verdict: dict[str, Any]) -> str:
     """Our Authentication-Results header value (RFC 8601 section 2.2), built with authres."""
     results: list[Any] = []
     spf_verdict = verdict.get("spf")
     if spf_verdict:
-        identity = {"smtp_mailfrom": spf_verdict["domain"]} if spf_verdict["scope"] == "mailfrom" else {}
+        identity = _token(spf_verdict["domain"])
         results.append(
             authres.SPFAuthenticationResult(
                 result=spf_verdict["result"],
-                smtp_helo=spf_verdict["domain"] if spf_verdict["scope"] == "helo" else None,
-                **identity,
+                smtp_helo=identity if spf_verdict["scope"] == "helo" else None,
+                smtp_mailfrom=identity if spf_verdict["scope"] == "mailfrom" else None,
             )
         )
     for signature in verdict.get("dkim") or []:
         results.append(
             authres.DKIMAuthenticationResult(
                 result=signature["result"],
-                reason=signature["reason"] or None,
-                header_d=signature["domain"] or None,
-                header_s=signature["selector"] or None,
-                header_a=signature["algorithm"] or None,
+                # authres leaves a value with "@" unquoted: keep it from ending the result early.
+                reason=signature["reason"].replace("@", " at ")[:200] or None,
+                header_d=_token(signature["domain"]),
+                header_s=_token(signature["selector"]),
+                header_a=_token(signature["algorithm"]),
             )
         )
     if not verdict.get("dkim"):
@@ -562,7 +569,7 @@ def authentication_results_value(verdict: dict[str, Any]) -> str:
         results.append(
             DMARCAuthenticationResult(
                 result=dmarc_verdict["result"],
-                header_from=dmarc_verdict["domain"] or None,
+                header_from=_token(dmarc_verdict["domain"]),
                 policy=dmarc_verdict["policy"] or None,
             )
         )

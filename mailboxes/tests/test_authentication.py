@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import authres
 import pytest
 
 from audit.models import Event
@@ -296,3 +297,19 @@ def test_it_reads_the_authserv_id_behind_comments_and_quotes() -> None:
     assert authentication.authserv_id_of("mx.Example.; spf=pass") == "mx.example"
     assert authentication.authserv_id_of('(a (nested) comment) "mx.example" 1; none') == "mx.example"
     assert authentication.authserv_id_of("") == ""
+
+
+def test_it_keeps_a_hostile_signature_from_breaking_our_header(zone: Any, mailbox: Any) -> None:
+    raw = helpers.dkim_sign(helpers.message(), helpers.rsa_key())
+    raw = raw.replace(b"d=origin.test;", b"d=a@origin.test; spf=pass (x;dmarc=pass;", 1)
+    message = deliver(mailbox, raw)
+
+    assert message.authentication["dkim"][0]["result"] == "permerror"
+    parsed = authres.AuthenticationResultsHeader.parse_value(message.authentication_results)
+    assert parsed.authserv_id == OUR_ID
+    assert [(result.method, result.result) for result in parsed.results] == [
+        ("spf", "pass"),
+        ("dkim", "permerror"),
+        ("dmarc", "pass"),
+        ("arc", "none"),
+    ]
