@@ -42,7 +42,7 @@ from mailaccess.imapwire import (
     sequence_set,
     tokenize,
 )
-from mailaccess.limits import ConnectionLimits, is_loopback
+from mailaccess.limits import ConnectionLimits, client_address, is_loopback
 from mailaccess.mime import Entity, SectionError, header_fields, parse, section_bounds, section_range
 from mailboxes.blobs import blob_get
 from mailboxes.waiting import db, hub_current
@@ -1066,7 +1066,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, options: ImapOptions) -> None:
     """One client: the per-IP limit, then the session (STARTTLS restarts it on the same socket)."""
     peer = writer.get_extra_info("peername") or ("", 0)
-    ip = peer[0] if peer else None
+    proceed, ip = await client_address(reader, peer[0] if peer else None)
+    if not proceed:
+        metrics.CONNECTIONS_REFUSED.labels("imap", "proxy").inc()
+        await _close(writer)
+        return
     slot = options.limits.take_ip(ip)
     if slot is None:
         metrics.CONNECTIONS_REFUSED.labels("imap", "per_ip").inc()
@@ -1076,6 +1080,7 @@ async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
     metrics.CONNECTIONS_OPEN.labels("imap").inc()
     try:
         session = ImapSession(reader, writer, options)
+        session.ip = ip
         await session.run()
     finally:
         metrics.CONNECTIONS_OPEN.labels("imap").dec()

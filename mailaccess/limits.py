@@ -49,3 +49,37 @@ class ConnectionLimits:
         self.by_key[key] -= 1
         if self.by_key[key] <= 0:
             del self.by_key[key]
+
+
+def proxy_trusted(peer_ip: str | None) -> bool:
+    """Whether a PROXY header from this socket peer may be believed (MAILACCESS_TRUSTED_PROXIES)."""
+    try:
+        address = ipaddress.ip_address((peer_ip or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.MAILACCESS_TRUSTED_PROXIES]
+    return any(address.version == network.version and address in network for network in networks)
+
+
+async def client_address(reader: Any, peer_ip: str | None) -> tuple[bool, str | None]:
+    """(go on?, the client's address): with MAILACCESS_PROXY_PROTOCOL, the PROXY v1/v2 header
+    of a trusted balancer names the client; any other peer is disconnected before the greeting
+    (HAProxy's PROXY protocol spec, section 2), never served with a forged address."""
+    if not settings.MAILACCESS_PROXY_PROTOCOL:
+        return True, peer_ip
+    if not proxy_trusted(peer_ip):
+        return False, peer_ip
+    import asyncio
+
+    from aiosmtpd.proxy_protocol import get_proxy
+
+    try:
+        proxy = await asyncio.wait_for(get_proxy(reader), 5.0)
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+        return False, peer_ip
+    if not proxy or not proxy.valid:
+        return False, peer_ip
+    source = proxy.src_addr
+    return True, str(source) if source else peer_ip

@@ -18,7 +18,7 @@ from django.conf import settings
 
 from mailaccess import metrics, store
 from mailaccess.auth import Access, LoginRefused, login
-from mailaccess.limits import ConnectionLimits, is_loopback
+from mailaccess.limits import ConnectionLimits, client_address, is_loopback
 from mailboxes.waiting import db
 
 logger = logging.getLogger(__name__)
@@ -324,14 +324,19 @@ _COMMANDS = {
 
 async def handle_pop3(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, options: Pop3Options) -> None:
     peer = writer.get_extra_info("peername") or ("", 0)
-    slot = options.limits.take_ip(peer[0] if peer else None)
-    if slot is None:
+    proceed, ip = await client_address(reader, peer[0] if peer else None)
+    slot = options.limits.take_ip(ip) if proceed else None
+    if not proceed:
+        metrics.CONNECTIONS_REFUSED.labels("pop3", "proxy").inc()
+    elif slot is None:
         metrics.CONNECTIONS_REFUSED.labels("pop3", "per_ip").inc()
         writer.write(b"-ERR [IN-USE] too many connections from your address\r\n")
     else:
         metrics.CONNECTIONS_OPEN.labels("pop3").inc()
         try:
-            await Pop3Session(reader, writer, options).run()
+            session = Pop3Session(reader, writer, options)
+            session.ip = ip
+            await session.run()
         finally:
             metrics.CONNECTIONS_OPEN.labels("pop3").dec()
             options.limits.release_ip(slot)

@@ -524,6 +524,11 @@ MAILACCESS_MAX_CONNECTIONS_PER_KEY = config.integer("MAILACCESS_MAX_CONNECTIONS_
 MAILACCESS_MAX_FOLDERS = config.integer("MAILACCESS_MAX_FOLDERS", 1000, minimum=1)
 MAILACCESS_IDLE_TIMEOUT = config.integer("MAILACCESS_IDLE_TIMEOUT", 1800, minimum=60)  # RFC 3501 5.4: 30 min
 MAILACCESS_METRICS_PORT = config.integer("MAILACCESS_METRICS_PORT", 0, minimum=0, maximum=65535)
+# Behind a TCP balancer: a PROXY header first, believed only from these balancers (SMTP's unless set).
+MAILACCESS_PROXY_PROTOCOL = config.boolean("MAILACCESS_PROXY_PROTOCOL", False)
+MAILACCESS_TRUSTED_PROXIES = config.cidrs("MAILACCESS_TRUSTED_PROXIES", []) or SMTP_TRUSTED_PROXIES
+if MAILACCESS_PROXY_PROTOCOL and not MAILACCESS_TRUSTED_PROXIES:
+    raise ImproperlyConfigured("MAILACCESS_TRUSTED_PROXIES: required when MAILACCESS_PROXY_PROTOCOL is true")
 
 # --- Accounts (django-allauth) -------------------------------------------------------
 ACCOUNT_LOGIN_METHODS = {"email"}
