@@ -32,6 +32,7 @@ is a ``temperror`` (RFC 8601 section 2.7), never a ``fail``.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import ipaddress
@@ -39,7 +40,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,11 @@ _LIBRARY_LOG.propagate = False
 MAX_SIGNATURES = 10  # DKIM signatures verified per message (each costs a look-up)
 SPF_TIME_LIMIT = 10.0  # seconds for one whole SPF evaluation (RFC 7208 section 4.6.4 says 20 at most)
 _NEGATIVE_TTL_CAP = 30.0
+_FAILURE_TTL = 5.0  # seconds a DNS failure is remembered per name
+# One message's verification as a whole: DNS look-ups stop (temperror) past this many seconds,
+# well inside the parse task's time limit, whatever the signatures and records ask for.
+VERIFY_TIME_BUDGET = 20.0
+_BUDGET = threading.local()
 _CACHE_SIZE = 20_000
 _VERDICT_CACHE_SIZE = 2_000
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -102,7 +108,7 @@ class DnsCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._answers: dict[tuple[object, str, str], tuple[float, list[Any]]] = {}
+        self._answers: dict[tuple[object, str, str], tuple[float, list[Any] | DnsTemporaryFailure]] = {}
 
     def clear(self) -> None:
         with self._lock:
@@ -117,8 +123,20 @@ class DnsCache:
         with self._lock:
             cached = self._answers.get(key)
         if cached is not None and cached[0] > now:
+            if isinstance(cached[1], DnsTemporaryFailure):
+                raise cached[1]
             return cached[1]
-        records, ttl = _resolve(name, rdtype)
+        deadline = getattr(_BUDGET, "deadline", None)
+        remaining = float(settings.AUTH_DNS_TIMEOUT) if deadline is None else deadline - now
+        if remaining <= 0:
+            raise DnsTemporaryFailure(f"{rdtype} {name}: the verification's time budget is spent")
+        try:
+            records, ttl = _resolve(name, rdtype, min(float(settings.AUTH_DNS_TIMEOUT), remaining))
+        except DnsTemporaryFailure as failure:
+            # Remembered briefly, so an outage costs each name one timeout, not one per message.
+            with self._lock:
+                self._answers[key] = (now + _FAILURE_TTL, failure)
+            raise
         ttl = min(float(settings.AUTH_DNS_CACHE_TTL), ttl)
         if ttl > 0:
             with self._lock:
@@ -128,8 +146,8 @@ class DnsCache:
         return records
 
 
-def _resolve(name: str, rdtype: str) -> tuple[list[Any], float]:
-    resolver = resolver_new(timeout=settings.AUTH_DNS_TIMEOUT)
+def _resolve(name: str, rdtype: str, timeout: float) -> tuple[list[Any], float]:
+    resolver = resolver_new(timeout=max(0.1, timeout))
     try:
         answer = resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False)
     except dns.resolver.NXDOMAIN:
@@ -154,6 +172,18 @@ def _resolve(name: str, rdtype: str) -> tuple[list[Any], float]:
 
 
 DNS = DnsCache()
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float) -> Iterator[None]:
+    """Look-ups in this thread fail as temporary past ``seconds`` from now (nested: the earlier end)."""
+    previous = getattr(_BUDGET, "deadline", None)
+    deadline = time.monotonic() + seconds
+    _BUDGET.deadline = deadline if previous is None else min(previous, deadline)
+    try:
+        yield
+    finally:
+        _BUDGET.deadline = previous
 
 
 def dns_cache_clear() -> None:
@@ -656,9 +686,11 @@ def verdict_has_temperror(verdict: dict[str, Any]) -> bool:
 
 def message_verify(raw: bytes, envelope: Envelope, *, arc: bool = True) -> dict[str, Any]:
     """SPF, every DKIM signature, DMARC and (with ``arc``) ARC of one message: the verdict as JSON."""
-    spf_verdict = spf_verify(envelope)
-    dkim_verdicts = dkim_verify(raw)
-    dmarc_verdict = dmarc_verify(raw, spf_verdict, dkim_verdicts, envelope)
+    with time_budget(VERIFY_TIME_BUDGET):
+        spf_verdict = spf_verify(envelope)
+        dkim_verdicts = dkim_verify(raw)
+        dmarc_verdict = dmarc_verify(raw, spf_verdict, dkim_verdicts, envelope)
+        arc_verdict = arc_verify(raw) if arc else None
     verdict: dict[str, Any] = {
         "authserv_id": authserv_id(),
         "verified_at": timezone.now().isoformat(),
@@ -667,7 +699,7 @@ def message_verify(raw: bytes, envelope: Envelope, *, arc: bool = True) -> dict[
         "spf": spf_verdict,
         "dkim": dkim_verdicts,
         "dmarc": dmarc_verdict,
-        "arc": arc_verify(raw) if arc else None,
+        "arc": arc_verdict,
     }
     verdict["header"] = authentication_results_value(verdict)
     return verdict
@@ -752,9 +784,10 @@ def dmarc_refusal(raw: bytes, envelope: Envelope) -> Refusal:
     """
     if not envelope.sender_ip_known:
         return Refusal(None, {})
-    spf_verdict = spf_verify(envelope)
-    dkim_verdicts = dkim_verify(raw)
-    dmarc_verdict = dmarc_verify(raw, spf_verdict, dkim_verdicts, envelope)
+    with time_budget(VERIFY_TIME_BUDGET * 0.75):  # inside ingest.smtp.DMARC_CHECK_TIMEOUT
+        spf_verdict = spf_verify(envelope)
+        dkim_verdicts = dkim_verify(raw)
+        dmarc_verdict = dmarc_verify(raw, spf_verdict, dkim_verdicts, envelope)
     verdict = {"spf": spf_verdict, "dkim": dkim_verdicts, "dmarc": dmarc_verdict}
     if dmarc_verdict["result"] == "temperror" and dmarc_verdict["policy"] in {"", "reject"}:
         return Refusal(DMARC_UNKNOWN, verdict)  # the policy, or a pass that would spare the mail, is unknown

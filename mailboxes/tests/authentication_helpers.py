@@ -171,3 +171,14 @@ def failing_dns() -> Iterator[tuple[str, int]]:
         stop.set()
         thread.join(2)
         sock.close()
+
+
+@contextmanager
+def silent_dns() -> Iterator[tuple[str, int]]:
+    """A DNS server address on loopback that takes every question and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield ("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()

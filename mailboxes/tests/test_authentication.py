@@ -7,6 +7,7 @@ database), so what is checked is what the API and search read.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -261,6 +262,26 @@ def test_it_answers_temperror_when_the_dns_does_not_answer(zone: Any, mailbox: A
 
     assert message.auth_spf == "temperror"
     assert message.authentication["dkim"][0]["result"] == "temperror"
+    assert message.auth_dmarc == "temperror"
+
+
+def test_it_stops_asking_a_silent_dns_within_its_time_budget(
+    zone: Any, mailbox: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(authentication, "VERIFY_TIME_BUDGET", 2.0)
+    settings.AUTH_DNS_TIMEOUT = 1
+    raw = helpers.message()
+    for selector in ("a", "b", "c", "d"):  # four key look-ups, one second each if asked
+        raw = helpers.dkim_sign(raw, helpers.rsa_key(), selector=selector)
+    with helpers.silent_dns() as resolver:
+        settings.DNS_RESOLVERS = [resolver]
+        started = time.monotonic()
+        message = deliver(mailbox, raw)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 4, elapsed
+    assert message.auth_spf == "temperror"
+    assert {signature["result"] for signature in message.authentication["dkim"]} == {"temperror"}
     assert message.auth_dmarc == "temperror"
 
 
