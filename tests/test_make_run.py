@@ -64,8 +64,13 @@ def test_it_keeps_the_demo_and_temporary_inbox_domains_receiving_across_domain_c
         LOG_LEVEL="INFO",
     )
     run = ChildProcess(
-        [sys.executable, "scripts/run.py", "--port", str(web_port), "--smtp-port", str(smtp_port)], env=env, cwd=ROOT
-    )
+        [
+            sys.executable, "scripts/run.py", "--port", str(web_port), "--smtp-port", str(smtp_port),
+            "--imap-port", str(free_port()), "--pop3-port", str(free_port()),
+        ],
+        env=env,
+        cwd=ROOT,
+    )  # fmt: skip
     try:
         run.wait_for_line("mailplatform is running", timeout=180)
         wait_for_port("127.0.0.1", web_port, timeout=60)
