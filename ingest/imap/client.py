@@ -126,6 +126,10 @@ class ImapClient:
         self.capabilities: set[str] = set()
         self._tag = 0
         self.idling = False
+        # An untagged EXISTS in any command's answer (RFC 3501 section 7: the server may send
+        # it with any response): mail that arrived while we were fetching. The server will
+        # not announce it again in the next IDLE, so the caller looks again first.
+        self.new_mail_seen = False
 
     # --- lines ---------------------------------------------------------------------
     async def _readline(self, timeout: float | None = None) -> bytes:
@@ -208,6 +212,8 @@ class ImapClient:
                     literals.append((line, carried[-1]))
                 else:
                     untagged.append(line.rstrip(b"\r\n"))
+                    if _EXISTS.match(line):
+                        self.new_mail_seen = True
                 if line.upper().startswith(b"* BYE"):
                     pass  # the tagged answer (or the close) follows
                 continue
@@ -316,6 +322,7 @@ class ImapClient:
         response = await self.command(b"EXAMINE " + quote(folder))
         if response.status != "OK":
             raise ImapError(f"cannot open folder {folder!r}: {response.text[:200]}", code=response.code)
+        self.new_mail_seen = False  # EXAMINE's own EXISTS is the folder's size, not news
         status = FolderStatus()
         for line in response.untagged:
             upper = line.upper()

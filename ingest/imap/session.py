@@ -200,9 +200,14 @@ class Session:
             await self._sync(client, folders)
 
     async def _sync(self, client: ImapClient, folders: list[str]) -> None:
-        # The first folder last: it stays selected for IDLE.
-        for folder in [*folders[1:], folders[0]]:
+        # The first folder last: it stays selected for IDLE. Mail that arrived during its
+        # fetch was announced then (not again in IDLE): look again until nothing came.
+        for folder in folders[1:]:
             await self._folder_sync(client, folder)
+        for _ in range(100):
+            await self._folder_sync(client, folders[0])
+            if not client.new_mail_seen:
+                break
 
     async def _folder_sync(self, client: ImapClient, folder: str) -> None:
         status = await client.examine(folder)
