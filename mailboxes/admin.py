@@ -10,7 +10,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.admin import ReadOnlyAdmin, StaffAuditedAdmin
-from mailboxes.models import Attachment, Mailbox, Message
+from mailboxes.models import AccountBinding, AccountProvider, Attachment, Mailbox, MailboxPool, Message
 
 
 class MailboxLiveFilter(admin.SimpleListFilter):
@@ -159,3 +159,27 @@ class AttachmentAdmin(ReadOnlyAdmin):
     search_fields = ("filename", "=sha256", "=message__id", "tenant__slug")
     fields = ("id", "tenant", "message", "position", "filename", "content_type", "size", "sha256", "content_id")
     readonly_fields = fields
+
+
+# --- Pools and bindings (mailboxes/bindings/): written through their services only -----------
+@admin.register(MailboxPool)
+class MailboxPoolAdmin(ReadOnlyAdmin):
+    list_display = ("name", "tenant", "domain", "policy", "max_bindings_per_mailbox", "one_per_provider", "created_at")
+    list_filter = ("policy", "one_per_provider", "auto_provision")
+    search_fields = ("name", "tenant__slug", "domain__name")
+
+
+@admin.register(AccountBinding)
+class AccountBindingAdmin(ReadOnlyAdmin):
+    # Never the link's hash or prefix: the link is the host's secret.
+    list_display = ("account_ref", "provider", "tenant", "pool", "mailbox", "active", "created_at", "released_at")
+    list_filter = ("active", "ended_reason", "provider")
+    search_fields = ("account_ref", "mailbox__address", "tenant__slug")
+    exclude = ("link_prefix", "link_hash")
+    list_select_related = ("tenant", "pool", "mailbox")
+
+
+@admin.register(AccountProvider)
+class AccountProviderAdmin(ReadOnlyAdmin):
+    list_display = ("name", "tenant", "updated_at")
+    search_fields = ("name", "tenant__slug")
