@@ -8,6 +8,8 @@ principal, reads through the pool selectors, writes through the pool services (w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.contrib import messages as flash
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse
@@ -46,35 +48,44 @@ def _binding_action(request: HttpRequest, principal: Principal) -> None:
     flash.success(request, f"{moved.account_ref} now receives at {moved.mailbox.address}.")
 
 
+def _attempt(request: HttpRequest, action: Callable[[], None]) -> None:
+    """Run a console write; what the services refuse becomes a message on the next page."""
+    try:
+        action()
+    except ValidationError as exc:
+        _errors(request, exc)
+    except services.BindingConflict as conflict:
+        flash.error(request, conflict.message)
+    except AccountBinding.DoesNotExist:
+        flash.error(request, "That binding is not active any more.")
+
+
+def _pools_action(request: HttpRequest, principal: Principal) -> None:
+    action = request.POST.get("action")
+    if action == "provider_save":
+        services.provider_save(
+            principal=principal,
+            name=request.POST.get("name", ""),
+            sender_domains=_lines(request.POST.get("sender_domains", "")),
+            subject_patterns=[
+                line.strip() for line in request.POST.get("subject_patterns", "").splitlines() if line.strip()
+            ],
+        )
+        flash.success(request, "Provider saved.")
+    elif action == "provider_delete":
+        provider = selectors.provider_list(principal).get(pk=_uuid(request.POST.get("provider", "")))
+        services.provider_delete(principal=principal, provider=provider)
+        flash.success(request, f"Provider {provider.name} removed.")
+    elif action in {"release", "reassign"}:
+        _binding_action(request, principal)
+
+
 @console_view
 @require_http_methods(["GET", "POST"])
 def pools(request: HttpRequest, principal: Principal) -> HttpResponse:
     _require(principal)
     if request.method == "POST":
-        action = request.POST.get("action")
-        try:
-            if action == "provider_save":
-                services.provider_save(
-                    principal=principal,
-                    name=request.POST.get("name", ""),
-                    sender_domains=_lines(request.POST.get("sender_domains", "")),
-                    subject_patterns=[
-                        line.strip() for line in request.POST.get("subject_patterns", "").splitlines() if line.strip()
-                    ],
-                )
-                flash.success(request, "Provider saved.")
-            elif action == "provider_delete":
-                provider = selectors.provider_list(principal).get(pk=_uuid(request.POST.get("provider", "")))
-                services.provider_delete(principal=principal, provider=provider)
-                flash.success(request, f"Provider {provider.name} removed.")
-            elif action in {"release", "reassign"}:
-                _binding_action(request, principal)
-        except ValidationError as exc:
-            _errors(request, exc)
-        except services.BindingConflict as conflict:
-            flash.error(request, conflict.message)
-        except AccountBinding.DoesNotExist:
-            flash.error(request, "That binding is not active any more.")
+        _attempt(request, lambda: _pools_action(request, principal))
         return redirect(request.get_full_path())
     account = request.GET.get("account", "").strip()
     rows = [(pool, selectors.pool_metrics(pool)) for pool in selectors.pool_list(principal)[:MAX_ROWS]]
@@ -95,14 +106,7 @@ def pool_detail(request: HttpRequest, principal: Principal, pool_id: str) -> Htt
     _require(principal)
     pool = selectors.pool_get(principal, _uuid(pool_id))
     if request.method == "POST":
-        try:
-            _binding_action(request, principal)
-        except ValidationError as exc:
-            _errors(request, exc)
-        except services.BindingConflict as conflict:
-            flash.error(request, conflict.message)
-        except AccountBinding.DoesNotExist:
-            flash.error(request, "That binding is not active any more.")
+        _attempt(request, lambda: _binding_action(request, principal))
         return redirect(request.path)
     members = list(selectors.pool_mailboxes(pool)[:MAX_ROWS])
     active = selectors.binding_list(principal, pool_id=pool.pk, active=True).filter(
