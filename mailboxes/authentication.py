@@ -42,7 +42,9 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import authres
 import dkim
@@ -55,6 +57,7 @@ from authheaders.dmarc_lookup import DMARCException, answer_to_dict
 from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
@@ -90,6 +93,11 @@ RESULTS: dict[str, tuple[str, ...]] = {
 
 VERDICTS = Counter(
     "mailboxes_authentication_verdicts_total", "Trust verdicts, by mechanism and result", ["mechanism", "result"]
+)
+RECHECKED = Counter(
+    "mailboxes_authentication_rechecked_total",
+    "Verdicts with a temperror verified again, by mechanism and new result",
+    ["mechanism", "result"],
 )
 VERIFY_SECONDS = Histogram(
     "mailboxes_authentication_seconds",
@@ -757,8 +765,91 @@ def message_authentication_fields(
         "auth_dkim": summary["dkim"] or "",
         "auth_dmarc": summary["dmarc"] or "",
         "auth_arc": summary["arc"] or "",
+        "auth_recheck_at": recheck_at(verdict, 0),
         "headers": headers_presented(headers, verdict["header"]),
     }
+
+
+# --- Verdicts with a temperror, verified again -----------------------------------------------
+# A temperror says only that the DNS did not answer then (RFC 8601 section 2.7.1): the
+# verdict is verified again after each of these delays, and after the last one stays as it is.
+RECHECK_DELAYS = (60.0, 600.0, 3600.0)
+RECHECK_BATCH = 200
+RECHECK_SWEEP_SECONDS = 150.0  # one sweep stops starting re-checks past this (task soft limit 240 s)
+
+
+def recheck_at(verdict: dict[str, Any], rechecks: int) -> datetime | None:
+    """When a verdict verified ``rechecks`` times again is due once more (None: never)."""
+    if rechecks >= len(RECHECK_DELAYS) or not verdict_has_temperror(verdict):
+        return None
+    return timezone.now() + timedelta(seconds=RECHECK_DELAYS[rechecks])
+
+
+def message_reverify(*, message_id: UUID | str) -> dict[str, Any] | None:
+    """Verify one message whose verdict has a temperror again; store the new verdict, its
+    columns and our Authentication-Results (first among the headers shown). Returns the new
+    verdict, or None when nothing was due (verified meanwhile, deleted, raw object gone)."""
+    from mailboxes.models import Message
+    from mailboxes.pipeline import RawMissing, raw_read
+
+    fields = ("pk", "storage_key", "source", "remote_ip", "helo", "mail_from", "authentication", "auth_recheck_at")
+    message = Message.objects.filter(pk=message_id, auth_recheck_at__isnull=False).only(*fields).order_by().first()
+    if message is None:
+        return None
+    try:
+        raw = raw_read(message)
+    except RawMissing:
+        Message.objects.filter(pk=message.pk).update(auth_recheck_at=None)
+        return None
+    rechecks = int((message.authentication or {}).get("rechecks") or 0) + 1
+    verdict = message_verify(raw, Envelope(message.source, message.remote_ip, message.helo, message.mail_from))
+    verdict["rechecks"] = rechecks
+    summary = verdict_summary(verdict)
+    with transaction.atomic():
+        claimed = (
+            Message.objects.select_for_update()
+            .filter(pk=message.pk, auth_recheck_at=message.auth_recheck_at, deleted_at__isnull=True)
+            .only("pk", "headers")
+            .order_by()
+            .first()
+        )
+        if claimed is None:  # verified again meanwhile by another sweep, or deleted
+            return None
+        Message.objects.filter(pk=claimed.pk).update(
+            authentication=verdict,
+            authentication_results=verdict["header"],
+            auth_spf=summary["spf"] or "",
+            auth_dkim=summary["dkim"] or "",
+            auth_dmarc=summary["dmarc"] or "",
+            auth_arc=summary["arc"] or "",
+            auth_recheck_at=recheck_at(verdict, rechecks),
+            # Our earlier header claims our authserv-id too, so it goes with the forgeries.
+            headers=headers_presented(claimed.headers, verdict["header"]),
+        )
+    for mechanism, result in summary.items():
+        RECHECKED.labels(mechanism, result or "not_checked").inc()
+    return verdict
+
+
+def messages_reverify_due(*, limit: int = RECHECK_BATCH, seconds: float = RECHECK_SWEEP_SECONDS) -> int:
+    """The sweeper: verify again the messages whose temperror verdict is due; returns how many."""
+    from mailboxes.models import Message
+
+    if not settings.AUTH_VERIFY:
+        return 0
+    due = list(
+        Message.objects.filter(auth_recheck_at__lte=timezone.now(), deleted_at__isnull=True)
+        .order_by("auth_recheck_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    deadline = time.monotonic() + seconds
+    done = 0
+    for message_id in due:
+        if time.monotonic() >= deadline:
+            break  # a DNS still failing costs time-outs: the rest waits for the next sweep
+        message_reverify(message_id=message_id)
+        done += 1
+    return done
 
 
 # --- The DMARC refusal at DATA (a domain's dmarc_reject) --------------------------------------

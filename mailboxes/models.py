@@ -161,6 +161,9 @@ class Message(models.Model):
     auth_dmarc = models.CharField(max_length=16, blank=True)
     auth_arc = models.CharField(max_length=16, blank=True)
     authentication = models.JSONField(null=True, blank=True)
+    # When a verdict with a temperror (DNS timeout, SERVFAIL) is verified again; null once it
+    # has none or its re-checks are used up (authentication.RECHECK_DELAYS).
+    auth_recheck_at = models.DateTimeField(null=True, blank=True)
     has_attachments = models.BooleanField(default=False)
     attachment_names = models.TextField(blank=True)
     defects = models.JSONField(default=list, blank=True)
@@ -204,6 +207,9 @@ class Message(models.Model):
             models.Index(fields=["mailbox", "message_id"], name="message_mailbox_msgid"),
             models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(purged_at__isnull=True)),
             models.Index(fields=["antivirus_scanned_at"], name="message_rescan_due", condition=Q(antivirus_verdict="error")),
+            models.Index(
+                fields=["auth_recheck_at"], name="message_auth_recheck_due", condition=Q(auth_recheck_at__isnull=False)
+            ),
         ]
 
     def __str__(self) -> str:

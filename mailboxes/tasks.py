@@ -85,6 +85,14 @@ def messages_retention_sweep() -> None:
     retention.messages_purge()
 
 
+@shared_task(name="mailboxes.tasks.messages_reverify_sweep", ignore_result=True, soft_time_limit=240, time_limit=300)
+def messages_reverify_sweep() -> None:
+    """Verify again the trust verdicts that had a temperror (the DNS did not answer then)."""
+    from mailboxes.authentication import messages_reverify_due
+
+    messages_reverify_due()
+
+
 @shared_task(name="mailboxes.tasks.messages_rescan_sweep", ignore_result=True, soft_time_limit=240, time_limit=300)
 def messages_rescan_sweep() -> None:
     """Scan again the messages whose antivirus scan failed while clamd was away."""

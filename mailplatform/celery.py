@@ -35,6 +35,8 @@ app.conf.beat_schedule = {
     "messages-retention-sweep": {"task": "mailboxes.tasks.messages_retention_sweep", "schedule": 300.0},
     # Messages whose antivirus scan failed (clamd away, accepted fail-open): scanned again.
     "messages-rescan-sweep": {"task": "mailboxes.tasks.messages_rescan_sweep", "schedule": 60.0},
+    # Trust verdicts with a temperror (DNS timeout, SERVFAIL): verified again, a few times with backoff.
+    "messages-reverify-sweep": {"task": "mailboxes.tasks.messages_reverify_sweep", "schedule": 60.0},
     # Domain DNS checks (verification, MX monitoring); each domain at most every DOMAIN_CHECK_INTERVAL.
     "domains-check": {"task": "tenants.tasks.domains_check_due", "schedule": float(settings.DOMAIN_CHECK_SWEEP)},
     # Sign-in links that expired or were used more than a day ago.
