@@ -123,8 +123,8 @@ class ConnectorOAuthInitiateView(APIView):
         principal = principal_of(request)
         try:
             connector = selectors.connector_get(principal, serializer.validated_data["connector"])
-        except Connector.DoesNotExist:
-            raise exceptions.NotFound("No such connector.") from None
+        except Connector.DoesNotExist:  # like any field naming something outside the scope
+            raise exceptions.ValidationError({"connector": ["No such connector."]}) from None
         if connector.auth_type not in services.OAUTH_TYPES:
             raise exceptions.ValidationError({"connector": ["This connector uses password authentication."]})
         try:
