@@ -79,6 +79,8 @@ VERIFY_TIME_BUDGET = 20.0
 _BUDGET = threading.local()
 _CACHE_SIZE = 20_000
 _VERDICT_CACHE_SIZE = 2_000
+_COMMENT_OR_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")|\((?:[^()]|\([^()]*\))*\)')
+_RECEIVER_KEY = re.compile(r'(?:^|[;\s])receiver\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;]+))', re.IGNORECASE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _ARC_SEAL = re.compile(rb"(?im)^arc-seal[ \t]*:")
 SOURCES_WITH_SENDER_IP = frozenset({"smtp"})
@@ -625,33 +627,67 @@ def authserv_id() -> str:
     return str(settings.SMTP_HOSTNAME).lower()
 
 
+def _comment_split(text: str) -> tuple[str, str]:
+    """The comment ``text`` opens with (which may nest, RFC 5322 section 3.2.2), and the rest."""
+    depth, end = 0, len(text)
+    for position, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            end = position + 1
+            break
+    return text[:end], text[end:].lstrip()
+
+
 def authserv_id_of(value: str) -> str:
     """The authserv-id an Authentication-Results value claims (RFC 8601 section 2.2): its first token."""
     text = value.strip()
-    while text.startswith("("):  # leading comments, which may nest (RFC 5322 section 3.2.2)
-        depth, end = 0, len(text)
-        for position, char in enumerate(text):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0:
-                end = position + 1
-                break
-        text = text[end:].lstrip()
+    while text.startswith("("):  # leading comments
+        text = _comment_split(text)[1]
     match = re.match(r'"([^"]*)"|([^\s;()]+)', text)
     if not match:
         return ""
     return (match.group(1) if match.group(1) is not None else match.group(2)).lower().rstrip(".")
 
 
+def received_spf_receivers(value: str) -> set[str]:
+    """The SPF verifier a Received-SPF value names (RFC 7208 section 9.1): its ``receiver=``
+    key, and the host that opens its comment (``pass (mx.example: domain of ...)``)."""
+    text = value.strip()
+    text = text[len(re.match(r"[^\s(]*", text).group(0)) :].lstrip()  # type: ignore[union-attr]
+    named: set[str] = set()
+    if text.startswith("("):
+        comment, text = _comment_split(text)
+        opening = re.match(r"\(\s*([^\s:()]+)\s*:", comment)
+        if opening:
+            named.add(opening.group(1).lower().rstrip("."))
+    # Other comments are not keys: dropped (quoted strings kept whole) before reading receiver=.
+    keys = _COMMENT_OR_QUOTED.sub(lambda match: match.group(1) or " ", text)
+    for match in _RECEIVER_KEY.finditer(keys):
+        named.add((match.group(1) if match.group(1) is not None else match.group(2)).lower().rstrip("."))
+    return named
+
+
+def _claims_us(name: str, value: str, ours: str) -> bool:
+    """An arrived field that claims to be our own verdict: forged, or ours replayed."""
+    if name == "authentication-results":
+        return authserv_id_of(value) == ours
+    if name == "received-spf":
+        return ours in received_spf_receivers(value)
+    return False
+
+
 def headers_presented(headers: Iterable[list[str]], own: str | None) -> list[list[str]]:
     """The header fields as we show them: ours first (when verified), and without the
-    Authentication-Results that arrived claiming our authserv-id (RFC 8601 section 5)."""
+    Authentication-Results that arrived claiming our authserv-id (RFC 8601 section 5) or the
+    Received-SPF naming our host as the verifier (RFC 7208 section 9.1: only we may write those)."""
     ours = authserv_id()
-    kept = [
-        pair
-        for pair in headers
-        if not (pair[0].lower() == "authentication-results" and authserv_id_of(pair[1]) == ours)
-    ]
+    kept = [pair for pair in headers if not _claims_us(pair[0].lower(), pair[1], ours)]
     return [["Authentication-Results", own], *kept] if own else kept
+
+
+def received_spf_presented(headers: Iterable[list[str]]) -> str:
+    """The Received-SPF values left in the header list as presented, as the message shows them."""
+    return "\n".join(value for name, value in headers if name.lower() == "received-spf")[:8000]
 
 
 # --- The whole verdict ---------------------------------------------------------------------
@@ -747,7 +783,11 @@ def message_authentication_fields(
     if not settings.AUTH_VERIFY:
         kept = headers_presented(headers, None)
         sender_claims = [value for name, value in kept if name.lower() == "authentication-results"]
-        return {"headers": kept, "authentication_results": "\n".join(sender_claims)[:8000]}
+        return {
+            "headers": kept,
+            "authentication_results": "\n".join(sender_claims)[:8000],
+            "received_spf": received_spf_presented(kept),
+        }
     key = (sha256, envelope, authserv_id(), tuple(settings.DNS_RESOLVERS))
     verdict = _VERDICTS.get(key)
     if verdict is None:
@@ -756,6 +796,7 @@ def message_authentication_fields(
         VERIFY_SECONDS.observe(time.perf_counter() - started)
         _VERDICTS.put(key, verdict)
     summary = verdict_summary(verdict)
+    presented = headers_presented(headers, verdict["header"])
     for mechanism, result in summary.items():
         VERDICTS.labels(mechanism, result or "not_checked").inc()
     return {
@@ -766,7 +807,8 @@ def message_authentication_fields(
         "auth_dmarc": summary["dmarc"] or "",
         "auth_arc": summary["arc"] or "",
         "auth_recheck_at": recheck_at(verdict, 0),
-        "headers": headers_presented(headers, verdict["header"]),
+        "headers": presented,
+        "received_spf": received_spf_presented(presented),
     }
 
 

@@ -334,3 +334,37 @@ def test_it_keeps_a_hostile_signature_from_breaking_our_header(zone: Any, mailbo
         ("dmarc", "pass"),
         ("arc", "none"),
     ]
+
+
+def test_it_never_shows_a_received_spf_field_naming_our_host_as_the_verifier(zone: Any, mailbox: Any) -> None:
+    raw = helpers.message(
+        extra=(
+            f"Received-SPF: pass ({OUR_ID.upper()}: domain of news@origin.test designates 192.0.2.1 as permitted"
+            " sender)\r\n"
+            f'Received-SPF: pass (relay) client-ip=192.0.2.1; receiver="{OUR_ID}."; identity=mailfrom\r\n'
+            "Received-SPF: pass (relay.elsewhere.test: domain of origin.test designates 192.0.2.1 as permitted"
+            f" sender, not {OUR_ID}: ) receiver=relay.elsewhere.test; identity=mailfrom\r\n"
+        ),
+    )
+    message = deliver(mailbox, raw)
+
+    shown = [value for name, value in message.headers if name.lower() == "received-spf"]
+    assert len(shown) == 1 and shown[0].startswith("pass (relay.elsewhere.test:"), shown
+    assert message.received_spf == shown[0]
+
+
+def test_it_hides_a_received_spf_field_naming_us_with_verification_off(zone: Any, mailbox: Any, settings: Any) -> None:
+    settings.AUTH_VERIFY = False
+    raw = helpers.message(extra=f"Received-SPF: pass receiver={OUR_ID}\r\nReceived-SPF: none receiver=relay.test\r\n")
+    message = deliver(mailbox, raw)
+
+    assert message.received_spf == "none receiver=relay.test"
+    assert all(OUR_ID not in value for _, value in message.headers)
+
+
+def test_it_reads_the_verifier_of_a_received_spf_field() -> None:
+    receivers = authentication.received_spf_receivers
+    assert receivers("pass (mx.example.: domain of a@b designates 1.2.3.4)") == {"mx.example"}
+    assert receivers('fail client-ip=1.2.3.4; receiver="MX.Example"; x=(receiver=no.test)') == {"mx.example"}
+    assert receivers('softfail envelope-from="receiver=no.test"; receiver=mx.example') == {"mx.example"}
+    assert receivers("neutral (comment without a host) identity=helo") == set()
