@@ -138,6 +138,30 @@ async def run(options: argparse.Namespace) -> None:
         pipeline.message_index(message_id=message.pk)
         return time.monotonic()
 
+    def service_times() -> tuple[list[float], list[float]]:
+        """binding_link_or_create without HTTP, DRF or the ASGI thread hop (queries and commits)."""
+        from mailboxes.bindings.services import binding_link_or_create
+
+        pool = MailboxPool.objects.select_related("domain").get()
+        principal = Principal.system(pool.tenant)
+        existing, new = [], []
+        for number in random.sample(range(options.bindings), options.calls):
+            began = time.perf_counter()
+            binding_link_or_create(
+                principal=principal,
+                pool=pool,
+                account_ref=f"acct-{number}",
+                provider=PROVIDERS[number // options.mailboxes],
+            )
+            existing.append((time.perf_counter() - began) * 1000)
+        for number in range(options.calls):
+            began = time.perf_counter()
+            binding_link_or_create(
+                principal=principal, pool=pool, account_ref=f"direct-{number}", provider=PROVIDERS[-1 - number % 5]
+            )
+            new.append((time.perf_counter() - began) * 1000)
+        return existing, new
+
     key, pool_id, links = await sync_to_async(prepare)()
     port = free_port()
     web = ChildProcess(
@@ -179,6 +203,9 @@ async def run(options: argparse.Namespace) -> None:
                 assert response.status_code == 201, response.text
         print(_line("link-or-create, existing account", existing))
         print(_line("link-or-create, new account (allocates)", new))
+        in_process = await sync_to_async(service_times)()
+        print(_line("the service alone, in this process: existing account", in_process[0]))
+        print(_line("the service alone, in this process: new account", in_process[1]))
 
         pid = web.process.pid
         answered: dict[int, float] = {}

@@ -99,8 +99,16 @@ def _start(request: HttpRequest, *, link: str | None, account_ref: str | None, p
 
 
 def _question(code_question: selectors.CodeQuestion) -> waiting.Question:
+    looked = False
+
     def find() -> waiting.Candidate | None:
+        nonlocal looked
+        # After the first full look, a re-check skips the query while the mailbox has had no
+        # mail indexed lately (selectors.mailboxes_indexed_recently).
+        if looked and code_question.mailbox_id not in selectors.mailboxes_indexed_recently(code_question.tenant_id):
+            return None
         row = selectors.binding_code_newest(code_question)
+        looked = True
         return waiting.Candidate(*row) if row else None
 
     def check(message_id: Any) -> waiting.Candidate | None:
