@@ -1,7 +1,7 @@
 """Parse + index throughput with the trust verdicts on against off, in the same run.
 
     .venv/bin/python bench/trust.py [--messages 200] [--rounds 3] [--senders 40] [--size 10240]
-                                    [--modes off,auth] [--database mp_bench_trust]
+                                    [--modes off,auth] [--smtp N] [--latency N] [--database mp_bench_trust]
 
 What a parse worker does per message (``pipeline.message_parse(index=True)``, as in
 bench/parse_index.py), once with ``AUTH_VERIFY`` off and once on, in alternating rounds of
@@ -24,6 +24,10 @@ times the SMTP ``250`` itself: N messages over a real socket to the in-process S
 (real spool with fsync, the recipient directory from the database), the client's DATA-to-250
 round trip, p50 and p95, with the domain's antivirus mode off, tag, quarantine and reject
 (only reject scans before the 250).
+
+``--latency N`` times N messages per mode from the SMTP ``250`` to indexed: over a real socket
+to the in-process SMTP server, then at once through the drainer and the parse step with
+indexing under the mode's settings, the modes' messages sent in turn (:func:`smtp_to_indexed`).
 """
 
 from __future__ import annotations
@@ -130,6 +134,73 @@ def smtp_latencies(mailbox: Any, clamd_url: str, count: int, size: int) -> None:
         print(f"smtp {mode:>10}: DATA to 250 p50 {p50 * 1000:.2f} ms, p95 {p95 * 1000:.2f} ms ({count} messages)")
 
 
+def smtp_to_indexed(mailbox: Any, senders: list[str], key: Any, modes: list[str], count: int, size: int) -> None:
+    """SMTP ``250`` to indexed (p50, p95) per mode, the messages of every mode sent in turn.
+
+    Each message goes over a real socket to the in-process SMTP server (real spool with
+    fsync), then, in this process and at once, through the drainer (``spool_entry_drain``:
+    blob PUT, the Message row) and the parse step with indexing (``message_parse(index=True)``)
+    under the mode's settings; the clock runs from the client reading the ``250`` to the
+    indexed commit. No broker or worker wait is in it: it is the work on the path.
+    """
+    import smtplib
+    import tempfile
+
+    from django.test.utils import override_settings
+
+    from ingest.directory import RecipientDirectory
+    from ingest.services import spool_entry_drain
+    from ingest.smtp import IngestHandler, Limits
+    from ingest.spool import Spool, SpoolWriter
+    from mailboxes import pipeline
+    from mailboxes.models import Message
+    from mailboxes.tests import authentication_helpers as helpers
+
+    directory = RecipientDirectory(check_misses=False)
+    directory.reload()
+    directory.max_staleness = 3600
+    handler = IngestHandler(
+        directory=directory,
+        writer=SpoolWriter(Spool(tempfile.mkdtemp(prefix="mp-bench-spool-"))),
+        limits=Limits(rate_per_ip=0, rate_per_tenant=0, spool_low_water=0),
+        hostname="mx.bench.test",
+    )
+    loop, thread, port = _smtp_server_start(handler)
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    client.ehlo("client.bench.test")
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    number = 0
+    try:
+        for round_number in range(count + 10):
+            for mode in modes:
+                sender = senders[number % len(senders)]
+                raw = helpers.dkim_sign(message_bytes(size, 10**6 + number, sender), key, domain=sender)
+                number += 1
+                client.mail(f"bounce@{sender}")
+                client.rcpt(mailbox.address)
+                code, reply = client.data(raw)
+                accepted = time.perf_counter()
+                assert code == 250, (code, reply)
+                queue_id = reply.decode().rsplit(" ", 1)[-1]
+                with override_settings(**MODES[mode]):
+                    assert spool_entry_drain(handler.writer.spool, queue_id) == "stored"
+                    [message_id] = Message.objects.filter(trace_id=queue_id).values_list("pk", flat=True)
+                    assert pipeline.message_parse(message_id=message_id, index=True) == "indexed"
+                if round_number >= 10:  # warm-up left out
+                    times[mode].append(time.perf_counter() - accepted)
+                verified = Message.objects.filter(pk=message_id, auth_dmarc="pass").exists()
+                assert verified == bool(MODES[mode].get("AUTH_VERIFY")), (mode, verified)
+    finally:
+        client.quit()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        handler.writer.close()
+    for mode in modes:
+        ordered = sorted(times[mode])
+        p50, p95 = ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.95)]
+        print(f"250 to indexed {mode:>6}: p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms ({count} messages)")
+
+
 def message_bytes(size: int, number: int, sender: str) -> bytes:
     text = (
         f"Hello,\r\n\r\nYour verification code is {100000 + number}.\r\n"
@@ -153,6 +224,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--modes", default="off,auth,scan,both")
     parser.add_argument("--smtp", type=int, default=0, help="also time N SMTP 250s per antivirus mode")
+    parser.add_argument("--latency", type=int, default=0, help="also time N messages per mode from SMTP 250 to indexed")
     parser.add_argument("--database", default="mp_bench_trust")
     options = parser.parse_args()
     modes = options.modes.split(",")
@@ -267,6 +339,8 @@ def main() -> None:
                     f"{mode:>6}: {median:6.1f} msg/s wall median ({runs}), {median / base * 100:5.1f} % of {modes[0]};"
                     f" {cpu:6.1f} msg/s per CPU-second of this process, {cpu / cpu_base * 100:5.1f} %"
                 )
+            if options.latency:
+                smtp_to_indexed(mailbox, senders, key, modes, options.latency, options.size)
             if options.smtp and clamd_server is not None:
                 smtp_latencies(mailbox, clamd_server.unix_url, options.smtp, options.size)
             print(f"load average {os.getloadavg()}")
@@ -276,7 +350,7 @@ def main() -> None:
             clamd_server.stop()
         import redis
 
-        redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).delete("index")
+        redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).delete("index", "parse")
         connections.close_all()
         with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
