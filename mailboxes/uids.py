@@ -25,7 +25,9 @@ def mailbox_uids_take(mailbox_id: UUID, count: int) -> range:
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET uid_next = uid_next + %s WHERE id = %s RETURNING uid_next",  # noqa: S608
-            [count, mailbox_id],
+            # The column's own conversion: SQLite stores UUIDs as 32 hex digits, and its driver
+            # binds no UUID objects.
+            [count, Mailbox._meta.pk.get_db_prep_value(mailbox_id, connection)],
         )
         row = cursor.fetchone()
     if row is None:

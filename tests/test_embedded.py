@@ -391,3 +391,25 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
     smtp = [line for line in run.lines if line.startswith("smtp ")]
     assert any("stopping: 0 sessions" in line for line in smtp), smtp[-10:]
     assert smtp[-1].endswith("stopped"), smtp[-10:]
+
+
+def test_it_stores_uploaded_messages_on_the_embedded_database_with_their_uids(embedded: Embedded) -> None:
+    """The spool's drain on SQLite: rows and per-mailbox UIDs (the path SMTP mail takes too)."""
+    mailbox_id = embedded.demo["mailbox_id"]
+    headers = {"Authorization": f"Bearer {embedded.demo['api_key']}", "Content-Type": "message/rfc822"}
+    queue_ids = []
+    for number in (1, 2):
+        raw = f"From: a@example.org\r\nSubject: embedded {number}\r\nMessage-ID: <e{number}@x>\r\n\r\nhello\r\n"
+        url = f"{embedded.base_url}/api/v1/mailboxes/{mailbox_id}/messages/"
+        uploaded = requests.post(url, data=raw.encode(), headers=headers, timeout=30)
+        assert uploaded.status_code == 202, uploaded.text
+        queue_ids.append(uploaded.json()["queue_id"])
+    drained = manage(embedded.env, "drain_spool")
+    assert drained.returncode == 0, drained.stderr[-3000:]
+    with sqlite3.connect(embedded.database) as db:
+        uids = [
+            db.execute("SELECT uid FROM mailboxes_message WHERE trace_id = ?", [queue_id]).fetchone()
+            for queue_id in queue_ids
+        ]
+    assert None not in uids, drained.stderr[-3000:]  # every upload became a row
+    assert uids[0][0] < uids[1][0], uids  # in order, each its own UID
