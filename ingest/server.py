@@ -43,6 +43,7 @@ from django.conf import settings
 from django.db import close_old_connections, connections
 
 from ingest.spool import Spool
+from mailplatform.hostnames import greeting_hostname
 
 logger = logging.getLogger(__name__)
 
@@ -129,32 +130,6 @@ def _limits():  # type: ignore[no-untyped-def]
         connection_deadline=float(settings.INGEST_CONNECTION_DEADLINE),
         spool_low_water=settings.INGEST_SPOOL_LOW_WATER,
     )
-
-
-def greeting_hostname() -> str:
-    """The name runsmtp gives in its 220 greeting and EHLO reply.
-
-    RFC 5321 sections 4.1.1.1 and 4.1.3 want a domain name there, or an address literal
-    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), never a bare address. SMTP_HOSTNAME when it is
-    a name; else (its default is BASE_URL's host, an IP on a development machine) the first
-    MX host that is a name; else the address bracketed.
-    """
-    import ipaddress
-
-    def address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        try:
-            return ipaddress.ip_address(name.strip("[]"))
-        except ValueError:
-            return None
-
-    configured = str(settings.SMTP_HOSTNAME).strip().rstrip(".")
-    if configured.startswith("[") or address(configured) is None:
-        return configured
-    for host in settings.MX_HOSTS:
-        if host and address(host) is None:
-            return str(host)
-    ip = address(configured)
-    return f"[IPv6:{ip}]" if ip is not None and ip.version == 6 else f"[{ip}]"
 
 
 async def serve_async(options: ServerOptions, stop: asyncio.Event, sock: socket.socket | None = None) -> None:

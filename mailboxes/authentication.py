@@ -61,6 +61,7 @@ from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
+from mailplatform import hostnames
 from tenants.dns import resolver_new
 
 logger = logging.getLogger(__name__)
@@ -624,7 +625,7 @@ def authentication_results_value(verdict: dict[str, Any]) -> str:
 
 
 def authserv_id() -> str:
-    return str(settings.SMTP_HOSTNAME).lower()
+    return hostnames.authserv_id()
 
 
 def _comment_split(text: str) -> tuple[str, str]:

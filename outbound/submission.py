@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from django.conf import settings
 from django.db import close_old_connections
 
+from mailplatform.hostnames import greeting_hostname
 from outbound import services
 from outbound.models import OutboundMessage
 from tenants.access import Permission, Principal
@@ -163,7 +164,7 @@ class Submission:
 def server_factory(handler: Submission, context: ssl.SSLContext) -> SMTP:
     return SMTP(
         handler,
-        hostname=settings.SMTP_HOSTNAME,
+        hostname=greeting_hostname(),
         ident="mailplatform submission",
         tls_context=context,
         require_starttls=True,
