@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO, Any
 from uuid import UUID
 
 from django.db import connection
 from django.db.models import Count, Max, QuerySet
+from django.utils.dateparse import parse_datetime
 
 from ingest.services import accept, spool_default, spool_entry_drain
 from ingest.spool import Recipient
@@ -104,8 +105,16 @@ def rows(access: Access, mailbox_id: UUID, uids: list[int], *, light: bool = Fal
                 if isinstance(tags, str):
                     tags = () if tags == "[]" else json.loads(tags)
                 received_at, storage_key = (None, "") if light else values[5:]
+                if isinstance(received_at, str):  # SQLite (make run's default) hands back text
+                    received_at = _aware(parse_datetime(received_at))
                 found[int(uid)] = Row(pk, int(uid), is_read, tuple(tags or ()), size, received_at, storage_key)
     return found
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
 
 
 def flag_rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, tuple[bool, str]]:
