@@ -1,7 +1,8 @@
 """One-time codes and links, pulled out of a message so a test script never parses mail.
 
 Codes: a 4 to 8 character token (digits, or letters with at least one digit, optionally
-split once by a hyphen or space like ``123-456``) near a keyword such as "code", "OTP",
+split once by a hyphen or space like ``123-456``, or digits behind a one-letter prefix like
+Google's ``G-551234``) near a keyword such as "code", "OTP",
 "PIN" or "verification" in one of a dozen languages. Candidates are ranked by distance to
 the nearest keyword; tokens that look like years, prices, phone numbers or parts of URLs
 are skipped. Links: http(s) URLs from the text and from the HTML anchors, with anchor text.
@@ -26,6 +27,9 @@ _CANDIDATE = re.compile(
     r"[A-Za-z0-9]{4,8}"
     r")(?![\w@/-]|\.\w|,\d)"
 )
+# A one-letter sender prefix before the digits, as Google's "G-551234 is your verification
+# code": the digits are what the form asks for.
+_PREFIXED = re.compile(r"(?<![\w@/.#:$€£-])[A-Z]-(\d{4,8})(?![\w@/-]|\.\w|,\d)")
 _URL = re.compile(r"https?://[^\s<>\"'\])}]+", re.IGNORECASE)
 _WINDOW = 120  # characters between a keyword and its code
 MAX_CODES = 5
@@ -56,7 +60,7 @@ def codes_extract(subject: str, text: str) -> list[str]:
         keywords = [match.start() for match in _KEYWORDS.finditer(source)]
         if not keywords:
             continue
-        for match in _CANDIDATE.finditer(source):
+        for match in (*_CANDIDATE.finditer(source), *_PREFIXED.finditer(source)):
             token = match.group(1)
             if not _plausible(token):
                 continue
