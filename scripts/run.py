@@ -231,6 +231,10 @@ def main() -> int:
     # A connector may pull from a Dovecot on this machine or the LAN, without TLS (development).
     os.environ.setdefault("CONNECTOR_ALLOW_INSECURE", "true")
     os.environ["INGEST_METRICS_PORT"] = str(options.metrics_port)  # read by runsmtp
+    # The ports chosen here are the ones the console tells mail clients to use.
+    os.environ["IMAP_PORT"] = str(options.imap_port)
+    os.environ["POP3_PORT"] = str(options.pop3_port)
+    os.environ["SUBMISSION_PORT"] = str(options.submission_port)
 
     print("== migrating the database", flush=True)
     migrated = manage("migrate", "--noinput", "--verbosity=0")

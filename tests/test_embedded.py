@@ -337,6 +337,7 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
     import socket
 
     web_port, smtp_port, metrics_port = free_port(), free_port(), free_port()
+    imap_port, pop3_port, submission_port = free_port(), free_port(), free_port()
     env = embedded_env(tmp_path / "var", LOG_LEVEL="INFO")  # what `make run` shows
     for name in ("BASE_URL", "EMAIL_URL", "WEBHOOK_ALLOW_PRIVATE", "OUTBOUND_ALLOW_PRIVATE"):
         env.pop(name, None)
@@ -350,6 +351,12 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
             str(smtp_port),
             "--metrics-port",
             str(metrics_port),
+            "--imap-port",
+            str(imap_port),
+            "--pop3-port",
+            str(pop3_port),
+            "--submission-port",
+            str(submission_port),
         ],
         env=env,
         cwd=ROOT,
@@ -369,6 +376,17 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
         link = login.split("login link", 1)[1].split()[0]
         landing = requests.get(link, timeout=10, allow_redirects=False)
         assert landing.status_code == 302  # the link is served by this very web server
+        # Signed in, the console tells mail clients the ports this run listens on.
+        browser = requests.Session()
+        confirm = browser.get(link, timeout=10)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', confirm.text)
+        assert confirm.status_code == 200 and token, confirm.text[:500]
+        signed_in = browser.post(confirm.url, data={"csrfmiddlewaretoken": token.group(1)}, timeout=10)
+        assert signed_in.status_code == 200, signed_in.text[:500]
+        [slug] = [line.split()[1] for line in run.lines if line.strip().startswith("tenant ")]
+        page = browser.get(f"http://127.0.0.1:{web_port}/console/{slug}/app-passwords/", timeout=10)
+        assert page.status_code == 200, page.text[:500]
+        assert f":{imap_port}" in page.text and f":{pop3_port}" in page.text, page.text[-3000:]
         [key] = [line.split()[2] for line in run.lines if line.strip().startswith("API key ")]
         assert sum(key in line for line in run.lines) == 1  # the curl lines say $KEY
         # A laptop's receiver on this machine is a webhook endpoint make run takes.
