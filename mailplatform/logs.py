@@ -75,7 +75,7 @@ class RedactingFormatter(logging.Formatter):
 
 # Beat tasks that run every few seconds: their "sent", "received" and "succeeded: 0" lines
 # are DEBUG; a run that did something (a non-zero result) stays at INFO.
-TICK_TASKS = frozenset({"webhooks.tasks.deliveries_dispatch"})
+TICK_TASKS = frozenset({"webhooks.tasks.deliveries_dispatch", "outbound.tasks.recipients_due_dispatch"})
 _IDLE_RESULTS = frozenset({"0", "None", "[]"})
 
 

@@ -320,7 +320,7 @@ def message_deliver(message_id: UUID) -> dict[str, int]:
         for recipient in claimed:
             outcome = outcomes.get(recipient.pk) or Outcome("deferred", "no attempt was made")
             _record(recipient, outcome, selector, finished)
-            counts[recipient.state] += 1
+            counts[str(recipient.state)] += 1
     logger.info("outbound %s: %s", message_id, dict(counts))
     return dict(counts)
 
