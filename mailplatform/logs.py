@@ -19,9 +19,9 @@ from django.utils.module_loading import import_string
 REDACTED = "[redacted]"
 
 # URL paths whose segment after the prefix is a credential: a temporary inbox's link
-# (/t/<token>/), a sign-in link (/login/link/<token>/, not its fixed confirm/ page) and a
-# signed blob download (/blobs/<token>/).
-_TOKEN_PATH = re.compile(r"(/(?:t|blobs|login/link)/)(?!confirm/|\[redacted\])[^/\s?#\"']+")
+# (/t/<token>/), a sign-in link (/login/link/<token>/, not its fixed confirm/ page), a
+# signed blob download (/blobs/<token>/) and an account binding's link (/api/v1/links/<link>/).
+_TOKEN_PATH = re.compile(r"(/(?:t|blobs|login/link|api/v1/links)/)(?!confirm/|\[redacted\])[^/\s?#\"']+")
 # Query parameters that carry a credential: our own signed links, and the OIDC callback's
 # authorization code and state (RFC 6749, section 4.1.2), S3 presigned URLs' signature.
 _SECRET_PARAM = re.compile(
@@ -29,9 +29,10 @@ _SECRET_PARAM = re.compile(
     r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;\s#\"']*",
     re.IGNORECASE,
 )
-# A credential that found its way into a message anyway: an API key (mp_ + 38 base62
-# characters, tenants/keys.py) or a webhook secret (whsec_ + base64, webhooks/signing.py).
-_KEY_LIKE = re.compile(r"\b(?:mp_[A-Za-z0-9]{38}|whsec_[A-Za-z0-9+/]{40,}={0,2})")
+# A credential that found its way into a message anyway: an API key, a binding's link or an
+# app password (mp_, mpl_, mpa_ + 38 base62 characters, tenants/keys.py) or a webhook secret
+# (whsec_ + base64, webhooks/signing.py).
+_KEY_LIKE = re.compile(r"\b(?:mp[la]?_[A-Za-z0-9]{38}|whsec_[A-Za-z0-9+/]{40,}={0,2})")
 
 
 def redact(text: str) -> str:

@@ -24,6 +24,9 @@ def test_it_never_logs_the_tokens_in_request_paths(live_env: dict[str, str], wor
     _, temp_token = temp_inbox_create(ip="127.0.0.1")
     login_token = login_link_create(user=world.owner).rstrip("/").rsplit("/", 1)[1]
     unknown_token = "U" * 43  # answered 404, which django.request logs with the path
+    from tenants import keys
+
+    link = keys.generate(prefix=keys.LINK_PREFIX).secret  # a binding's link, well formed
     server = start_uvicorn(env={**live_env, "LOG_LEVEL": "INFO", "LOG_FORMAT": log_format})
     try:
         with requests.Session() as session:
@@ -34,6 +37,8 @@ def test_it_never_logs_the_tokens_in_request_paths(live_env: dict[str, str], wor
                 f"/login/link/{login_token}/",
                 f"/login/link/{unknown_token}/",
                 f"/blobs/{unknown_token}/",
+                f"/api/v1/links/{link}/",
+                f"/api/v1/links/{link}/codes/latest/?wait=0",
                 f"/healthz?token={unknown_token}Q&signature={unknown_token}S",
             ):
                 session.get(server.url + path, allow_redirects=False, timeout=20)
@@ -45,9 +50,10 @@ def test_it_never_logs_the_tokens_in_request_paths(live_env: dict[str, str], wor
         server.stop()
     output = server.child.output
     assert "/healthz" in output and "Not Found" in output, output[-3000:]  # the lines were printed
-    for token in (temp_token, login_token, unknown_token):
+    for token in (temp_token, login_token, unknown_token, link):
         assert token not in output, output[-3000:]
     assert "/t/[redacted]/" in output and "/login/link/[redacted]/" in output and "/blobs/[redacted]/" in output
+    assert "/api/v1/links/[redacted]/codes/latest/" in output
     assert "token=[redacted]" in output and "signature=[redacted]" in output
 
 
@@ -89,3 +95,14 @@ def test_it_logs_the_webhook_dispatch_tick_only_when_it_did_work(live_env: dict[
     assert idle == [], idle
     worked = [line for line in worker.lines + beat.lines if re.search(_TICK_LINE, line)]
     assert len(worked) == 1 and "succeeded" in worked[0] and worked[0].endswith(": 1"), worked
+
+
+def test_it_redacts_every_credential_shape_in_a_line() -> None:
+    from mailplatform.logs import redact
+    from tenants import keys
+
+    for prefix in (keys.PREFIX, keys.LINK_PREFIX, "mpa_"):  # API key, binding link, app password
+        secret = keys.generate(prefix=prefix).secret
+        assert redact(f"login with {secret} failed") == "login with [redacted] failed"
+    assert redact("GET /api/v1/links/mpl_x/codes/latest/ 404") == "GET /api/v1/links/[redacted]/codes/latest/ 404"
+    assert redact("GET /api/v1/accounts/acct-7/codes/latest/") == "GET /api/v1/accounts/acct-7/codes/latest/"
