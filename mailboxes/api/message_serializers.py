@@ -8,7 +8,6 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
-from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from mailboxes import blobs
