@@ -164,6 +164,7 @@ def wait_until_answering(
 
 def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
     mailbox, key = demo["mailbox"], demo["api_key"]
+    submission = [demo["submission"]] if "submission" in demo else []
     lines = [
         "",
         "=" * 78,
@@ -172,6 +173,7 @@ def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
         f"  web          {web}/",
         f"  SMTP         {smtp}" if smtp else "  SMTP         not started (no runsmtp command yet)",
         f"  IMAP / POP3  {demo.get('imap', '')}   (user: the mailbox address, password: the API key)",
+        *[f"  submission   {address}   (STARTTLS, then AUTH with the API key)" for address in submission],
         f"  tenant       {demo['tenant']}",
         f"  mailbox      {mailbox}   (id {demo['mailbox_id']})",
         f"  API key      {key}   (shown once; `make run` mints a new one each time)",
@@ -249,6 +251,8 @@ def main() -> int:
     demo["imap"] = f"{reachable_host(options.host)}:{options.imap_port} / {options.pop3_port}"
 
     smtp_enabled = not options.no_smtp and has_command("runsmtp")
+    if smtp_enabled:
+        demo["submission"] = f"{reachable_host(options.host)}:{options.submission_port}"
     commands: list[tuple[str, list[str]]] = [
         ("web", web_command(options.host, options.port)),
         (
