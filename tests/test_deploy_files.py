@@ -69,6 +69,8 @@ def test_it_runs_the_processes_the_design_names_with_health_checks() -> None:
     assert "spool:/spool" in services["smtp"]["volumes"]
     assert "spool" in _compose()["volumes"]
     assert "worker" in services["worker"]["command"]
+    assert services["clamav"]["image"].startswith("clamav/clamav")
+    assert _compose()["x-env"]["CLAMD_URL"] == "${CLAMD_URL:-tcp://clamav:3310}"
     assert "beat" in services["beat"]["command"]
     for name in ("web", "smtp", "worker", "beat"):
         depends = services[name]["depends_on"]
