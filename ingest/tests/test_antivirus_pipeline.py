@@ -213,3 +213,42 @@ def test_it_sets_the_modes_through_the_api_and_smtp_follows_them(world: Any, sca
 
 def mailbox_mode_of(world: Any) -> str:
     return antivirus.mailbox_mode(world.mailbox.pk)
+
+
+def test_it_shows_the_antivirus_verdict_as_a_badge_beside_the_trust_badges(
+    world: Any, scanning: Any, dns_zone: Any, settings: Any
+) -> None:
+    from html import unescape
+
+    from django.test import Client
+
+    from mailboxes import authentication
+    from mailboxes.tests import authentication_helpers
+
+    authentication_helpers.zone_prepare(dns_zone, settings)
+    _mode(world, AntivirusMode.TAG)
+    try:
+        infected = authentication_helpers.deliver(world.mailbox, INFECTED["nested_base64"]())
+        clean = authentication_helpers.deliver(world.mailbox, clean_message())
+    finally:
+        authentication.dns_cache_clear()
+    client = Client()
+    client.force_login(world.owner)
+
+    def badges(message: Message) -> str:
+        page = unescape(client.get(f"/inbox/{world.tenant.slug}/m/{message.pk}/").content.decode())
+        return page.split('<ul class="badges">', 1)[1].split("</ul>", 1)[0]
+
+    bad = badges(infected)
+    assert (
+        f'<li class="badge fail" data-antivirus="infected"><strong>Antivirus</strong> infected'
+        f' <span class="detail">{FOUND}</span>'
+    ) in bad
+    assert "<strong>SPF</strong>" in bad and "<strong>ARC</strong> none" in bad  # beside the trust badges
+    good = badges(clean)
+    assert '<li class="badge pass" data-antivirus="clean"><strong>Antivirus</strong> clean' in good
+    assert FOUND not in good
+    Message.objects.filter(pk=clean.pk).update(antivirus_verdict="error")
+    assert '<li class="badge neutral" data-antivirus="error"><strong>Antivirus</strong> scan failed' in badges(clean)
+    Message.objects.filter(pk=clean.pk).update(antivirus_verdict="")
+    assert 'data-antivirus="not_scanned"><strong>Antivirus</strong> not scanned' in badges(clean)
