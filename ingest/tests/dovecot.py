@@ -9,6 +9,8 @@ small HTTP server run by the test that is also the connectors' OAuth token endpo
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import pwd
@@ -152,6 +154,8 @@ class Dovecot:
     port: int
     process: subprocess.Popen[bytes]
     tokens: TokenServer | None = None
+    tls_port: int = 0  # implicit TLS (imaps); with it the plain port offers STARTTLS
+    certificate: Path | None = None  # self-signed, for 127.0.0.1: the CA file that trusts it
     users: list[tuple[str, str]] = field(default_factory=list)
     accounts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -200,10 +204,53 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def certificate_make(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for 127.0.0.1 and localhost, valid for a day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dovecot.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (folder / "key.pem").chmod(0o600)
+    return folder / "cert.pem", folder / "key.pem"
+
+
 def start_dovecot(
-    *, idle: bool = True, oauth: bool = True, accounts: int = 50, max_connections: int = 100, idle_check: int = 30
+    *,
+    idle: bool = True,
+    oauth: bool = True,
+    accounts: int = 50,
+    max_connections: int = 100,
+    idle_check: int = 30,
+    tls: bool = False,
 ) -> Dovecot:
     """Dovecot on a free port; ``idle=False`` leaves IDLE out of its capabilities (polling tests).
+
+    ``tls=True``: a self-signed certificate (``Dovecot.certificate``), implicit TLS on
+    ``Dovecot.tls_port`` and STARTTLS offered on the plain port; otherwise no TLS at all
+    (STARTTLS not offered).
 
     Each IDLE session learns of new mail through inotify; past ``fs.inotify.max_user_instances``
     (128 on many hosts) sessions, Dovecot falls back to looking every ``idle_check`` seconds
@@ -223,6 +270,11 @@ def start_dovecot(
     )
     tokens = TokenServer().start() if oauth else None
     port = free_port()
+    tls_port, certificate, ssl_settings = 0, None, "ssl = no\n"
+    if tls:
+        tls_port = free_port()
+        certificate, key = certificate_make(home)
+        ssl_settings = f"ssl = yes\nssl_cert = <{certificate}\nssl_key = <{key}\n"
     capability = "" if idle else "imap_capability = IMAP4rev1 SASL-IR LITERAL+ ENABLE UIDPLUS\n"
     oauth_passdb = ""
     if tokens is not None:
@@ -246,8 +298,7 @@ log_path = {home / "dovecot.log"}
 default_internal_user = root
 default_internal_group = root
 default_login_user = dovenull
-ssl = no
-disable_plaintext_auth = no
+{ssl_settings}disable_plaintext_auth = no
 auth_mechanisms = plain login xoauth2 oauthbearer
 mail_location = maildir:~/Maildir
 mail_uid = {mail_user.pw_uid}
@@ -272,7 +323,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
   }}
   process_min_avail = 1
   service_count = 0
@@ -295,9 +347,13 @@ default_process_limit = {max(100, max_connections)}
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
     )
-    server = Dovecot(home=home, port=port, process=process, tokens=tokens, users=users)
+    server = Dovecot(
+        home=home, port=port, process=process, tokens=tokens, users=users, tls_port=tls_port, certificate=certificate
+    )
     try:
         wait_for_port("127.0.0.1", port, timeout=20)
+        if tls_port:
+            wait_for_port("127.0.0.1", tls_port, timeout=20)
     except BaseException:
         server.stop()
         raise RuntimeError(f"Dovecot did not start:\n{server.log_text()[-2000:]}") from None
