@@ -80,6 +80,11 @@ def mailbox_mode(mailbox_id: UUID, *, cached: bool = False) -> str:
     return mode
 
 
+def verdict_summary(verdict: str, signature: str) -> dict[str, str]:
+    """What ``indexer.indexed`` carries: the verdict as the API names it and clamd's signature."""
+    return {"verdict": verdict or "not_scanned", "signature": signature if verdict == AntivirusVerdict.INFECTED else ""}
+
+
 def _verdict_fields(result: clamd.ScanResult) -> dict[str, object]:
     return {
         "antivirus_verdict": result.verdict,

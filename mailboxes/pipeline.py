@@ -254,6 +254,10 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
                 codes=len(parsed.codes),
                 attachments=bool(fields["has_attachments"]),
                 authentication=verdict_summary(trust.get("authentication")),
+                antivirus=antivirus.verdict_summary(
+                    str(fields.get("antivirus_verdict", message.antivirus_verdict)),
+                    str(fields.get("antivirus_signature", message.antivirus_signature)),
+                ),
             )
     PARSED.labels("parsed").inc()
     PARSE_SECONDS.observe(time.perf_counter() - started)
@@ -273,15 +277,23 @@ def _indexed_record(
     codes: int,
     attachments: bool,
     authentication: dict[str, str | None],
+    antivirus: dict[str, str],
 ) -> None:
     """The ``indexer.indexed`` event inside the indexing transaction; waiters are woken after it commits.
 
-    ``authentication`` is the verdict summary (one result a mechanism, None when not verified).
+    ``authentication`` is the verdict summary (one result a mechanism, None when not verified);
+    ``antivirus`` the scan's verdict and signature (:func:`mailboxes.antivirus.verdict_summary`).
     """
     event_record(
         tenant_id=tenant_id,
         type="indexer.indexed",
-        data={"thread": thread_id, "codes": codes, "attachments": attachments, "authentication": authentication},
+        data={
+            "thread": thread_id,
+            "codes": codes,
+            "attachments": attachments,
+            "authentication": authentication,
+            "antivirus": antivirus,
+        },
         trace_id=trace_id,
         mailbox_id=mailbox_id,
         message_id=message_id,
@@ -333,7 +345,16 @@ def message_index(*, message_id: UUID | str) -> bool:
             Message.objects.select_for_update()
             .filter(pk=message_id, state=Message.State.PARSED)
             .only(
-                "pk", "tenant_id", "mailbox_id", "thread_id", "codes", "has_attachments", "trace_id", "authentication"
+                "pk",
+                "tenant_id",
+                "mailbox_id",
+                "thread_id",
+                "codes",
+                "has_attachments",
+                "trace_id",
+                "authentication",
+                "antivirus_verdict",
+                "antivirus_signature",
             )
             .first()
         )
@@ -353,6 +374,7 @@ def message_index(*, message_id: UUID | str) -> bool:
             codes=len(message.codes),
             attachments=message.has_attachments,
             authentication=verdict_summary(message.authentication),
+            antivirus=antivirus.verdict_summary(message.antivirus_verdict, message.antivirus_signature),
         )
     INDEXED.inc()
     return True

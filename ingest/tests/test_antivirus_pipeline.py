@@ -252,3 +252,25 @@ def test_it_shows_the_antivirus_verdict_as_a_badge_beside_the_trust_badges(
     assert '<li class="badge neutral" data-antivirus="error"><strong>Antivirus</strong> scan failed' in badges(clean)
     Message.objects.filter(pk=clean.pk).update(antivirus_verdict="")
     assert 'data-antivirus="not_scanned"><strong>Antivirus</strong> not scanned' in badges(clean)
+
+
+def test_it_carries_the_antivirus_verdict_in_the_indexed_event(world: Any, scanning: Any) -> None:
+    def indexed(message: Message) -> dict[str, Any]:
+        return Event.objects.get(message_id=message.pk, type="indexer.indexed").data
+
+    _mode(world, AntivirusMode.TAG)
+    infected = _parsed(world, INFECTED["zipped"]())
+    assert indexed(infected)["antivirus"] == {"verdict": "infected", "signature": FOUND}
+    assert set(indexed(infected)["authentication"]) == {"spf", "dkim", "dmarc", "arc"}  # beside the trust summary
+    assert indexed(_parsed(world, clean_message()))["antivirus"] == {"verdict": "clean", "signature": ""}
+    _mode(world, AntivirusMode.OFF)
+    assert indexed(_parsed(world, clean_message() + b"\r\n"))["antivirus"] == {
+        "verdict": "not_scanned",
+        "signature": "",
+    }
+    # Parsed first, indexed by the indexer step: the same data from the stored columns.
+    _mode(world, AntivirusMode.TAG)
+    message = message_store(world.mailbox, INFECTED["plain_attachment"]())
+    assert pipeline.message_parse(message_id=message.pk, index=False) == "parsed"
+    assert pipeline.message_index(message_id=message.pk)
+    assert indexed(message)["antivirus"] == {"verdict": "infected", "signature": FOUND}
