@@ -21,6 +21,7 @@ from django.core import mail
 from django.utils import timezone
 
 from audit.models import Event
+from ingest.imap.client import ImapClient
 from ingest.imap.runner import Runner
 from ingest.models import Connector, ConnectorFolder, ConnectorSeen
 from mailboxes.models import Message
@@ -154,6 +155,36 @@ def test_it_takes_the_initial_window_then_new_mail_through_idle_leaving_flags_al
     assert Connector.objects.get(pk=connector.pk).lease_owner == ""  # released on shutdown
     assert imap_account.password not in caplog.text
     assert imap_account.password not in json.dumps(list(Event.objects.values_list("data", flat=True)))
+
+
+def test_it_takes_mail_that_arrives_during_a_fetch_without_waiting_for_the_next_idle_round(
+    world, dovecot, imap_account, start_runner, monkeypatch
+):
+    """The server announces such mail (untagged EXISTS) in its answer to the fetch, and not
+    again once IDLE starts: the runner looks again before IDLE instead of waiting up to
+    CONNECTOR_IDLE_SECONDS (600 here) for the next round."""
+    imap_account.save(message(1))
+    fetch = ImapClient.uid_fetch_bodies
+    announced: list[bool] = []
+
+    async def fetch_while_mail_arrives(self: ImapClient, uids: list[int]) -> list[tuple[int, bytes]]:
+        if not announced:  # the second message lands on the server while the first is fetched
+            await asyncio.to_thread(imap_account.save, message(2, subject="arrived during the fetch"))
+        found = await fetch(self, uids)
+        announced.append(self.new_mail_seen)
+        return found
+
+    monkeypatch.setattr(ImapClient, "uid_fetch_bodies", fetch_while_mail_arrives)
+    connector = connector_for(world, dovecot, imap_account)
+    started = time.monotonic()
+    start_runner()
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 2, timeout=3)
+    assert time.monotonic() - started < 3
+    assert announced[0] is True  # the scenario happened: EXISTS came in the fetch's answer
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    time.sleep(0.3)
+    assert len(imap_messages(world.mailbox)) == 2  # each once
+    assert imap_account.count() == 2
 
 
 def test_it_reconnects_after_a_kick_and_takes_nothing_twice(world, dovecot, imap_account, start_runner):
