@@ -104,7 +104,6 @@ class Selected:
     readonly: bool
     uid_validity: int
     uids: array[int]  # 8 bytes a message: a session on a folder of 100,000 holds 800 KB
-    deleted: set[int] = field(default_factory=set)  # \Deleted: this session's, until EXPUNGE
 
     def seq_of(self, uid: int) -> int:
         from bisect import bisect_left
@@ -504,7 +503,6 @@ class ImapSession:
             present = set(current)
             for index in range(len(selected.uids) - 1, -1, -1):
                 if selected.uids[index] not in present:
-                    selected.deleted.discard(selected.uids[index])
                     del selected.uids[index]
                     await self.untagged(b"%d EXPUNGE" % (index + 1))
                     changed = True
@@ -648,7 +646,7 @@ class ImapSession:
         """FETCH of UID and FLAGS only (a client's resync of a big folder): one query, one
         write per 20,000 messages, each distinct flag set rendered once."""
         assert self.access is not None
-        rendered: dict[tuple[bool, str], bytes] = {}
+        rendered: dict[tuple[bool, str, bool], bytes] = {}
         for start in range(0, len(targets), 20000):
             batch = targets[start : start + 20000]
             found = await db(store.flag_rows, self.access, selected.mailbox_id, [uid for _seq, uid in batch])
@@ -659,10 +657,8 @@ class ImapSession:
                     continue
                 flags = rendered.get(state)
                 if flags is None:
-                    names = store.flags_of(state[0], json.loads(state[1]) or [])
+                    names = store.flags_of(state[0], json.loads(state[1]) or [], state[2])
                     flags = rendered[state] = " ".join(names).encode()
-                if uid in selected.deleted:
-                    flags = (flags + b" \\Deleted").strip()
                 parts = [b"UID %d" % uid if item.kind == "UID" else b"FLAGS (" + flags + b")" for item in items]
                 out += b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
             await self.send(bytes(out))
@@ -671,7 +667,7 @@ class ImapSession:
         if item.kind == "UID":
             return b"UID %d" % row.uid
         if item.kind == "FLAGS":
-            flags = row.flags() + (["\\Deleted"] if row.uid in selected.deleted else [])
+            flags = row.flags()
             return b"FLAGS (" + " ".join(flags).encode() + b")"
         if item.kind == "RFC822.SIZE":
             return b"RFC822.SIZE %d" % row.size
@@ -707,7 +703,7 @@ class ImapSession:
             if item.kind == "UID":
                 out.append(b"UID %d" % row.uid)
             elif item.kind == "FLAGS":
-                flags = row.flags() + (["\\Deleted"] if row.uid in selected.deleted else [])
+                flags = row.flags()
                 out.append(b"FLAGS (" + " ".join(flags).encode() + b")")
             elif item.kind == "RFC822.SIZE":
                 out.append(b"RFC822.SIZE %d" % row.size)
@@ -796,21 +792,13 @@ class ImapSession:
         flags = [_string(flag) for flag in flag_tokens]
         flags = [_canonical_flag(flag) for flag in flags]
         uids = [uid for _seq, uid in targets]
-        if "\\Deleted" in flags or mode == "":
-            for uid in uids:
-                if mode == "-" and "\\Deleted" in flags:
-                    selected.deleted.discard(uid)
-                elif mode in ("", "+") and "\\Deleted" in flags:
-                    selected.deleted.add(uid)
-                elif mode == "":
-                    selected.deleted.discard(uid)
         rows = await db(store.flags_store, self.access, selected.mailbox_id, uids, mode, flags)
         if not silent:
             for seq, uid in targets:
                 row = rows.get(uid)
                 if row is None:
                     continue
-                flag_list = row.flags() + (["\\Deleted"] if uid in selected.deleted else [])
+                flag_list = row.flags()
                 text = b"%d FETCH (" % seq + (b"UID %d " % uid if by_uid else b"")
                 await self.untagged(text + b"FLAGS (" + " ".join(flag_list).encode() + b"))")
         return f"OK {'UID ' if by_uid else ''}STORE completed"
@@ -820,18 +808,16 @@ class ImapSession:
         assert self.access is not None
         if selected.readonly:
             raise _no("[READ-ONLY] mailbox is read-only")
-        wanted = set(selected.deleted)
+        # Every message marked \\Deleted, by this session or another (the flag is stored).
+        scope: list[int] | None = None
         if by_uid:
             if not args:
                 raise _bad("UID EXPUNGE set")
             ranges = sequence_set(_string(args[0]), selected.uids[-1] if selected.uids else 0)
-            wanted = {uid for uid in wanted if in_ranges(uid, ranges)}
-        removed = (
-            set(await db(store.messages_delete, self.access, selected.mailbox_id, sorted(wanted))) if wanted else set()
-        )
-        selected.deleted -= wanted
+            scope = [uid for uid in selected.uids if in_ranges(uid, ranges)]
+        removed = set(await db(store.messages_delete, self.access, selected.mailbox_id, scope, marked=True))
         for index in range(len(selected.uids) - 1, -1, -1):
-            if selected.uids[index] in removed or selected.uids[index] in wanted:
+            if selected.uids[index] in removed:
                 del selected.uids[index]
                 if not silent:
                     await self.untagged(b"%d EXPUNGE" % (index + 1))
@@ -839,7 +825,7 @@ class ImapSession:
 
     async def cmd_close(self, args: list[Token]) -> str:
         selected = self.require_selected()
-        if not selected.readonly and selected.deleted:
+        if not selected.readonly:
             await self.cmd_expunge([], by_uid=False, silent=True)
         self.selected = None
         return "OK CLOSE completed"
@@ -886,7 +872,6 @@ class ImapSession:
             removed = set(await db(store.messages_delete, self.access, selected.mailbox_id, source_uids))
             for index in range(len(selected.uids) - 1, -1, -1):
                 if selected.uids[index] in removed:
-                    selected.deleted.discard(selected.uids[index])
                     del selected.uids[index]
                     await self.untagged(b"%d EXPUNGE" % (index + 1))
             return "OK MOVE completed"
@@ -948,7 +933,7 @@ def _flags_of(row: dict[str, Any], uid: int, selected: Selected) -> set[str]:
     flags = {"\\Seen"} if row["is_read"] else set()
     for tag in row["tags"] or ():
         flags.add(store.TAG_SYSTEM_FLAGS.get(tag, tag).lower())
-    if uid in selected.deleted:
+    if row["imap_deleted"]:
         flags.add("\\Deleted")
     return {flag.lower() for flag in flags}
 

@@ -38,19 +38,22 @@ class Row:
     is_read: bool
     tags: tuple[str, ...]
     size: int
+    deleted: bool
     received_at: datetime | None  # None in a light read
     storage_key: str
 
     def flags(self) -> list[str]:
-        return flags_of(self.is_read, self.tags)
+        return flags_of(self.is_read, self.tags, self.deleted)
 
 
-def flags_of(is_read: bool, tags: tuple[str, ...] | list[str]) -> list[str]:
-    """IMAP flags of a message: ``\\Seen`` from is_read, system flags and keywords from tags."""
-    return (["\\Seen"] if is_read else []) + [TAG_SYSTEM_FLAGS.get(tag, tag) for tag in tags]
+def flags_of(is_read: bool, tags: tuple[str, ...] | list[str], deleted: bool = False) -> list[str]:
+    """IMAP flags of a message: ``\\Seen`` from is_read, ``\\Deleted`` from imap_deleted,
+    system flags and keywords from tags."""
+    flags = (["\\Seen"] if is_read else []) + [TAG_SYSTEM_FLAGS.get(tag, tag) for tag in tags]
+    return [*flags, "\\Deleted"] if deleted else flags
 
 
-_ROW_FIELDS = ("pk", "uid", "is_read", "tags", "size", "received_at", "storage_key")
+_ROW_FIELDS = ("pk", "uid", "is_read", "tags", "size", "imap_deleted", "received_at", "storage_key")
 
 
 def visible(access: Access, mailbox_id: UUID) -> QuerySet[Message]:
@@ -96,18 +99,20 @@ def rows(access: Access, mailbox_id: UUID, uids: list[int], *, light: bool = Fal
         else:
             queryset = queryset.filter(uid__in=chunk)
         # light: flags and sizes only (no dates to convert, no keys), for FLAGS/UID/RFC822.SIZE.
-        fields = _ROW_FIELDS[:5] if light else _ROW_FIELDS
+        fields = _ROW_FIELDS[:6] if light else _ROW_FIELDS
         sql, params = queryset.values_list(*fields).query.sql_with_params()
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             for values in cursor.fetchall():
-                pk, uid, is_read, tags, size = values[:5]
+                pk, uid, is_read, tags, size, deleted = values[:6]
                 if isinstance(tags, str):
                     tags = () if tags == "[]" else json.loads(tags)
-                received_at, storage_key = (None, "") if light else values[5:]
+                received_at, storage_key = (None, "") if light else values[6:]
                 if isinstance(received_at, str):  # SQLite (make run's default) hands back text
                     received_at = _aware(parse_datetime(received_at))
-                found[int(uid)] = Row(pk, int(uid), is_read, tuple(tags or ()), size, received_at, storage_key)
+                found[int(uid)] = Row(
+                    pk, int(uid), is_read, tuple(tags or ()), size, bool(deleted), received_at, storage_key
+                )
     return found
 
 
@@ -117,19 +122,19 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def flag_rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, tuple[bool, str]]:
-    """UID -> (is_read, tags as JSON text): all a FETCH of UID and FLAGS needs, read in bulk."""
-    found: dict[int, tuple[bool, str]] = {}
+def flag_rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, tuple[bool, str, bool]]:
+    """UID -> (is_read, tags as JSON text, \\Deleted): all a FETCH of UID and FLAGS needs, read in bulk."""
+    found: dict[int, tuple[bool, str, bool]] = {}
     for start in range(0, len(uids), 50000):
         chunk = uids[start : start + 50000]
         queryset = visible(access, mailbox_id).order_by().filter(uid__gte=chunk[0], uid__lte=chunk[-1])
-        sql, params = queryset.values_list("uid", "is_read", "tags").query.sql_with_params()
+        sql, params = queryset.values_list("uid", "is_read", "tags", "imap_deleted").query.sql_with_params()
         wanted = set(chunk) if chunk[-1] - chunk[0] + 1 != len(chunk) else None
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            for uid, is_read, tags in cursor.fetchall():
+            for uid, is_read, tags, deleted in cursor.fetchall():
                 if wanted is None or uid in wanted:
-                    found[uid] = (is_read, tags if isinstance(tags, str) else json.dumps(tags))
+                    found[uid] = (is_read, tags if isinstance(tags, str) else json.dumps(tags), bool(deleted))
     return found
 
 
@@ -142,6 +147,7 @@ def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
             "uid",
             "is_read",
             "tags",
+            "imap_deleted",
             "size",
             "received_at",
             "date",
@@ -157,33 +163,42 @@ def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
 def flags_store(access: Access, mailbox_id: UUID, uids: list[int], mode: str, flags: list[str]) -> dict[int, Row]:
     """STORE: set (mode ""), add ("+") or remove ("-") flags; the rows after the change.
 
-    ``\\Seen`` is ``is_read``; ``\\Flagged``, ``\\Answered``, ``\\Draft`` and keywords are tags.
+    ``\\Seen`` is ``is_read`` and ``\\Deleted`` is ``imap_deleted``, both stored with the message
+    so every session sees them; ``\\Flagged``, ``\\Answered``, ``\\Draft`` and keywords are tags.
+    Keywords keep the case the client used and match case-insensitively (RFC 3501 section 2.3.2).
     Each changed message goes through ``message_update`` (audited, like the API).
     """
     wanted_seen = "\\Seen" in flags
-    wanted_tags = {
-        SYSTEM_FLAG_TAGS.get(flag, flag.lower()) for flag in flags if flag not in ("\\Seen", "\\Deleted", "\\Recent")
+    wanted_deleted = "\\Deleted" in flags
+    wanted = {
+        tag.lower(): tag
+        for tag in (
+            SYSTEM_FLAG_TAGS.get(flag, flag) for flag in flags if flag not in ("\\Seen", "\\Deleted", "\\Recent")
+        )
     }
     messages = {int(message.uid or 0): message for message in visible(access, mailbox_id).filter(uid__in=uids)}
     for message in messages.values():
-        tags = set(message.tags)
-        is_read = message.is_read
+        tags = {tag.lower(): tag for tag in message.tags}
+        is_read, deleted = message.is_read, message.imap_deleted
         if mode == "+":
-            is_read = is_read or wanted_seen
-            tags |= wanted_tags
+            is_read, deleted = is_read or wanted_seen, deleted or wanted_deleted
+            tags.update(wanted)
         elif mode == "-":
-            is_read = is_read and not wanted_seen
-            tags -= wanted_tags
+            is_read, deleted = is_read and not wanted_seen, deleted and not wanted_deleted
+            tags = {low: tag for low, tag in tags.items() if low not in wanted}
         else:
-            is_read = wanted_seen
-            tags = wanted_tags | {tag for tag in tags if tag not in TAG_SYSTEM_FLAGS and not _is_keyword(tag)}
+            is_read, deleted = wanted_seen, wanted_deleted
+            tags = {low: tag for low, tag in tags.items() if tag not in TAG_SYSTEM_FLAGS and not _is_keyword(tag)}
+            tags.update(wanted)
         changes: dict[str, object] = {}
         if is_read != message.is_read:
             changes["is_read"] = is_read
-        if tags != set(message.tags):
-            changes["tags"] = sorted(tags)
+        if deleted != message.imap_deleted:
+            changes["imap_deleted"] = deleted
+        if sorted(tags.values()) != sorted(message.tags):
+            changes["tags"] = sorted(tags.values())
         if changes:
-            message_update(principal=access.principal, message=message, **changes)
+            message_update(principal=access.principal, message=message, keep_case=True, **changes)
     return rows(access, mailbox_id, sorted(messages))
 
 
@@ -197,10 +212,19 @@ def messages_seen(access: Access, mailbox_id: UUID, uids: list[int]) -> None:
         message_update(principal=access.principal, message=message, is_read=True)
 
 
-def messages_delete(access: Access, mailbox_id: UUID, uids: list[int]) -> list[int]:
-    """EXPUNGE / DELE: soft-delete through the API's service; the UIDs actually removed."""
+def messages_delete(access: Access, mailbox_id: UUID, uids: list[int] | None, *, marked: bool = False) -> list[int]:
+    """EXPUNGE / DELE: soft-delete through the API's service; the UIDs actually removed.
+
+    ``uids`` None: every message of the folder; ``marked``: only those marked ``\\Deleted``
+    (by any session: EXPUNGE and CLOSE, RFC 3501 section 6.4.3).
+    """
     removed = []
-    for message in visible(access, mailbox_id).filter(uid__in=uids).order_by("uid"):
+    queryset = visible(access, mailbox_id)
+    if uids is not None:
+        queryset = queryset.filter(uid__in=uids)
+    if marked:
+        queryset = queryset.filter(imap_deleted=True)
+    for message in queryset.order_by("uid"):
         message_delete(principal=access.principal, message=message)
         removed.append(int(message.uid or 0))
     return removed

@@ -172,6 +172,9 @@ class Message(models.Model):
     antivirus_signature = models.CharField(max_length=255, blank=True, help_text="What clamd found")
     antivirus_scanned_at = models.DateTimeField(null=True, blank=True)
     is_read = models.BooleanField(default=False)
+    # IMAP's \Deleted flag (RFC 3501 section 2.3.2): marked, not yet expunged; every session
+    # sees it and the next EXPUNGE or CLOSE in any session removes the message.
+    imap_deleted = models.BooleanField(default=False)
     # A copy of mail the tenant sent (outbound/sent.py): shown in its thread, found by in:sent.
     is_sent = models.BooleanField(default=False)
     # The IMAP UID within the mailbox (RFC 3501 section 2.3.1.1): strictly ascending in the
@@ -206,7 +209,9 @@ class Message(models.Model):
             models.Index(fields=["mailbox", "thread_id"], name="message_mailbox_thread"),
             models.Index(fields=["mailbox", "message_id"], name="message_mailbox_msgid"),
             models.Index(fields=["deleted_at"], name="message_deleted", condition=Q(purged_at__isnull=True)),
-            models.Index(fields=["antivirus_scanned_at"], name="message_rescan_due", condition=Q(antivirus_verdict="error")),
+            models.Index(
+                fields=["antivirus_scanned_at"], name="message_rescan_due", condition=Q(antivirus_verdict="error")
+            ),
             models.Index(
                 fields=["auth_recheck_at"], name="message_auth_recheck_due", condition=Q(auth_recheck_at__isnull=False)
             ),

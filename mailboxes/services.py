@@ -176,16 +176,24 @@ def _purge_enqueue() -> None:
 
 
 # --- Messages --------------------------------------------------------------------------
-def message_update(*, principal: Principal, message: Message, **changes: Any) -> Message:
-    """Mark a message read or unread, or replace its tags."""
+def message_update(*, principal: Principal, message: Message, keep_case: bool = False, **changes: Any) -> Message:
+    """Mark a message read or unread, replace its tags, or (IMAP) mark it ``\\Deleted``.
+
+    Tags are lowercased, except with ``keep_case`` (IMAP keywords keep the client's case,
+    RFC 3501 section 2.3.2); either way no two tags differ only in case.
+    """
     require(principal, Permission.MESSAGES_WRITE)
     fields = []
     if "is_read" in changes:
         message.is_read = bool(changes.pop("is_read"))
         fields.append("is_read")
     if "tags" in changes:
-        message.tags = sorted({str(tag).lower() for tag in changes.pop("tags")})
+        by_case = {str(tag).lower(): str(tag) if keep_case else str(tag).lower() for tag in changes.pop("tags")}
+        message.tags = sorted(by_case.values())
         fields.append("tags")
+    if "imap_deleted" in changes:
+        message.imap_deleted = bool(changes.pop("imap_deleted"))
+        fields.append("imap_deleted")
     if changes:
         raise ValidationError({name: "This field cannot be changed." for name in changes})
     if fields:

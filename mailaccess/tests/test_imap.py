@@ -101,9 +101,9 @@ def test_it_shares_flags_and_expunges_between_two_clients(imap_server: ServerThr
     two.select("INBOX")
     one.store("1", "+FLAGS", "(\\Seen \\Flagged $Work)")
     _status, data = two.fetch("1", "(FLAGS)")
-    assert set(data[0].split(b"FLAGS (")[1].rstrip(b"))").split()) == {b"\\Seen", b"\\Flagged", b"$work"}  # type: ignore[union-attr]
+    assert set(data[0].split(b"FLAGS (")[1].rstrip(b"))").split()) == {b"\\Seen", b"\\Flagged", b"$Work"}  # type: ignore[union-attr]
     message = Message.objects.get(mailbox=world.mailbox, uid=1)
-    assert message.is_read and set(message.tags) == {"flagged", "$work"}
+    assert message.is_read and set(message.tags) == {"flagged", "$Work"}
     one.store("2", "+FLAGS", "(\\Deleted)")
     _status, data = one.expunge()
     assert data == [b"2"]
