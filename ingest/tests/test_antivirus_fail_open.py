@@ -10,7 +10,6 @@ clean, or infected and then quarantined as reject mode wants.
 from __future__ import annotations
 
 import smtplib
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -22,20 +21,11 @@ from ingest.tests.antivirus_messages import INFECTED, clean_message
 from mailboxes import antivirus, pipeline
 from mailboxes.models import Message
 from mailboxes.tasks import messages_rescan_sweep
+from mailboxes.tests.helpers import messages_wait_stored
 from mailplatform.testing_clamd import FOUND
 from tenants.models import AntivirusMode, Domain
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _wait_stored(count: int, timeout: float = 20) -> list[Message]:
-    deadline = time.monotonic() + timeout
-    while True:
-        messages = list(Message.objects.order_by("received_at"))
-        if len(messages) >= count:
-            return messages
-        assert time.monotonic() < deadline, f"{len(messages)} of {count} messages drained"
-        time.sleep(0.1)
 
 
 def test_it_accepts_with_clamd_down_in_reject_mode_and_the_sweep_scans_it_once_clamd_is_back(
@@ -55,7 +45,7 @@ def test_it_accepts_with_clamd_down_in_reject_mode_and_the_sweep_scans_it_once_c
                 smtp.mail(f"{subject}@sender.example")
                 smtp.rcpt(world.mailbox.address)
                 assert smtp.data(raw)[0] == 250, subject  # not 451: fail open
-        stored = _wait_stored(2)
+        stored = messages_wait_stored(2, timeout=20)
         assert [message.antivirus_verdict for message in stored] == ["error", "error"]  # scanned before the 250
         for message in stored:
             assert pipeline.message_parse(message_id=message.pk, index=True) == "indexed"  # still down: goes on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -68,3 +69,14 @@ def message_deliver(mailbox: Any, raw: bytes, **kwargs: Any) -> Message:
     pipeline.message_index(message_id=message.pk)
     message.refresh_from_db()
     return message
+
+
+def messages_wait_stored(count: int, timeout: float = 30) -> list[Message]:
+    """Every message, oldest first, once a drainer (runsmtp's, in another process) stored ``count``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = list(Message.objects.order_by("received_at"))
+        if len(messages) >= count:
+            return messages
+        assert time.monotonic() < deadline, f"{len(messages)} of {count} messages drained"
+        time.sleep(0.1)

@@ -10,7 +10,6 @@ with dmarc_reject refusing a DMARC failure at DATA in the same process.
 from __future__ import annotations
 
 import smtplib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from mailboxes import authentication, pipeline
 from mailboxes.models import Message
 from mailboxes.tests import authentication_helpers as helpers
+from mailboxes.tests.helpers import messages_wait_stored
 from tenants.models import Domain
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -62,16 +62,6 @@ def _cases(zone: Any, to: str) -> dict[str, bytes]:
     }
 
 
-def _wait_stored(count: int, timeout: float = 30) -> list[Message]:
-    deadline = time.monotonic() + timeout
-    while True:
-        messages = list(Message.objects.order_by("received_at"))
-        if len(messages) >= count:
-            return messages
-        assert time.monotonic() < deadline, f"{len(messages)} of {count} messages drained"
-        time.sleep(0.2)
-
-
 def test_it_verifies_every_case_of_mail_received_over_smtp(world: Any, zone: Any, runsmtp: Any) -> None:
     Domain.objects.filter(pk=world.outsider_domain.pk).update(dmarc_reject=True)
     server = runsmtp(DNS_RESOLVERS=f"127.0.0.1:{zone.port}", SMTP_HOSTNAME=helpers.OUR_ID)
@@ -92,7 +82,7 @@ def test_it_verifies_every_case_of_mail_received_over_smtp(world: Any, zone: Any
         code, reply = smtp.data(helpers.message(sender="alerts@bank.test", to=world.outsider_mailbox.address))
         assert (code, reply[:5]) == (550, b"5.7.1"), reply
 
-    stored = _wait_stored(len(cases))
+    stored = messages_wait_stored(len(cases))
     assert {message.mailbox_id for message in stored} == {world.mailbox.pk}  # nothing of the refused one
     for message in stored:
         assert message.remote_ip == "127.0.0.1" and message.helo == "mail.origin.test"
