@@ -484,10 +484,23 @@ class ImapSession:
                 event_task.cancel()
             if reader_task in done:
                 return
-            if take is not None:
-                take()
+            announced: list[UUID] = take()[0] if take is not None else []
             if self.selected is not None:
+                known = self.selected.uids[-1] if self.selected.uids else 0
                 await self.refresh(expunge=True)
+                if announced:
+                    await self.flags_announce(announced, known)
+
+    async def flags_announce(self, message_ids: list[UUID], known: int) -> None:
+        """Unsolicited ``FETCH (FLAGS ...)`` for announced messages the client already knew
+        (another session changed their flags); new ones were just told as EXISTS."""
+        selected = self.selected
+        assert selected is not None and self.access is not None
+        found = await db(store.flags_by_id, self.access, selected.mailbox_id, list(dict.fromkeys(message_ids)))
+        for uid in sorted(found):
+            seq = selected.seq_of(uid) if uid <= known else 0
+            if seq:
+                await self.untagged(b"%d FETCH (FLAGS (" % seq + " ".join(found[uid]).encode() + b"))")
 
     # --- Selected -------------------------------------------------------------------------
     async def refresh(self, *, expunge: bool) -> None:

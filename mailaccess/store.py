@@ -25,6 +25,7 @@ from mailboxes.blobs import blob_chunks
 from mailboxes.models import Mailbox, Message
 from mailboxes.selectors import mailbox_list, message_scope
 from mailboxes.services import message_delete, message_update
+from mailboxes.waiting import wake_publish
 
 SYSTEM_FLAG_TAGS = {"\\Flagged": "flagged", "\\Answered": "answered", "\\Draft": "draft"}
 TAG_SYSTEM_FLAGS = {tag: flag for flag, tag in SYSTEM_FLAG_TAGS.items()}
@@ -138,6 +139,12 @@ def flag_rows(access: Access, mailbox_id: UUID, uids: list[int]) -> dict[int, tu
     return found
 
 
+def flags_by_id(access: Access, mailbox_id: UUID, message_ids: list[UUID]) -> dict[int, list[str]]:
+    """UID -> IMAP flags of these messages (announced ones: new or with changed flags)."""
+    found = visible(access, mailbox_id).filter(pk__in=message_ids).values_list("uid", "is_read", "tags", "imap_deleted")
+    return {int(uid or 0): flags_of(is_read, tags or [], deleted) for uid, is_read, tags, deleted in found}
+
+
 def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
     """Everything SEARCH may test, one dict per message, in UID order."""
     return list(
@@ -199,6 +206,8 @@ def flags_store(access: Access, mailbox_id: UUID, uids: list[int], mode: str, fl
             changes["tags"] = sorted(tags.values())
         if changes:
             message_update(principal=access.principal, message=message, keep_case=True, **changes)
+            # IDLE clients on the folder hear of it: the wake-up that announces new mail.
+            wake_publish(tenant_id=message.tenant_id, mailbox_id=mailbox_id, message_id=message.pk)
     return rows(access, mailbox_id, sorted(messages))
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import imaplib
+import time
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 
 from mailaccess.server import ServerThread
 from mailboxes.models import Message
@@ -73,3 +75,24 @@ def test_it_keeps_the_case_of_a_keyword_and_matches_it_case_insensitively(
     assert _flags(two, "1") == {b"\\Flagged"}
     one.logout()
     two.logout()
+
+
+def test_it_tells_an_idle_client_when_another_changes_flags(imap_server: ServerThread, world: Any) -> None:
+    message_deliver(world.mailbox, simple_message("First"))
+    message_deliver(world.mailbox, simple_message("Second"))
+    idler = IMAPClient("127.0.0.1", port=imap_server.port, ssl=False, timeout=10)
+    idler.login(world.mailbox.address, world.owner_key)
+    idler.select_folder("INBOX")
+    idler.idle()
+    time.sleep(0.3)  # the server is listening now
+    other = _client(imap_server, world)
+    other.store("2", "+FLAGS", "(\\Flagged $Later)")
+    changed = time.monotonic()
+    responses = idler.idle_check(timeout=3)
+    elapsed = time.monotonic() - changed
+    idler.idle_done()
+    fetches = [response for response in responses if response[1] == b"FETCH"]
+    assert [(seq, set(data[1])) for seq, _fetch, data in fetches] == [(2, {b"\\Flagged", b"$Later"})]
+    assert elapsed < 1.0
+    idler.logout()
+    other.logout()
