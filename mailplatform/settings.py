@@ -425,11 +425,19 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    # Three models have a "state" field; name each enum after its model.
+    # Several models have a "state" (or "policy") field; name each enum after its model, and
+    # each choice set shared by several fields once.
     "ENUM_NAME_OVERRIDES": {
         "DomainStateEnum": "tenants.models.Domain.State",
         "MessageStateEnum": "mailboxes.models.Message.State",
         "DeliveryStateEnum": "webhooks.models.Delivery.State",
+        "ConnectorStateEnum": "ingest.models.Connector.State",
+        "DkimKeyStateEnum": "outbound.models.DkimKey.State",
+        "RecipientStateEnum": "outbound.models.Recipient.State",
+        "MailboxPoolPolicyEnum": "mailboxes.models.MailboxPool.Policy",
+        "AntivirusModeEnum": "tenants.models.AntivirusMode",
+        "AntivirusModeSettingEnum": ["", "off", "tag", "quarantine", "reject"],  # "": inherit
+        "AlignmentModeEnum": ["r", "s"],
     },
 }
 API_KEY_LAST_USED_RESOLUTION = 60  # seconds; last_used_at is written at most this often
@@ -457,7 +465,9 @@ OUTBOUND_BOUNCE_DOMAIN = config.string("OUTBOUND_BOUNCE_DOMAIN", f"bounces.{_mai
 OUTBOUND_MX_PORT = config.integer("OUTBOUND_MX_PORT", 25, minimum=1, maximum=65535)
 OUTBOUND_SMTP_TIMEOUT = config.integer("OUTBOUND_SMTP_TIMEOUT", 60, minimum=1, maximum=600)
 # RFC 5321 section 4.5.4.1: retry at growing intervals (seconds), give up after some days.
-OUTBOUND_RETRY_SCHEDULE = [int(value) for value in config.csv("OUTBOUND_RETRY_SCHEDULE", ["300", "900", "1800", "3600", "7200", "14400"])]
+OUTBOUND_RETRY_SCHEDULE = [
+    int(value) for value in config.csv("OUTBOUND_RETRY_SCHEDULE", ["300", "900", "1800", "3600", "7200", "14400"])
+]
 OUTBOUND_GIVE_UP_AFTER = config.integer("OUTBOUND_GIVE_UP_AFTER", 5 * 24 * 3600, minimum=60)
 OUTBOUND_CLAIM_LEASE = config.integer("OUTBOUND_CLAIM_LEASE", 300, minimum=5)
 OUTBOUND_RATE_PER_TENANT = config.integer("OUTBOUND_RATE_PER_TENANT", 6000, minimum=1)  # messages a minute
