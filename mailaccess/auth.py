@@ -19,10 +19,10 @@ from audit.services import Actor, audit_entry_record
 from mailaccess.models import AppPassword
 from mailboxes.models import Mailbox
 from mailboxes.selectors import mailbox_list
+from mailplatform import ratelimit
 from tenants import keys
 from tenants.access import Permission, Principal, _allowlists, principal_ensure_usable
 from tenants.services import KeyRejected, api_key_authenticate
-from webinbox import ratelimit
 from webinbox.selectors import temp_inbox_by_token, temp_inbox_principal
 
 logger = logging.getLogger(__name__)

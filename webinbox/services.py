@@ -22,10 +22,10 @@ from django.utils import timezone
 from audit import context
 from audit.services import Actor, audit_entry_record
 from ingest.platform_mail import signin_mail_headers
+from mailplatform import ratelimit
 from tenants.access import Permission, Principal, tenant_ensure_active
 from tenants.models import Domain, Membership, Tenant, User
 from tenants.services import require
-from webinbox import ratelimit
 from webinbox.models import LoginToken, SessionGeneration, TempInbox
 from webinbox.selectors import sso_required_for
 

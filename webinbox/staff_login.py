@@ -4,7 +4,7 @@ Staff are the only accounts with passwords, and they reach every tenant, so gues
 worth a lot: after STAFF_LOGIN_MAX_FAILURES failed attempts for one username, or from one
 client IP (an IPv6 client by its /64), within STAFF_LOGIN_WINDOW seconds, every attempt is
 refused until the window ends, even with the right password (else the lock would tell a
-guesser when a guess is right). Counters live in the rate-limit cache (webinbox.ratelimit).
+guesser when a guess is right). Counters live in the rate-limit cache (mailplatform.ratelimit).
 
 Audit: ``auth.staff_login`` for a success, ``auth.staff_login_failed`` for a failure (the
 reason, and the username as typed, as an unproven claim), both with the client IP. The
@@ -22,8 +22,8 @@ from django.core.exceptions import ValidationError
 from audit import context
 from audit.models import AuditEntry
 from audit.services import Actor, audit_entry_record
+from mailplatform import ratelimit
 from mailplatform.clientip import rate_limit_subject
-from webinbox import ratelimit
 
 SCOPE_USERNAME = "staff-login-user"
 SCOPE_IP = "staff-login-ip"

@@ -47,7 +47,7 @@ class _Start:
 
 
 def _rate_limit(scope: str, subject: str, limit: int) -> None:
-    from webinbox import ratelimit  # the counters of every door (a module with no app of its own)
+    from mailplatform import ratelimit
 
     if not ratelimit.hit(scope, subject, limit=limit, window=RATE_WINDOW):
         wait = ratelimit.seconds_left(RATE_WINDOW, scope, subject, limit=limit)

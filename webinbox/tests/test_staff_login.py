@@ -11,8 +11,8 @@ from django.core import serializers
 from django.test import Client
 
 from audit.models import AuditEntry
+from mailplatform import ratelimit
 from tenants.models import User
-from webinbox import ratelimit
 
 PASSWORD = "correct horse battery staple 42"
 WRONG = "Tr0ub4dor&3-guess"

@@ -9,8 +9,8 @@ import pytest
 from django.core import mail
 from django.test import Client
 
+from mailplatform import ratelimit
 from mailplatform.clientip import rate_limit_subject
-from webinbox import ratelimit
 from webinbox.models import TempInbox
 from webinbox.services import outbound_flush
 
