@@ -10,6 +10,7 @@ key and request within IDEMPOTENCY_KEY_TTL answer the first answer again, and qu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -74,6 +75,31 @@ IDEMPOTENCY_KEY = OpenApiParameter(
         "to the API key (or member) that sends them; 1 to 255 printable ASCII characters."
     ),
 )
+
+
+def idempotent_response(
+    request: Request, *, principal: Any, fingerprint_parts: tuple[str | bytes, ...], produce: Callable[[], Answer]
+) -> Response:
+    """The answer of ``produce``, or with an ``Idempotency-Key`` the first answer of the same
+    request again (``Idempotent-Replayed: true``); 422 for the key reused on another request,
+    400 for a malformed key. ``fingerprint_parts`` name the request (its kind first)."""
+    offered = request.headers.get("Idempotency-Key")
+    if offered is None:
+        answer = produce()
+    else:
+        try:
+            key = idempotency_key_clean(offered)
+        except IdempotencyKeyInvalid as exc:
+            raise IdempotencyKeyInvalidError(str(exc)) from None
+        fingerprint = request_fingerprint(*fingerprint_parts)
+        try:
+            answer = idempotent_answer(principal=principal, key=key, fingerprint=fingerprint, produce=produce)
+        except IdempotencyKeyReused:
+            raise IdempotencyKeyReusedError() from None
+    response = Response(answer.body, status=answer.status)
+    if answer.replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
 
 
 class RawMessageParser(BaseParser):
@@ -159,20 +185,9 @@ class MessageUploadView(APIView):
             body = {"queue_id": queue_id, "mailbox": str(mailbox.pk), "status": "queued"}
             return Answer(status=status.HTTP_202_ACCEPTED, body=body)
 
-        offered = request.headers.get("Idempotency-Key")
-        if offered is None:
-            answer = upload()
-        else:
-            try:
-                key = idempotency_key_clean(offered)
-            except IdempotencyKeyInvalid as exc:
-                raise IdempotencyKeyInvalidError(str(exc)) from None
-            fingerprint = request_fingerprint("mailbox-upload", str(mailbox.pk), mail_from, content)
-            try:
-                answer = idempotent_answer(principal=principal, key=key, fingerprint=fingerprint, produce=upload)
-            except IdempotencyKeyReused:
-                raise IdempotencyKeyReusedError() from None
-        response = Response(answer.body, status=answer.status)
-        if answer.replayed:
-            response["Idempotent-Replayed"] = "true"
-        return response
+        return idempotent_response(
+            request,
+            principal=principal,
+            fingerprint_parts=("mailbox-upload", str(mailbox.pk), mail_from, content),
+            produce=upload,
+        )

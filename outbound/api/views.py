@@ -14,20 +14,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ingest.api.views import (
-    IDEMPOTENCY_KEY,
-    IdempotencyKeyInvalidError,
-    IdempotencyKeyReusedError,
-    RawMessageParser,
-)
-from ingest.idempotency import (
-    Answer,
-    IdempotencyKeyInvalid,
-    IdempotencyKeyReused,
-    idempotency_key_clean,
-    idempotent_answer,
-    request_fingerprint,
-)
+from ingest.api.views import IDEMPOTENCY_KEY, RawMessageParser, idempotent_response
+from ingest.idempotency import Answer
 from mailboxes.selectors import message_scope
 from mailplatform.api import BoundedJSONParser, error_body, no_body_expected
 from outbound import selectors, services
@@ -124,27 +112,9 @@ class SendView(APIView):
                 except services.SendRefused as refusal:
                     raise _Refused(refusal) from None
 
-        offered = request.headers.get("Idempotency-Key")
-        if offered is None:
-            answer = produce()
-        else:
-            try:
-                key = idempotency_key_clean(offered)
-            except IdempotencyKeyInvalid as exc:
-                raise IdempotencyKeyInvalidError(str(exc)) from None
-            try:
-                answer = idempotent_answer(
-                    principal=principal,
-                    key=key,
-                    fingerprint=request_fingerprint("messages-send", *fingerprint_parts),
-                    produce=produce,
-                )
-            except IdempotencyKeyReused:
-                raise IdempotencyKeyReusedError() from None
-        response = Response(answer.body, status=answer.status)
-        if answer.replayed:
-            response["Idempotent-Replayed"] = "true"
-        return response
+        return idempotent_response(
+            request, principal=principal, fingerprint_parts=("messages-send", *fingerprint_parts), produce=produce
+        )
 
 
 class _Refused(exceptions.APIException):
