@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -91,6 +91,14 @@ class Submission:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="submission")
 
     # --- AUTH ------------------------------------------------------------------------
+    async def handle_exception(self, error: Exception) -> str:
+        """A client that gives up on our certificate is not an error of ours: one line, no traceback."""
+        if isinstance(error, TLSSetupException):
+            logger.info("submission: a client's TLS handshake failed (%s)", error.__cause__ or "closed")
+        else:
+            logger.error("submission session error: %s", type(error).__name__, exc_info=error)
+        return "451 4.3.0 Error: try again later"
+
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
         if not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
@@ -161,6 +169,13 @@ class Submission:
         return f"250 2.0.0 Ok: queued as {queued.message.pk}"
 
 
+class _AiosmtpdNoise(logging.Filter):
+    """aiosmtpd warns on every successful AUTH that its own Session.login_data is deprecated."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Session.login_data is deprecated" not in record.getMessage()
+
+
 def server_factory(handler: Submission, context: ssl.SSLContext) -> SMTP:
     return SMTP(
         handler,
@@ -180,6 +195,12 @@ def serve(host: str, port: int) -> None:
     """Listen until interrupted (SIGINT/SIGTERM)."""
     import signal
 
+    # aiosmtpd logs every command at INFO (addresses are personal data; our own lines say
+    # what was queued), and one line per AUTH about its own deprecated attribute.
+    mail_log = logging.getLogger("mail.log")
+    if settings.LOG_LEVEL != "DEBUG":
+        mail_log.setLevel(logging.WARNING)
+    mail_log.addFilter(_AiosmtpdNoise())
     handler, context = Submission(), tls_context()
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(loop.create_server(lambda: server_factory(handler, context), host, port))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,18 +22,23 @@ MESSAGE = (
 
 
 @pytest.fixture
-def submission(live_env: dict[str, str]) -> Iterator[int]:
+def submission_process(live_env: dict[str, str]) -> Iterator[tuple[int, ChildProcess]]:
     port = free_port()
     child = ChildProcess(
         [sys.executable, "manage.py", "runsmtp", "--submission", "--port", str(port)],
-        env=live_env,
+        env={**live_env, "LOG_LEVEL": "INFO"},  # what make run shows
         cwd=ROOT,
     )
     try:
         wait_for_port("127.0.0.1", port, timeout=30)
-        yield port
+        yield port, child
     finally:
         child.stop()
+
+
+@pytest.fixture
+def submission(submission_process: tuple[int, ChildProcess]) -> int:
+    return submission_process[0]
 
 
 def _tls() -> ssl.SSLContext:
@@ -78,3 +84,24 @@ def test_it_requires_starttls_and_a_valid_key_then_queues_like_the_api(world: An
         ("gina@remote.example.org", "queued"),
         ("quiet@remote.example.org", "queued"),
     ]
+
+
+def test_it_logs_a_refused_certificate_in_one_line_and_no_command_or_auth_noise(
+    world: Any, submission_process: tuple[int, ChildProcess]
+) -> None:
+    port, child = submission_process
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client, pytest.raises(ssl.SSLError):
+        client.starttls(context=ssl.create_default_context())  # refuses our self-signed certificate
+    sender = world.key(["messages:send"], name="sender")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.starttls(context=_tls())
+        client.login("inbox@acme.example.test", sender)
+        client.noop()
+    deadline = time.monotonic() + 5
+    while "TLS handshake failed" not in child.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    output = child.output
+    assert "TLS handshake failed" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "login_data is deprecated" not in output, output[-3000:]
+    assert ">> b'ehlo" not in output.lower(), output[-3000:]  # aiosmtpd's per-command INFO lines
