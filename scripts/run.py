@@ -45,7 +45,7 @@ def has_command(name: str) -> bool:
 
 
 class Child:
-    def __init__(self, name: str, arguments: list[str], color: bool) -> None:
+    def __init__(self, name: str, arguments: list[str], color: bool, env: dict[str, str] | None = None) -> None:
         self.name = name
         prefix = f"{name:<6} | "
         self.prefix = f"\033[{COLORS.get(name, '0')}m{prefix}\033[0m" if color else prefix
@@ -54,6 +54,7 @@ class Child:
         self.process = subprocess.Popen(
             arguments,
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -286,8 +287,12 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    # The connector runner drains what it spools itself; a spool of its own keeps runsmtp's
+    # drainer from taking the same entries a second time (compose does the same).
+    data_dir = Path(os.environ.get("DATA_DIR") or ROOT / "var")
+    own_env = {"connectors": {"SPOOL_DIR": str((ROOT / data_dir / "connectors-spool").resolve())}}
     for name, arguments in commands:
-        children.append(Child(name, arguments, color))
+        children.append(Child(name, arguments, color, env=own_env.get(name)))
     local = reachable_host(options.host).strip("[]")
     smtp_address = (local, options.smtp_port) if smtp_enabled else None
     if wait_until_answering((local, options.port), smtp_address, children, stopping):

@@ -397,6 +397,11 @@ def test_it_prints_the_banner_once_web_and_smtp_answer_with_links_on_its_own_por
             timeout=10,
         )
         assert hook.status_code == 201, hook.text
+        # The connector runner spools into a folder of its own, which runsmtp's drainer never reads.
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "var" / "connectors-spool").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "var" / "connectors-spool").is_dir(), run.output[-3000:]
         [mail] = [line for line in run.lines if line.strip().startswith("sign-in mail ")]
         assert str((tmp_path / "var" / "outbox").resolve()) in mail
         os.kill(run.process.pid, signal.SIGTERM)
