@@ -23,6 +23,8 @@ from mailboxes.models import AccountBinding, AccountProvider, Mailbox, MailboxPo
 from tenants import keys
 from tenants.access import Principal
 
+ACCOUNT_REF_MAX = AccountBinding._meta.get_field("account_ref").max_length or 200
+
 
 def pool_list(principal: Principal) -> QuerySet[MailboxPool]:
     return principal.scope(MailboxPool.objects.select_related("domain"), domain_field="domain", pool_field="pk")
@@ -86,6 +88,8 @@ def binding_one(queryset: QuerySet[AccountBinding]) -> AccountBinding | None:
 
 
 def binding_for_account(principal: Principal, account_ref: str, provider: str | None = None) -> AccountBinding | None:
+    if "\x00" in account_ref or len(account_ref) > ACCOUNT_REF_MAX:
+        return None  # no stored account_ref is like that (link-or-create refuses it): not found
     binding = binding_one(binding_scope(principal).filter(account_ref=account_ref, active=True))
     if binding is None or (provider and binding.provider != provider.strip().lower()):
         return None
