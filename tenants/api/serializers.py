@@ -10,7 +10,16 @@ from tenants.access import ALL_PERMISSIONS
 from tenants.models import AntivirusMode, ApiKey, Domain, SsoProvider, Tenant
 
 
+def _antivirus_mode_shown(whose: str) -> serializers.ChoiceField:
+    # The model's choices leave out "" (inherit), which is what most tenants and domains hold.
+    return serializers.ChoiceField(
+        choices=["", *AntivirusMode.values], read_only=True, help_text=f"{whose}; empty: inherited"
+    )
+
+
 class TenantSerializer(serializers.ModelSerializer[Tenant]):
+    antivirus_mode = _antivirus_mode_shown("The tenant's antivirus mode (off, tag, quarantine, reject)")
+
     class Meta:
         model = Tenant
         fields = [
@@ -60,6 +69,7 @@ class DnsRecordSerializer(serializers.Serializer[Any]):
 
 class DomainSerializer(serializers.ModelSerializer[Domain]):
     dns_records = serializers.SerializerMethodField()
+    antivirus_mode = _antivirus_mode_shown("The domain's antivirus mode (off, tag, quarantine, reject)")
 
     class Meta:
         model = Domain
