@@ -35,6 +35,8 @@ def _queue(world: Any, spool: Spool, count: int) -> list[str]:
 @pytest.mark.django_db
 def test_it_drains_a_batch_with_a_number_of_queries_that_does_not_grow_with_it(world: Any, tmp_path: Any) -> None:
     spool = Spool(tmp_path / "spool")
+    # Once per process: listeners look up and keep what they need (the bounce tenant's id).
+    assert spool_entries_drain(spool, _queue(world, spool, 1)) == ["stored"]
     counts = []
     for size in (2, 12):
         queue_ids = _queue(world, spool, size)
@@ -43,7 +45,7 @@ def test_it_drains_a_batch_with_a_number_of_queries_that_does_not_grow_with_it(w
         counts.append(len(queries))
     assert counts[0] == counts[1]
     assert spool.pending() == []
-    assert Message.objects.count() == 2 * 14  # one per tenant's mailbox, per entry
+    assert Message.objects.count() == 2 * 15  # one per tenant's mailbox, per entry
     for message in Message.objects.all():
         types = list(Event.objects.filter(message_id=message.pk).order_by("seq").values_list("type", flat=True))
         assert types == ["ingest.received", "objectstore.uploaded"]

@@ -135,7 +135,9 @@ def test_it_provisions_within_the_maximum_under_a_burst(world, transactional_db)
     )
     results = _concurrently([_link_or_create(world, pool, f"acct-{n}", "google") for n in range(40)])
     refused = [r for r in results if isinstance(r, Exception)]
-    assert all(isinstance(r, services.BindingConflict) and r.code == "pool_exhausted" for r in refused), refused
+    assert all(isinstance(r, services.BindingConflict) and r.code == "pool_exhausted" for r in refused), {
+        (type(r).__name__, getattr(r, "code", ""), str(r)[:200]) for r in refused
+    }
     assert PoolMailbox.objects.filter(pool=pool).count() == 12
     assert AccountBinding.objects.filter(pool=pool, active=True).count() == 12
     assert len(refused) == 28

@@ -58,7 +58,7 @@ def test_it_shares_one_metrics_folder_between_the_compose_services() -> None:
         for name, service in compose["services"].items()
         if any(word in " ".join(service.get("command") or []) for word in ("manage.py", "celery", "uvicorn"))
     }
-    assert django == {"migrate", "web", "smtp", "worker", "beat"}
+    assert django == {"migrate", "web", "smtp", "submission", "connectors", "imap", "pop3", "worker", "beat"}
     for name in django:
         assert f"metrics:{folder}" in compose["services"][name].get("volumes", []), name
     assert compose["volumes"]["metrics"]["driver_opts"]["type"] == "tmpfs"  # empty at each start
