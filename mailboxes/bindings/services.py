@@ -28,7 +28,7 @@ from uuid import UUID
 
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models import Exists, F, OuterRef, QuerySet, Sum
 from django.utils import timezone
 
@@ -438,50 +438,61 @@ def binding_link_or_create(
     tenant_id = principal.tenant.pk
     existing = _active_for_account(tenant_id, account_ref)
     if existing is None:
-        try:
-            with transaction.atomic():
-                _account_lock(tenant_id, account_ref)
+        for attempt in range(LOCK_CONFLICT_ATTEMPTS):
+            try:
+                with transaction.atomic():
+                    _account_lock(tenant_id, account_ref)
+                    existing = _active_for_account(tenant_id, account_ref)
+                    if existing is None:
+                        member = _allocate(pool, provider)
+                        if member is None:
+                            raise _NoRoom
+                        binding, link = _binding_insert(
+                            pool=pool,
+                            member=member,
+                            account_ref=account_ref,
+                            provider=provider,
+                            label=label,
+                            metadata=metadata or {},
+                        )
+                        event_record(
+                            tenant_id=tenant_id,
+                            type="binding.created",
+                            data=_binding_event_data(binding, address=member.mailbox.address),
+                            domain_id=pool.domain_id,
+                            mailbox_id=member.mailbox_id,
+                        )
+                        audit_entry_record(
+                            tenant_id=tenant_id,
+                            actor=principal.actor,
+                            action="binding.create",
+                            resource_type="account_binding",
+                            resource_id=binding.pk,
+                            after=_binding_summary(binding),
+                        )
+            except _NoRoom:
+                raise _pool_exhausted(pool, provider) from None
+            except IntegrityError:
+                # Another process bound the account between our look and our insert (without the
+                # advisory lock: SQLite, or a caller outside this function): its binding wins.
                 existing = _active_for_account(tenant_id, account_ref)
                 if existing is None:
-                    member = _allocate(pool, provider)
-                    if member is None:
-                        raise _NoRoom
-                    binding, link = _binding_insert(
-                        pool=pool,
-                        member=member,
-                        account_ref=account_ref,
-                        provider=provider,
-                        label=label,
-                        metadata=metadata or {},
-                    )
-                    event_record(
-                        tenant_id=tenant_id,
-                        type="binding.created",
-                        data=_binding_event_data(binding, address=member.mailbox.address),
-                        domain_id=pool.domain_id,
-                        mailbox_id=member.mailbox_id,
-                    )
-                    audit_entry_record(
-                        tenant_id=tenant_id,
-                        actor=principal.actor,
-                        action="binding.create",
-                        resource_type="account_binding",
-                        resource_id=binding.pk,
-                        after=_binding_summary(binding),
-                    )
-        except _NoRoom:
-            raise _pool_exhausted(pool, provider) from None
-        except IntegrityError:
-            # Another process bound the account between our look and our insert (without the
-            # advisory lock: SQLite, or a caller outside this function): its binding wins.
-            existing = _active_for_account(tenant_id, account_ref)
-            if existing is None:
-                raise
-        else:
-            if existing is None:
-                if pool.auto_provision:
-                    transaction.on_commit(lambda: _provision_after(pool.pk))
-                return LinkOrCreate(binding=binding, created=True, link=link)
+                    raise
+            except OperationalError as error:
+                # PostgreSQL broke a deadlock between allocations (one waiting for a member row
+                # while holding the pool row to provision, another the other way round) by
+                # rolling this one back: take it again from the start, as the server advises.
+                if not _is_lock_conflict(error) or attempt + 1 == LOCK_CONFLICT_ATTEMPTS:
+                    raise
+                if transaction.get_connection().in_atomic_block:
+                    raise  # the caller's transaction is lost with ours: only it can start again
+                continue
+            else:
+                if existing is None:
+                    if pool.auto_provision:
+                        transaction.on_commit(lambda: _provision_after(pool.pk))
+                    return LinkOrCreate(binding=binding, created=True, link=link)
+            break
     assert existing is not None
     if existing.provider != provider:
         raise BindingConflict(
@@ -492,6 +503,14 @@ def binding_link_or_create(
 
 class _NoRoom(Exception):
     pass
+
+
+LOCK_CONFLICT_ATTEMPTS = 3
+
+
+def _is_lock_conflict(error: OperationalError) -> bool:
+    """A deadlock or serialization failure (SQLSTATE 40P01, 40001): retrying the transaction is the cure."""
+    return getattr(error.__cause__, "sqlstate", None) in {"40P01", "40001"}
 
 
 def _provision_after(pool_id: UUID) -> None:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from django.db import connection
 from django.db.models import Count, Q
 
@@ -167,3 +168,33 @@ def test_it_answers_the_same_binding_for_concurrent_reassign_and_link_or_create(
     assert AccountBinding.objects.filter(account_ref="acct", active=True).count() == 1
     assert AccountBinding.objects.filter(Q(account_ref="acct") & Q(active=False)).count() == 1
     _counts_match(pool)
+
+
+def test_it_takes_an_allocation_again_when_postgresql_breaks_a_deadlock_with_it(world, transactional_db, monkeypatch):
+    """PostgreSQL rolls one of two deadlocked transactions back (SQLSTATE 40P01); that call is
+    not a 500: it starts again and binds."""
+    import psycopg.errors
+    from django.db import OperationalError
+
+    pool = _pool(world, size=2)
+    real_allocate = services._allocate
+    calls = []
+
+    def allocate_once_deadlocked(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("deadlock detected") from psycopg.errors.DeadlockDetected("deadlock detected")
+        return real_allocate(*args, **kwargs)
+
+    monkeypatch.setattr(services, "_allocate", allocate_once_deadlocked)
+    result = _link_or_create(world, pool, "acct-deadlock", "google")()
+    assert result.created and len(calls) == 2
+    assert AccountBinding.objects.filter(account_ref="acct-deadlock", active=True).count() == 1
+    _counts_match(pool)
+
+    def allocate_always_broken(*args, **kwargs):
+        raise OperationalError("server closed the connection")  # not a lock conflict: no retry
+
+    monkeypatch.setattr(services, "_allocate", allocate_always_broken)
+    with pytest.raises(OperationalError):
+        _link_or_create(world, pool, "acct-other", "google")()
