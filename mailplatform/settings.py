@@ -251,6 +251,7 @@ CELERY_DB_REUSE_MAX = 1_000_000
 CELERY_TASK_ROUTES = {
     "ingest.tasks.*": {"queue": "ingest"},
     "mailboxes.tasks.message_parse": {"queue": "parse"},
+    "mailboxes.tasks.messages_parse": {"queue": "parse"},
     "mailboxes.tasks.message_index": {"queue": "index"},
     "webhooks.tasks.*": {"queue": "webhooks"},
     "outbound.tasks.*": {"queue": "outbound"},
