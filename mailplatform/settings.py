@@ -474,6 +474,10 @@ OUTBOUND_CLAIM_LEASE = config.integer("OUTBOUND_CLAIM_LEASE", 300, minimum=5)
 OUTBOUND_RATE_PER_TENANT = config.integer("OUTBOUND_RATE_PER_TENANT", 6000, minimum=1)  # messages a minute
 OUTBOUND_DAILY_QUOTA = config.integer("OUTBOUND_DAILY_QUOTA", 50_000, minimum=1)  # recipients a day
 OUTBOUND_MAX_RECIPIENTS = config.integer("OUTBOUND_MAX_RECIPIENTS", 100, minimum=1)
+# Recipients one delivery task claims (its message's, then others due); seconds a pooled SMTP
+# session to the smarthost may stay idle before it is closed.
+OUTBOUND_BATCH = config.integer("OUTBOUND_BATCH", 20, minimum=1, maximum=1000)
+OUTBOUND_SMTP_IDLE = config.integer("OUTBOUND_SMTP_IDLE", 30, minimum=1, maximum=3600)
 # SMTP submission (RFC 6409): STARTTLS required before AUTH; a certificate of its own or SMTP_TLS_*.
 SUBMISSION_HOST = config.string("SUBMISSION_HOST", "127.0.0.1")
 SUBMISSION_PORT = config.integer("SUBMISSION_PORT", 587, minimum=1, maximum=65535)
