@@ -208,7 +208,8 @@ class LinkOrCreateView(APIView):
         serializer = LinkOrCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        # The common case first, in one query: the account is bound in this pool already.
+        # The common case first, in one query: the account is bound in this pool already. When
+        # it is not, the service does not look again (a binding elsewhere is still found).
         existing = selectors.binding_one(
             selectors.binding_scope(principal).filter(
                 pool_id=data["pool"], account_ref=data["account_ref"].strip(), active=True
@@ -221,7 +222,7 @@ class LinkOrCreateView(APIView):
         if pool is None:
             raise exceptions.ValidationError({"pool": ["Not one of your pools."]})
         try:
-            result = services.binding_link_or_create(principal=principal, pool=pool, **data)
+            result = services.binding_link_or_create(principal=principal, pool=pool, looked_up=True, **data)
         except services.BindingConflict as error:
             raise _conflict(error) from None
         output = LinkOrCreateResultSerializer(result.binding, context={"created": result.created, "link": result.link})

@@ -8,11 +8,18 @@ Allocation is the part that must hold under concurrency, on PostgreSQL and SQLit
   the guarantee underneath (a violation re-reads the winner's binding).
 - **The pool's policy**: the pool member row (``PoolMailbox``, which carries the mailbox's
   count of active bindings) is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` before its
-  count goes up, so two allocations never both take a mailbox's last place; after the lock the
-  row is read again (a new statement sees what was committed while we waited). The index
-  ``binding_one_provider_per_mailbox`` enforces ``one_per_provider`` in the database too.
+  count goes up, so two allocations never both take a mailbox's last place (PostgreSQL
+  re-checks the count on the newest row version when it locks it). The binding goes in with
+  ``ON CONFLICT DO NOTHING`` and the count rises only if the row is there: what was committed
+  while we waited (an account of the same provider on that mailbox, index
+  ``binding_one_provider_per_mailbox``; the account itself, elsewhere) is refused by the
+  database, and the allocation takes another mailbox or answers the winner's binding. No
+  re-read on the common path: one locking SELECT, one INSERT, one UPDATE.
 - **Provisioning stays within ``max_mailboxes``**: it runs with the pool row locked and
-  counts the members under that lock.
+  counts the members under that lock. The lock is ``FOR NO KEY UPDATE``: it does not block
+  the key-share lock every binding insert takes on its pool (foreign key), so allocations go
+  on while a pool is provisioned, and an allocation holding a member row never waits for a
+  provisioner that waits for that member (the deadlock ``FOR UPDATE`` made possible).
 
 SQLite has no row locks, but its write transactions are serialized (``transaction_mode``
 IMMEDIATE in settings), which gives the same guarantees without them.
@@ -231,7 +238,7 @@ def _provision(pool: MailboxPool, wanted: int, *, reason: str) -> list[PoolMailb
     Call inside a transaction: the pool row stays locked until it commits, so concurrent
     provisioning counts the members one after the other.
     """
-    MailboxPool.objects.select_for_update().filter(pk=pool.pk).values_list("pk", flat=True).first()
+    MailboxPool.objects.select_for_update(no_key=True).filter(pk=pool.pk).values_list("pk", flat=True).first()
     room = pool.max_mailboxes - PoolMailbox.objects.filter(pool_id=pool.pk).count()
     count = min(wanted, room)
     if count <= 0:
@@ -282,17 +289,40 @@ def pool_free_places(pool: MailboxPool) -> int:
     return max(0, total - bound)
 
 
+def pool_has_free_places(pool: MailboxPool, wanted: int) -> bool:
+    """Whether the pool's mailboxes can take ``wanted`` more accounts (ignoring providers).
+
+    Reads at most ``wanted`` members, the least bound first (index ``pool_member_load``), not
+    the whole pool: each member with room has at least one free place, so ``wanted`` of them
+    answer yes, and fewer are all there is.
+    """
+    if wanted <= 0:
+        return True
+    capacity = pool.capacity_per_mailbox
+    loads = (
+        PoolMailbox.objects.filter(pool_id=pool.pk, active_bindings__lt=capacity)
+        .order_by("active_bindings", "id")
+        .values_list("active_bindings", flat=True)[:wanted]
+    )
+    return sum(capacity - load for load in loads) >= wanted
+
+
 def pool_provision_if_low(pool: MailboxPool) -> int:
     """Top the pool up by a batch when its free places are below the threshold (auto-provisioning).
 
     Returns the number of mailboxes added. A provisioning already running elsewhere is not
-    waited for (its pool row is locked: skipped).
+    waited for (its pool row is locked: skipped). One bounded query when the pool has room.
     """
-    if not pool.auto_provision or pool_free_places(pool) >= pool.provision_threshold:
+    if not pool.auto_provision or pool_has_free_places(pool, pool.provision_threshold):
         return 0
     with transaction.atomic():
-        locked = MailboxPool.objects.select_for_update(skip_locked=True).filter(pk=pool.pk).first()
-        if locked is None or pool_free_places(locked) >= locked.provision_threshold:
+        locked = (
+            MailboxPool.objects.select_for_update(skip_locked=True, no_key=True)
+            .select_related("domain")
+            .filter(pk=pool.pk)
+            .first()
+        )
+        if locked is None or pool_has_free_places(locked, locked.provision_threshold):
             return 0
         return len(_provision(locked, max(1, locked.provision_batch), reason="below threshold"))
 
@@ -326,16 +356,13 @@ def _still_fits(pool: MailboxPool, member: PoolMailbox, provider: str) -> bool:
     return not (pool.one_per_provider and row[1])
 
 
-def _allocate(pool: MailboxPool, provider: str, *, exclude_mailbox: UUID | None = None) -> PoolMailbox | None:
-    """Lock and return the member to bind, by the pool's policy; None when the pool is full.
+def _allocate(pool: MailboxPool, provider: str, *, excluded: set[int]) -> PoolMailbox | None:
+    """Lock and return the member to bind, by the pool's policy; None when the pool is full
+    (after provisioning once, when the pool provisions itself).
 
-    Call inside a transaction; the caller raises the member's count.
+    Call inside a transaction; :func:`_bind` inserts the binding and raises the member's count.
     """
-    excluded: set[int] = set()
-    if exclude_mailbox is not None:
-        excluded.update(PoolMailbox.objects.filter(mailbox_id=exclude_mailbox).values_list("pk", flat=True))
-    provisioned = False
-    for _ in range(ALLOCATION_ATTEMPTS):
+    for provisioned in (False, True, True):
         member = None
         candidates = _candidates(pool, provider, excluded)
         if connection.features.has_select_for_update_skip_locked:
@@ -347,17 +374,52 @@ def _allocate(pool: MailboxPool, provider: str, *, exclude_mailbox: UUID | None 
         else:
             member = candidates.first()  # SQLite: this transaction is the only writer
         if member is not None:
-            if _still_fits(pool, member, provider):
-                return member
-            excluded.add(member.pk)
-            continue
+            return member
         if provisioned or not pool.auto_provision:
             return None
-        # Full: provision (the pool row lock serializes this), then look again.
-        provisioned = True
-        if not _provision(pool, max(1, pool.provision_batch), reason="exhausted"):
-            # At its maximum, or another allocation provisioned meanwhile: one more look.
-            continue
+        # Full: provision (the pool row lock serializes this), then look again; when it added
+        # nothing (at its maximum, or another allocation provisioned meanwhile), one more look.
+        _provision(pool, max(1, pool.provision_batch), reason="exhausted")
+    return None
+
+
+def _bind(
+    pool: MailboxPool,
+    *,
+    account_ref: str,
+    provider: str,
+    label: str,
+    metadata: dict[str, Any],
+    link: tuple[str, str] | None = None,
+    exclude_mailbox: UUID | None = None,
+) -> tuple[AccountBinding, PoolMailbox, str | None] | None:
+    """Allocate a member by the pool's policy and bind the account to it; None when the pool
+    has no room. Raises :class:`_AccountTaken` when the account got an active binding meanwhile.
+
+    A member the database refuses (an account of this provider committed on it while we
+    waited) is left out and the next one taken.
+    """
+    excluded: set[int] = set()
+    if exclude_mailbox is not None:
+        excluded.update(PoolMailbox.objects.filter(mailbox_id=exclude_mailbox).values_list("pk", flat=True))
+    for _ in range(ALLOCATION_ATTEMPTS):
+        member = _allocate(pool, provider, excluded=excluded)
+        if member is None:
+            return None
+        inserted = _binding_insert(
+            pool=pool,
+            member=member,
+            account_ref=account_ref,
+            provider=provider,
+            label=label,
+            metadata=metadata,
+            link=link,
+        )
+        if inserted is not None:
+            return inserted[0], member, inserted[1]
+        if AccountBinding.objects.filter(tenant_id=pool.tenant_id, account_ref=account_ref, active=True).exists():
+            raise _AccountTaken
+        excluded.add(member.pk)
     return None
 
 
@@ -373,6 +435,14 @@ def _account_lock(tenant_id: UUID, account_ref: str) -> None:
 
 def _count_change(member_id: int, delta: int) -> None:
     PoolMailbox.objects.filter(pk=member_id).update(active_bindings=F("active_bindings") + delta)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+class _AccountTaken(Exception):
+    """The account's active binding was committed by another call while this one allocated."""
 
 
 def _pool_exhausted(pool: MailboxPool, provider: str) -> BindingConflict:
@@ -423,12 +493,19 @@ def binding_link_or_create(
     provider: str,
     label: str = "",
     metadata: dict[str, Any] | None = None,
+    looked_up: bool = False,
 ) -> LinkOrCreate:
     """The account's active binding, or a new one on a mailbox allocated by the pool's policy.
 
     Idempotent: concurrent calls for one account create one binding. Raises
     :class:`BindingConflict` (``account_bound`` when the account is bound for another provider,
-    ``pool_exhausted`` when no mailbox can take it).
+    ``pool_exhausted`` when no mailbox can take it). ``looked_up``: the caller has just looked
+    for the account's active binding and found none, so the first look is skipped (a binding
+    elsewhere is still found: the database refuses a second one).
+
+    A new account is one transaction of seven statements: the account's advisory lock, the
+    member row locked, the binding inserted, the member's count raised, the event (with the
+    webhooks' endpoint lookup) and the audit entry.
     """
     require(principal, Permission.BINDINGS_MANAGE)
     provider = provider_name_normalize(provider)
@@ -436,42 +513,45 @@ def binding_link_or_create(
     if not account_ref or len(account_ref) > 200:
         raise ValidationError({"account_ref": "1 to 200 characters."})
     tenant_id = principal.tenant.pk
-    existing = _active_for_account(tenant_id, account_ref)
+    existing = None if looked_up else _active_for_account(tenant_id, account_ref)
     if existing is None:
         for attempt in range(LOCK_CONFLICT_ATTEMPTS):
             try:
                 with transaction.atomic():
+                    # Calls for one account queue here; the ones after the first find its
+                    # binding when the database refuses theirs (_AccountTaken), not by a re-read
+                    # that every new account would pay for.
                     _account_lock(tenant_id, account_ref)
-                    existing = _active_for_account(tenant_id, account_ref)
-                    if existing is None:
-                        member = _allocate(pool, provider)
-                        if member is None:
-                            raise _NoRoom
-                        binding, link = _binding_insert(
-                            pool=pool,
-                            member=member,
-                            account_ref=account_ref,
-                            provider=provider,
-                            label=label,
-                            metadata=metadata or {},
-                        )
-                        event_record(
-                            tenant_id=tenant_id,
-                            type="binding.created",
-                            data=_binding_event_data(binding, address=member.mailbox.address),
-                            domain_id=pool.domain_id,
-                            mailbox_id=member.mailbox_id,
-                        )
-                        audit_entry_record(
-                            tenant_id=tenant_id,
-                            actor=principal.actor,
-                            action="binding.create",
-                            resource_type="account_binding",
-                            resource_id=binding.pk,
-                            after=_binding_summary(binding),
-                        )
+                    bound = _bind(
+                        pool, account_ref=account_ref, provider=provider, label=label, metadata=metadata or {}
+                    )
+                    if bound is None:
+                        raise _NoRoom
+                    binding, member, link = bound
+                    event_record(
+                        tenant_id=tenant_id,
+                        type="binding.created",
+                        data=_binding_event_data(binding, address=member.mailbox.address),
+                        domain_id=pool.domain_id,
+                        mailbox_id=member.mailbox_id,
+                    )
+                    audit_entry_record(
+                        tenant_id=tenant_id,
+                        actor=principal.actor,
+                        action="binding.create",
+                        resource_type="account_binding",
+                        resource_id=binding.pk,
+                        after=_binding_summary(binding),
+                    )
             except _NoRoom:
-                raise _pool_exhausted(pool, provider) from None
+                # Full for this account, unless another call bound it meanwhile.
+                existing = _active_for_account(tenant_id, account_ref)
+                if existing is None:
+                    raise _pool_exhausted(pool, provider) from None
+            except _AccountTaken:
+                existing = _active_for_account(tenant_id, account_ref)
+                if existing is None:  # released again at once: take it from the start
+                    continue
             except IntegrityError:
                 # Another process bound the account between our look and our insert (without the
                 # advisory lock: SQLite, or a caller outside this function): its binding wins.
@@ -488,21 +568,17 @@ def binding_link_or_create(
                     raise  # the caller's transaction is lost with ours: only it can start again
                 continue
             else:
-                if existing is None:
-                    if pool.auto_provision:
-                        transaction.on_commit(lambda: _provision_after(pool.pk))
-                    return LinkOrCreate(binding=binding, created=True, link=link)
+                if pool.auto_provision:
+                    transaction.on_commit(lambda: _provision_after(pool))
+                return LinkOrCreate(binding=binding, created=True, link=link)
             break
-    assert existing is not None
+    if existing is None:
+        raise _pool_exhausted(pool, provider)  # bound and released under us three times over
     if existing.provider != provider:
         raise BindingConflict(
             "account_bound", f"This account is bound for provider {existing.provider!r}; release it first."
         )
     return LinkOrCreate(binding=existing, created=False, link=None)
-
-
-class _NoRoom(Exception):
-    pass
 
 
 LOCK_CONFLICT_ATTEMPTS = 3
@@ -513,14 +589,13 @@ def _is_lock_conflict(error: OperationalError) -> bool:
     return getattr(error.__cause__, "sqlstate", None) in {"40P01", "40001"}
 
 
-def _provision_after(pool_id: UUID) -> None:
-    """Top the pool up once the allocation has committed (never inside its transaction)."""
-    pool = MailboxPool.objects.select_related("domain").filter(pk=pool_id).first()
-    if pool is not None and pool.auto_provision:
-        try:
-            pool_provision_if_low(pool)
-        except Exception:  # the allocation stands; the next one or the console tries again
-            logger.exception("pool %s: provisioning after an allocation failed", pool_id)
+def _provision_after(pool: MailboxPool) -> None:
+    """Top the pool up once the allocation has committed (never inside its transaction): one
+    bounded query when it has room; the settings are read again under the lock before adding."""
+    try:
+        pool_provision_if_low(pool)
+    except Exception:  # the allocation stands; the next one or the console tries again
+        logger.exception("pool %s: provisioning after an allocation failed", pool.pk)
 
 
 def _binding_insert(
@@ -532,11 +607,17 @@ def _binding_insert(
     label: str,
     metadata: dict[str, Any],
     link: tuple[str, str] | None = None,
-) -> tuple[AccountBinding, str | None]:
-    """Insert an active binding on ``member`` (locked by the caller) and raise its count.
+) -> tuple[AccountBinding, str | None] | None:
+    """Insert an active binding on ``member`` (locked by the caller) and raise its count; None
+    when the database refuses it (nothing changed).
 
     ``link``: the (prefix, hash) of an existing link to carry over (reassignment); otherwise a
     new link is generated and its secret returned.
+
+    Two statements: ``INSERT ... ON CONFLICT DO NOTHING`` (a partial unique index refuses a
+    second active binding of the account, or a second account of the provider on a mailbox of
+    a ``one_per_provider`` pool), then the count raised only where the binding is there and the
+    mailbox has room.
     """
     secret = None
     if link is None:
@@ -545,7 +626,7 @@ def _binding_insert(
     binding = AccountBinding(
         tenant_id=pool.tenant_id,
         pool=pool,
-        mailbox_id=member.mailbox_id,
+        mailbox=member.mailbox,
         account_ref=account_ref,
         provider=provider,
         provider_exclusive=pool.one_per_provider,
@@ -554,10 +635,21 @@ def _binding_insert(
         link_prefix=link[0],
         link_hash=link[1],
     )
-    binding.full_clean(validate_unique=False, validate_constraints=False)
-    binding.save(force_insert=True)
-    _count_change(member.pk, +1)
+    # The foreign keys come from rows this transaction holds: not looked up again.
+    binding.full_clean(exclude=_BINDING_KEYS, validate_unique=False, validate_constraints=False)
+    AccountBinding.objects.bulk_create([binding], ignore_conflicts=True)
+    counted = (
+        PoolMailbox.objects.filter(pk=member.pk, active_bindings__lt=pool.capacity_per_mailbox)
+        .filter(Exists(AccountBinding.objects.filter(pk=binding.pk)))
+        .update(active_bindings=F("active_bindings") + 1)
+    )
+    if not counted:
+        AccountBinding.objects.filter(pk=binding.pk).delete()  # inserted on a full mailbox: undone
+        return None
     return binding, secret
+
+
+_BINDING_KEYS = ["tenant", "pool", "mailbox", "successor"]
 
 
 def _end(binding: AccountBinding, reason: str) -> None:
@@ -618,6 +710,7 @@ def binding_reassign(
     try:
         with transaction.atomic():
             binding = _locked_active(binding)
+            chosen: PoolMailbox | None = None
             if mailbox is not None:
                 member = (
                     PoolMailbox.objects.select_for_update()
@@ -632,24 +725,37 @@ def binding_reassign(
                 target_pool = member.pool
                 if not _still_fits(target_pool, member, binding.provider):
                     raise BindingConflict("mailbox_full", "This mailbox cannot take another account of this provider.")
-            else:
-                target_pool = pool or binding.pool
-                member_or_none = _allocate(target_pool, binding.provider, exclude_mailbox=binding.mailbox_id)
-                if member_or_none is None:
-                    raise _NoRoom
-                member = member_or_none
+                chosen = member
             link = (binding.link_prefix, binding.link_hash)
             before = _binding_summary(binding)
             _end(binding, AccountBinding.EndedReason.REASSIGNED)
-            successor, _ = _binding_insert(
-                pool=target_pool,
-                member=member,
-                account_ref=binding.account_ref,
-                provider=binding.provider,
-                label=binding.label,
-                metadata=binding.metadata,
-                link=link,
-            )
+            if chosen is not None:
+                inserted = _binding_insert(
+                    pool=target_pool,
+                    member=chosen,
+                    account_ref=binding.account_ref,
+                    provider=binding.provider,
+                    label=binding.label,
+                    metadata=binding.metadata,
+                    link=link,
+                )
+                if inserted is None:
+                    raise BindingConflict("mailbox_full", "This mailbox cannot take another account of this provider.")
+                successor = inserted[0]
+            else:
+                target_pool = pool or binding.pool
+                bound = _bind(
+                    target_pool,
+                    account_ref=binding.account_ref,
+                    provider=binding.provider,
+                    label=binding.label,
+                    metadata=binding.metadata,
+                    link=link,
+                    exclude_mailbox=binding.mailbox_id,
+                )
+                if bound is None:
+                    raise _NoRoom
+                successor = bound[0]
             binding.successor = successor
             binding.save(update_fields=["successor"])
             event_record(
