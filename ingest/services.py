@@ -238,7 +238,7 @@ def _antivirus_fields(envelope: Envelope) -> dict[str, object]:
 
 def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
     """One transaction: the Message rows and events of every plan; messages created per queue id."""
-    from mailboxes.tasks import message_parse
+    from mailboxes.tasks import messages_parse
 
     created: dict[str, int] = defaultdict(int)
     with transaction.atomic():
@@ -302,7 +302,8 @@ def _messages_create(plans: list[_DrainPlan]) -> dict[str, int]:
         # After the commit, and never raising: a broker outage must not make a committed
         # batch look failed (its files would be drained again); the sweeper re-enqueues
         # whatever stays "stored" (the database says what is pending).
-        tasks_enqueue_on_commit(message_parse, [(str(message.pk),) for message in messages])
+        # One task for the batch: one broker message and one parse transaction for all of it.
+        tasks_enqueue_on_commit(messages_parse, [([str(message.pk) for message in messages],)])
     return created
 
 

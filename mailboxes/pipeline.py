@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.contrib.postgres.search import SearchVector
-from django.db import connection, transaction
+from django.db import DataError, connection, transaction
 from django.db.models import TextField, Value
 from django.db.models.expressions import CombinedExpression
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
-from audit.services import event_record
+from audit.services import EventSpec, event_record, events_record
 from mailboxes import antivirus, blobs
 from mailboxes.authentication import Envelope, message_authentication_fields, verdict_summary
 from mailboxes.models import Attachment, Message
 from mailboxes.parse import ParsedMessage, Unparseable, message_bytes_parse
 from mailboxes.threads import thread_id_compute
-from mailboxes.waiting import wake_publish
+from mailboxes.waiting import wakes_publish
 
 logger = logging.getLogger(__name__)
 
@@ -125,38 +129,55 @@ def _recipients_text(parsed: ParsedMessage, rcpt: str) -> str:
     return " ".join([*entries, rcpt.lower()])[:20_000]
 
 
-def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
-    """Parse one stored message; returns the outcome ("parsed", "indexed", "quarantined", "skipped").
+_LOADED_FIELDS = (
+    "pk",
+    "tenant_id",
+    "mailbox_id",
+    "state",
+    "storage_key",
+    "sha256",
+    "trace_id",
+    "rcpt",
+    "tags",
+    "source",
+    "remote_ip",
+    "helo",
+    "mail_from",
+    "antivirus_verdict",
+    "antivirus_signature",
+)
 
-    With ``index``, the message is indexed in the same transaction and the same UPDATE (its
-    search document built from the parsed values), so each message costs one row version and
-    one commit instead of two: the row's many indexes make every version expensive.
-    Transient failures (blob storage or database down) raise, for the task to retry.
-    """
-    message = (
-        Message.objects.filter(pk=message_id, state=Message.State.STORED)
-        .only(
-            "pk",
-            "tenant_id",
-            "mailbox_id",
-            "state",
-            "storage_key",
-            "sha256",
-            "trace_id",
-            "rcpt",
-            "tags",
-            "source",
-            "remote_ip",
-            "helo",
-            "mail_from",
-            "antivirus_verdict",
-            "antivirus_signature",
-        )
+
+@dataclass
+class _Prepared:
+    """One message's parse, done outside any transaction, waiting for its claim and write."""
+
+    message: Message
+    parsed: ParsedMessage
+    attachments: list[Attachment]
+    screen: antivirus.Screen
+    trust: dict[str, Any]
+    started: float
+
+
+def _stored_load(message_ids: Sequence[UUID | str]) -> list[Message]:
+    """The messages still ``stored`` among ``message_ids``, in the order given, one query."""
+    rows = {
+        str(row.pk): row
+        for row in Message.objects.filter(pk__in=list(message_ids), state=Message.State.STORED)
+        .only(*_LOADED_FIELDS)
         .order_by()
-        .first()
-    )
-    if message is None:
-        return "skipped"
+    }
+    return [rows[key] for key in dict.fromkeys(str(value) for value in message_ids) if key in rows]
+
+
+def _prepare(message: Message) -> _Prepared | str:
+    """Read, scan, parse, store attachments, verify: everything before the claim.
+
+    Returns the work to write, or "quarantined" (a virus, missing raw object or bytes that are
+    not a message; already recorded). Transient failures (blob storage, clamd holding the
+    message, the database) raise.
+    """
     started = time.perf_counter()
     try:
         raw = raw_read(message)
@@ -184,90 +205,210 @@ def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
         envelope=Envelope(message.source, message.remote_ip, message.helo, message.mail_from),
         headers=parsed.headers,
     )
+    return _Prepared(message, parsed, attachments, screen, trust, started)
+
+
+def _fields(prepared: _Prepared, claimed: Message, *, index: bool, now: datetime) -> dict[str, Any]:
+    """The parsed columns of one claimed message (its state, and the parse's every value)."""
+    parsed, attachments, screen = prepared.parsed, prepared.attachments, prepared.screen
+    assert claimed.mailbox_id is not None
+    return {
+        "subject": parsed.subject,
+        "from_address": parsed.from_address,
+        "from_name": parsed.from_name,
+        "to": parsed.to,
+        "cc": parsed.cc,
+        "reply_to": parsed.reply_to,
+        "sender": parsed.sender,
+        "recipients_text": _recipients_text(parsed, claimed.rcpt),
+        "date": parsed.date,
+        "message_id": parsed.message_id,
+        "in_reply_to": parsed.in_reply_to,
+        "references": parsed.references,
+        "headers": parsed.headers,
+        "text": parsed.text,
+        "html": parsed.html,
+        "stripped_text": parsed.stripped_text,
+        "codes": parsed.codes,
+        "links": parsed.links,
+        "authentication_results": parsed.authentication_results,
+        "received_spf": parsed.received_spf,
+        "has_attachments": any(not row.is_inline for row in attachments),
+        "attachment_names": " ".join(row.filename for row in attachments)[:10_000],
+        "defects": parsed.defects,
+        "tags": sorted({*claimed.tags, *parsed.x_tags, *screen.tags}),
+        **screen.fields,
+        "thread_id": thread_id_compute(
+            mailbox_id=claimed.mailbox_id,
+            message_pk=claimed.pk,
+            message_id=parsed.message_id,
+            in_reply_to=parsed.in_reply_to,
+            references=parsed.references,
+            subject=parsed.subject,
+        ),
+        "state": Message.State.INDEXED if index else Message.State.PARSED,
+        "state_reason": "",
+        "state_changed_at": now,
+        "parsed_at": now,
+        **prepared.trust,
+    }
+
+
+def _write(batch: list[_Prepared], *, index: bool) -> dict[str, str]:
+    """Claim and write prepared messages in ONE transaction; outcome by message id.
+
+    The rows are locked in primary-key order (two batches that share messages never
+    deadlock) and only while still ``stored`` with a mailbox: one taken by another worker or
+    whose mailbox is gone meanwhile is "skipped". One UPDATE a message, then one INSERT for
+    every attachment of the batch and one for its ``indexer.indexed`` events (in the batch's
+    order, which is the log's), one commit, and one notification for the waiters after it.
+    """
+    outcomes: dict[str, str] = {str(item.message.pk): "skipped" for item in batch}
+    specs: list[EventSpec] = []
+    wakes: list[tuple[UUID, UUID, UUID]] = []
     with transaction.atomic():
-        claimed = (
-            Message.objects.select_for_update()
-            .filter(pk=message.pk, state=Message.State.STORED, mailbox__isnull=False)
+        claimed_rows = {
+            row.pk: row
+            for row in Message.objects.select_for_update()
+            .filter(pk__in=[item.message.pk for item in batch], state=Message.State.STORED, mailbox__isnull=False)
             .only("pk", "tenant_id", "mailbox_id", "trace_id", "rcpt", "tags")
-            .order_by()
-            .first()
-        )
-        if claimed is None or claimed.mailbox_id is None:  # parsed meanwhile, gone, or mailbox deleted
-            return "skipped"
-        now = timezone.now()
-        fields = {
-            "subject": parsed.subject,
-            "from_address": parsed.from_address,
-            "from_name": parsed.from_name,
-            "to": parsed.to,
-            "cc": parsed.cc,
-            "reply_to": parsed.reply_to,
-            "sender": parsed.sender,
-            "recipients_text": _recipients_text(parsed, claimed.rcpt),
-            "date": parsed.date,
-            "message_id": parsed.message_id,
-            "in_reply_to": parsed.in_reply_to,
-            "references": parsed.references,
-            "headers": parsed.headers,
-            "text": parsed.text,
-            "html": parsed.html,
-            "stripped_text": parsed.stripped_text,
-            "codes": parsed.codes,
-            "links": parsed.links,
-            "authentication_results": parsed.authentication_results,
-            "received_spf": parsed.received_spf,
-            "has_attachments": any(not row.is_inline for row in attachments),
-            "attachment_names": " ".join(row.filename for row in attachments)[:10_000],
-            "defects": parsed.defects,
-            "tags": sorted({*claimed.tags, *parsed.x_tags, *screen.tags}),
-            **screen.fields,
-            "thread_id": thread_id_compute(
-                mailbox_id=claimed.mailbox_id,
-                message_pk=claimed.pk,
-                message_id=parsed.message_id,
-                in_reply_to=parsed.in_reply_to,
-                references=parsed.references,
-                subject=parsed.subject,
-            ),
-            "state": Message.State.INDEXED if index else Message.State.PARSED,
-            "state_reason": "",
-            "state_changed_at": now,
-            "parsed_at": now,
-            **trust,
+            .order_by("pk")
         }
-        updates: dict[str, object] = dict(fields)
-        if index:
-            updates["indexed_at"] = now
-            if connection.vendor == "postgresql":
-                updates["search_vector"] = search_vector_of(fields)
-        Message.objects.filter(pk=claimed.pk).update(**updates)
-        # A stored message has no attachment rows: they are written only in this transaction,
-        # together with the state change that takes the message out of "stored".
+        attachments: list[Attachment] = []
+        now = timezone.now()
+        for item in batch:
+            claimed = claimed_rows.get(item.message.pk)
+            if claimed is None or claimed.mailbox_id is None:  # parsed meanwhile, gone, or mailbox deleted
+                continue
+            fields = _fields(item, claimed, index=index, now=now)
+            updates: dict[str, object] = dict(fields)
+            if index:
+                updates["indexed_at"] = now
+                if connection.vendor == "postgresql":
+                    updates["search_vector"] = search_vector_of(fields)
+            Message.objects.filter(pk=claimed.pk).update(**updates)
+            # A stored message has no attachment rows: they are written only in this
+            # transaction, together with the state change that takes the message out of "stored".
+            attachments.extend(item.attachments)
+            outcomes[str(claimed.pk)] = "indexed" if index else "parsed"
+            if index:
+                specs.append(
+                    _indexed_spec(
+                        tenant_id=claimed.tenant_id,
+                        mailbox_id=claimed.mailbox_id,
+                        message_id=claimed.pk,
+                        trace_id=claimed.trace_id,
+                        thread_id=str(fields["thread_id"]),
+                        codes=len(item.parsed.codes),
+                        attachments=bool(fields["has_attachments"]),
+                        authentication=verdict_summary(item.trust.get("authentication")),
+                        antivirus=antivirus.verdict_summary(
+                            str(fields.get("antivirus_verdict", item.message.antivirus_verdict)),
+                            str(fields.get("antivirus_signature", item.message.antivirus_signature)),
+                        ),
+                    )
+                )
+                wakes.append((claimed.tenant_id, claimed.mailbox_id, claimed.pk))
         Attachment.objects.bulk_create(attachments)
-        if index:
-            _indexed_record(
-                tenant_id=claimed.tenant_id,
-                mailbox_id=claimed.mailbox_id,
-                message_id=claimed.pk,
-                trace_id=claimed.trace_id,
-                thread_id=str(fields["thread_id"]),
-                codes=len(parsed.codes),
-                attachments=bool(fields["has_attachments"]),
-                authentication=verdict_summary(trust.get("authentication")),
-                antivirus=antivirus.verdict_summary(
-                    str(fields.get("antivirus_verdict", message.antivirus_verdict)),
-                    str(fields.get("antivirus_signature", message.antivirus_signature)),
-                ),
-            )
-    PARSED.labels("parsed").inc()
-    PARSE_SECONDS.observe(time.perf_counter() - started)
-    if index:
-        INDEXED.inc()
-        return "indexed"
-    return "parsed"
+        events_record(specs)
+        # Sent after the commit, so a waiter never sees a message that is not there yet.
+        wakes_publish(wakes)
+    for item in batch:
+        if outcomes[str(item.message.pk)] != "skipped":
+            PARSED.labels("parsed").inc()
+            PARSE_SECONDS.observe(time.perf_counter() - item.started)
+            if index:
+                INDEXED.inc()
+    return outcomes
 
 
-def _indexed_record(
+def message_parse(*, message_id: UUID | str, index: bool = False) -> str:
+    """Parse one stored message; returns the outcome ("parsed", "indexed", "quarantined", "skipped").
+
+    With ``index``, the message is indexed in the same transaction and the same UPDATE (its
+    search document built from the parsed values), so each message costs one row version and
+    one commit instead of two: the row's many indexes make every version expensive.
+    Transient failures (blob storage or database down) raise, for the task to retry.
+    """
+    messages = _stored_load([message_id])
+    if not messages:
+        return "skipped"
+    prepared = _prepare(messages[0])
+    if isinstance(prepared, str):
+        return prepared
+    return _write([prepared], index=index)[str(messages[0].pk)]
+
+
+@dataclass
+class BatchOutcome:
+    """What :func:`messages_parse` did: outcome by message id, and the ids to take one by one."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    retry: list[str] = field(default_factory=list)  # a transient failure: their own task retries them
+
+
+def messages_parse(*, message_ids: Sequence[UUID | str], index: bool = True) -> BatchOutcome:
+    """Parse and index several stored messages with one query to load them and one transaction
+    to write them (what one drained spool batch costs: one broker message, one commit).
+
+    Each message is prepared on its own (read, scan, parse, verify); one that fails there
+    transiently (blob storage, clamd holding it) goes to ``retry``, the others go on. Should
+    the batch's transaction fail (a search document PostgreSQL refuses, say), every prepared
+    message is written in a transaction of its own instead, nothing parsed again: one refused
+    document then keeps its parse without it (``parsed``, for the ``index`` queue), and a
+    message that still fails goes to ``retry``. A time limit (SoftTimeLimitExceeded) is not
+    caught: the caller takes each message on its own, where the slow one is quarantined.
+    """
+    result = BatchOutcome()
+    loaded = _stored_load(message_ids)
+    found = {str(message.pk) for message in loaded}
+    result.outcomes.update({str(value): "skipped" for value in message_ids if str(value) not in found})
+    batch: list[_Prepared] = []
+    for message in loaded:
+        try:
+            prepared = _prepare(message)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            logger.warning("parse of %s failed, will retry: %s", message.pk, type(exc).__name__)
+            result.retry.append(str(message.pk))
+            continue
+        if isinstance(prepared, str):
+            result.outcomes[str(message.pk)] = prepared
+        else:
+            batch.append(prepared)
+    if not batch:
+        return result
+    try:
+        result.outcomes.update(_write(batch, index=index))
+        return result
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if len(batch) == 1 and not isinstance(exc, DataError):
+            raise
+        logger.warning("batch write of %d failed (%s), writing one by one", len(batch), type(exc).__name__)
+    for item in batch:
+        key = str(item.message.pk)
+        try:
+            try:
+                result.outcomes.update(_write([item], index=index))
+            except DataError as exc:
+                if not index:
+                    raise
+                # PostgreSQL refused the search document (a tsvector's size is limited): keep the
+                # parse, and let the index queue (then the stuck sweeper) deal with the document.
+                logger.warning("inline index of %s refused, parsing alone: %s", key, type(exc).__name__)
+                result.outcomes.update(_write([item], index=False))
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            logger.warning("parse of %s failed, will retry: %s", key, type(exc).__name__)
+            result.retry.append(key)
+    return result
+
+
+def _indexed_spec(
     *,
     tenant_id: UUID,
     mailbox_id: UUID,
@@ -278,13 +419,13 @@ def _indexed_record(
     attachments: bool,
     authentication: dict[str, str | None],
     antivirus: dict[str, str],
-) -> None:
-    """The ``indexer.indexed`` event inside the indexing transaction; waiters are woken after it commits.
+) -> EventSpec:
+    """The ``indexer.indexed`` event, to be recorded inside the indexing transaction.
 
     ``authentication`` is the verdict summary (one result a mechanism, None when not verified);
     ``antivirus`` the scan's verdict and signature (:func:`mailboxes.antivirus.verdict_summary`).
     """
-    event_record(
+    return EventSpec(
         tenant_id=tenant_id,
         type="indexer.indexed",
         data={
@@ -298,8 +439,6 @@ def _indexed_record(
         mailbox_id=mailbox_id,
         message_id=message_id,
     )
-    # Sent after the commit, so a waiter never sees a message that is not there yet.
-    wake_publish(tenant_id=tenant_id, mailbox_id=mailbox_id, message_id=message_id)
 
 
 def search_vector_of(fields: dict[str, Any]) -> CombinedExpression:
@@ -365,7 +504,7 @@ def message_index(*, message_id: UUID | str) -> bool:
         if connection.vendor == "postgresql":
             updates["search_vector"] = search_vector_expression()
         Message.objects.filter(pk=message.pk).update(**updates)
-        _indexed_record(
+        spec = _indexed_spec(
             tenant_id=message.tenant_id,
             mailbox_id=message.mailbox_id,
             message_id=message.pk,
@@ -376,6 +515,8 @@ def message_index(*, message_id: UUID | str) -> bool:
             authentication=verdict_summary(message.authentication),
             antivirus=antivirus.verdict_summary(message.antivirus_verdict, message.antivirus_signature),
         )
+        events_record([spec])
+        wakes_publish([(message.tenant_id, message.mailbox_id, message.pk)])
     INDEXED.inc()
     return True
 

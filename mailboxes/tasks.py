@@ -54,6 +54,44 @@ def message_parse(self, message_id: str) -> None:  # type: ignore[no-untyped-def
 
 
 @shared_task(
+    name="mailboxes.tasks.messages_parse",
+    acks_late=True,
+    ignore_result=True,
+    bind=True,
+    max_retries=8,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def messages_parse(self, message_ids: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Parse and index a batch of stored messages (one drained spool batch) in one transaction.
+
+    One broker message and one commit for the batch instead of one each per message. A message
+    that fails transiently, or every message of a batch that hit its time limit, goes on in a
+    ``message_parse`` task of its own (where a message too slow to parse is quarantined); the
+    database still says what is pending, so a broker outage here is the stuck sweeper's.
+    """
+    try:
+        result = pipeline.messages_parse(message_ids=message_ids)
+    except SoftTimeLimitExceeded:
+        logger.warning("parse batch of %d exceeded its time limit, each message on its own", len(message_ids))
+        alone = [str(value) for value in message_ids]
+        outcomes: dict[str, str] = {}
+    except Exception as exc:  # nothing written (loading the batch failed: the database is away)
+        logger.warning("parse batch of %d failed, will retry: %s", len(message_ids), type(exc).__name__)
+        raise self.retry(exc=exc, countdown=min(300, 2 ** (self.request.retries + 1))) from None
+    else:
+        alone, outcomes = result.retry, result.outcomes
+    try:
+        for message_id in alone:
+            message_parse.apply_async((message_id,), countdown=2)
+        for message_id, outcome in outcomes.items():
+            if outcome == "parsed":
+                message_index.delay(message_id)
+    except Exception as exc:  # the broker is away: what is still stored or parsed is swept later
+        logger.warning("parse batch: follow-up tasks not sent: %s", type(exc).__name__)
+
+
+@shared_task(
     name="mailboxes.tasks.message_index",
     acks_late=True,
     ignore_result=True,

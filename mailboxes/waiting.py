@@ -77,6 +77,24 @@ def wake_publish(*, tenant_id: UUID, mailbox_id: UUID, message_id: UUID) -> None
     transaction.on_commit(notify, robust=True)
 
 
+def wakes_publish(messages: list[tuple[UUID, UUID, UUID]]) -> None:
+    """:func:`wake_publish` for several ``(tenant, mailbox, message)`` at once: one statement
+    after the commit (a parse batch's), however many messages it announces."""
+    if connection.vendor != "postgresql" or not messages:
+        return
+    payloads = [f"{tenant_id} {mailbox_id} {message_id}" for tenant_id, mailbox_id, message_id in messages]
+
+    def notify() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, payload)"
+                " FROM unnest(%s::text[]) AS payload",
+                [CHANNEL, payloads],
+            )
+
+    transaction.on_commit(notify, robust=True)
+
+
 # --- The bounded pool for the waiters' database work --------------------------------------
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
