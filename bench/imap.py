@@ -13,6 +13,11 @@ Dovecot (``dovecot -F``) on free loopback ports and measures, with the same clie
 - the servers' RSS with ``--idle`` connections in IDLE (on a mailbox of 10 messages: our
   sessions keep the UID list of what they selected).
 
+Every message carries a trust verdict as the parse step stores it (``--no-verdicts``: none,
+as mail stored before verdicts), so what we serve is the copy a client gets: our
+Authentication-Results first and, in every other distinct body, a forged one claiming our
+authserv-id left out (Dovecot serves the same raw bytes, the forged field included).
+
 The scratch database and folders are removed at the end.
 """
 
@@ -54,7 +59,7 @@ def prepare(options: argparse.Namespace, maildir_root: Path) -> tuple[str, str, 
     from django.utils import timezone
 
     from mailaccess.tests import dovecot
-    from mailboxes import blobs
+    from mailboxes import authentication, blobs
     from mailboxes.models import Mailbox, Message
     from mailboxes.tests.helpers import message_deliver, simple_message
     from tenants.access import ALL_PERMISSIONS, Principal
@@ -71,6 +76,14 @@ def prepare(options: argparse.Namespace, maildir_root: Path) -> tuple[str, str, 
     )
     rng = random.Random(7)
     bodies = [body_of(n, rng.randint(2_000, 60_000)) for n in range(options.distinct)]
+    ours = authentication.authserv_id()
+    forged = f"Authentication-Results: {ours}; spf=pass smtp.mailfrom=example.org; dmarc=pass\r\n".encode()
+    bodies = [forged + raw if number % 2 else raw for number, raw in enumerate(bodies)]
+    verdicts = []
+    for number, raw in enumerate(bodies):
+        header = f"{ours}; spf=pass smtp.mailfrom=example.org; dkim=pass header.d=example.org header.s=s{number}"
+        verdict = {"authserv_id": ours, "header": header, "presented": authentication.presentation_of(raw, header)}
+        verdicts.append(verdict if options.verdicts else None)
     sources = maildir_root / "sources"
     sources.mkdir(parents=True)
     keys = []
@@ -90,7 +103,8 @@ def prepare(options: argparse.Namespace, maildir_root: Path) -> tuple[str, str, 
             Message(
                 tenant=tenant, mailbox=big, uid=uid, rcpt=big.address, size=len(bodies[index]), sha256=digest,
                 storage_key=storage_key, trace_id=f"bench{uid}", received_at=now, state=Message.State.INDEXED,
-                is_read=uid % 3 == 0, tags=["flagged"] if uid % 10 == 0 else [],
+                is_read=uid % 3 == 0, tags=["flagged"] if uid % 10 == 0 else [], authentication=verdicts[index],
+                authentication_results=verdicts[index]["header"] if verdicts[index] else "",
             )
         )  # fmt: skip
         if len(batch) == 5000:
@@ -146,12 +160,15 @@ def measure(port: int, user: str, password: str, name: str) -> dict[str, float]:
     full = time.perf_counter() - began
     octets = sum(len(part[1]) for part in answer if isinstance(part, tuple))
     client.logout()
+    # After the full fetch, so that Dovecot's figure above is not of a cache this one warmed.
+    raw_sizes = raw_command(port, user, password, b"UID FETCH 1:* (RFC822.SIZE)")
     result = {
         "messages": count,
         "first_select": first,
         "select": select,
         "uid_fetch_flags": flags,
         "uid_fetch_flags_raw": raw_flags,
+        "uid_fetch_sizes_raw": raw_sizes,
         "full_fetch_mb_s": octets / full / 1e6,
         "full_fetch_mb": octets / 1e6,
     }
@@ -221,6 +238,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=1000)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--database", default="mp_h5_imapbench")
+    parser.add_argument("--no-verdicts", dest="verdicts", action="store_false", help="messages without a verdict")
     options = parser.parse_args()
     scratch_database(options.database)
     os.environ.update(MAILACCESS_MAX_CONNECTIONS_PER_IP="100000", MAILACCESS_MAX_CONNECTIONS_PER_KEY="100000")
@@ -263,7 +281,8 @@ def main() -> None:
 
         base_ours, ours_rss, base_theirs, theirs_rss = asyncio.run(idle_run())
         print()
-        print(f"{options.messages} messages ({options.distinct} distinct bodies), same client (imaplib)")
+        shown = "with verdicts (our Authentication-Results shown)" if options.verdicts else "without verdicts"
+        print(f"{options.messages} messages ({options.distinct} distinct bodies, {shown}), same client (imaplib)")
         print("| | mailplatform runimap | Dovecot 2.3 (maildir) |")
         print("|---|---|---|")
         print(f"| first SELECT | {ours['first_select']:.3f} s | {theirs['first_select']:.3f} s (builds its index) |")
@@ -272,6 +291,10 @@ def main() -> None:
         print(
             f"| the same, read off a socket (no client parsing) | {ours['uid_fetch_flags_raw']:.3f} s | "
             f"{theirs['uid_fetch_flags_raw']:.3f} s |"
+        )
+        print(
+            f"| UID FETCH 1:* (RFC822.SIZE), read off a socket | {ours['uid_fetch_sizes_raw']:.3f} s | "
+            f"{theirs['uid_fetch_sizes_raw']:.3f} s |"
         )
         print(
             f"| FETCH 1:1000 (BODY.PEEK[]), {ours['full_fetch_mb']:.0f} MB | {ours['full_fetch_mb_s']:.1f} MB/s | "

@@ -589,19 +589,21 @@ class ImapSession:
                 )
         return items
 
-    async def message_file(self, storage_key: str) -> tuple[IO[bytes], Entity]:
-        cached = self.cache.get(storage_key)
+    async def message_file(self, row: store.Row) -> tuple[IO[bytes], Entity]:
+        """The copy the client gets (our Authentication-Results first, forged ones left out)
+        and its MIME structure: every section, size and BODYSTRUCTURE is of that copy."""
+        cached = self.cache.get(row.cache_key)
         if cached is not None:
-            self.cache.move_to_end(storage_key)
+            self.cache.move_to_end(row.cache_key)
             return cached
 
         def load() -> tuple[IO[bytes], Entity]:
-            handle = store.blob_spooled(storage_key)
+            handle = store.message_spooled(row)
             root = parse(handle)
             return handle, root
 
         loaded = await asyncio.to_thread(load)
-        self.cache[storage_key] = loaded
+        self.cache[row.cache_key] = loaded
         while len(self.cache) > 3:
             _key, (handle, _root) = self.cache.popitem(last=False)
             handle.close()
@@ -693,7 +695,7 @@ class ImapSession:
 
     async def fetch_whole(self, seq: int, row: store.Row, items: list[FetchItem], selected: Selected) -> None:
         """BODY[] / RFC822 of a message that fits in memory: one read, one write."""
-        data = await asyncio.to_thread(blob_get, row.storage_key)
+        data = await asyncio.to_thread(store.message_whole, row)
         parts = []
         for item in items:
             if item.kind == "SECTION":
@@ -708,7 +710,7 @@ class ImapSession:
         handle: IO[bytes] | None = None
         root: Entity | None = None
         if needs_file:
-            handle, root = await self.message_file(row.storage_key)
+            handle, root = await self.message_file(row)
         head = b"* %d FETCH (" % seq
         out: list[bytes] = []
         streams: list[tuple[bytes, int, int]] = []  # (prefix, start, length): ranges of the file
@@ -867,9 +869,8 @@ class ImapSession:
             row = rows.get(uid)
             if row is None:
                 continue
-            handle, _root = await self.message_file(row.storage_key)
-            handle.seek(0)
-            content = handle.read()
+            # The message as it was received: the copy is verified again where it lands.
+            content = await asyncio.to_thread(blob_get, row.storage_key)
             validity, new_uid = await db(
                 store.message_append, self.access, destination, content, ip=self.ip, tls=self.tls
             )

@@ -249,7 +249,9 @@ class Pop3Session:
             await self.reply("-ERR no such message")
             return
         _number, row = found
-        handle = await asyncio.to_thread(store.blob_spooled, row.storage_key)
+        # The copy a client gets (our Authentication-Results first, forged ones left out):
+        # LIST, STAT and this octet count are of it too.
+        handle = await asyncio.to_thread(store.message_spooled, row)
         try:
             await self.reply(f"+OK {row.size} octets")
             in_body, left, last = False, body_lines, b"\r\n"

@@ -15,13 +15,16 @@ from typing import IO, Any
 from uuid import UUID
 
 from django.db import connection
-from django.db.models import Count, Max, QuerySet
+from django.db.models import BigIntegerField, Count, F, Max, QuerySet, Value
+from django.db.models.fields.json import KT, KeyTransform
+from django.db.models.functions import Cast, Coalesce
 from django.utils.dateparse import parse_datetime
 
 from ingest.services import accept, spool_default, spool_entry_drain
 from ingest.spool import Recipient
 from mailaccess.auth import Access
-from mailboxes.blobs import blob_chunks
+from mailboxes.authentication import presented_bytes, presented_chunks
+from mailboxes.blobs import blob_chunks, blob_get
 from mailboxes.models import Mailbox, Message
 from mailboxes.selectors import mailbox_list, message_scope
 from mailboxes.services import message_delete, message_update
@@ -38,10 +41,19 @@ class Row:
     uid: int
     is_read: bool
     tags: tuple[str, ...]
-    size: int
+    size: int  # of the copy a client gets (see presented), not of the raw object
     deleted: bool
     received_at: datetime | None  # None in a light read
     storage_key: str
+    # What the client's copy changes (mailboxes.authentication.presentation_of): our
+    # Authentication-Results first, forged ones left out. None: the raw message as it is
+    # (stored before verdicts, AUTH_VERIFY off), and in a light read.
+    presented: dict[str, Any] | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """One copy per raw object and presentation (the same object may be verified apart)."""
+        return self.storage_key + "\0" + str((self.presented or {}).get("field", ""))
 
     def flags(self) -> list[str]:
         return flags_of(self.is_read, self.tags, self.deleted)
@@ -54,7 +66,7 @@ def flags_of(is_read: bool, tags: tuple[str, ...] | list[str], deleted: bool = F
     return [*flags, "\\Deleted"] if deleted else flags
 
 
-_ROW_FIELDS = ("pk", "uid", "is_read", "tags", "size", "imap_deleted", "received_at", "storage_key")
+_ROW_FIELDS = ("pk", "uid", "is_read", "tags", "presented_size", "imap_deleted", "received_at", "storage_key")
 
 
 def visible(access: Access, mailbox_id: UUID) -> QuerySet[Message]:
@@ -63,6 +75,17 @@ def visible(access: Access, mailbox_id: UUID) -> QuerySet[Message]:
         message_scope(access.principal)
         .filter(mailbox_id=mailbox_id, deleted_at__isnull=True, uid__isnull=False)
         .exclude(state=Message.State.QUARANTINED)
+    )
+
+
+def presented(queryset: QuerySet[Message]) -> QuerySet[Message]:
+    """With ``presented_size``, the size of the copy a client gets: the raw size plus the
+    verdict's ``presented.delta`` (one integer out of the JSON, so a FETCH of RFC822.SIZE, a
+    LIST or a STAT reads no message), and ``presented`` (what the copy changes)."""
+    delta = Cast(KT("authentication__presented__delta"), BigIntegerField())
+    return queryset.annotate(
+        presented_size=F("size") + Coalesce(delta, Value(0)),
+        presented=KeyTransform("presented", "authentication"),
     )
 
 
@@ -94,13 +117,13 @@ def rows(access: Access, mailbox_id: UUID, uids: list[int], *, light: bool = Fal
     found: dict[int, Row] = {}
     for start in range(0, len(uids), 20000):
         chunk = uids[start : start + 20000]
-        queryset = visible(access, mailbox_id).order_by()
+        queryset = presented(visible(access, mailbox_id).order_by())
         if len(chunk) > 1 and chunk[-1] - chunk[0] + 1 == len(chunk):
             queryset = queryset.filter(uid__gte=chunk[0], uid__lte=chunk[-1])
         else:
             queryset = queryset.filter(uid__in=chunk)
         # light: flags and sizes only (no dates to convert, no keys), for FLAGS/UID/RFC822.SIZE.
-        fields = _ROW_FIELDS[:6] if light else _ROW_FIELDS
+        fields = _ROW_FIELDS[:6] if light else (*_ROW_FIELDS, "presented")
         sql, params = queryset.values_list(*fields).query.sql_with_params()
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -108,11 +131,21 @@ def rows(access: Access, mailbox_id: UUID, uids: list[int], *, light: bool = Fal
                 pk, uid, is_read, tags, size, deleted = values[:6]
                 if isinstance(tags, str):
                     tags = () if tags == "[]" else json.loads(tags)
-                received_at, storage_key = (None, "") if light else values[6:]
+                received_at, storage_key, shown = (None, "", None) if light else values[6:]
                 if isinstance(received_at, str):  # SQLite (make run's default) hands back text
                     received_at = _aware(parse_datetime(received_at))
+                if isinstance(shown, str):
+                    shown = json.loads(shown)
                 found[int(uid)] = Row(
-                    pk, int(uid), is_read, tuple(tags or ()), size, bool(deleted), received_at, storage_key
+                    pk,
+                    int(uid),
+                    is_read,
+                    tuple(tags or ()),
+                    int(size),
+                    bool(deleted),
+                    received_at,
+                    storage_key,
+                    shown or None,
                 )
     return found
 
@@ -146,16 +179,17 @@ def flags_by_id(access: Access, mailbox_id: UUID, message_ids: list[UUID]) -> di
 
 
 def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
-    """Everything SEARCH may test, one dict per message, in UID order."""
-    return list(
-        visible(access, mailbox_id)  # type: ignore[arg-type]
+    """Everything SEARCH may test, one dict per message, in UID order (``size``: of the
+    copy a client gets, as RFC822.SIZE says)."""
+    found = list(
+        presented(visible(access, mailbox_id))  # type: ignore[arg-type,misc]
         .order_by("uid")
         .values(
             "uid",
             "is_read",
             "tags",
             "imap_deleted",
-            "size",
+            "presented_size",
             "received_at",
             "date",
             "subject",
@@ -165,6 +199,9 @@ def search_rows(access: Access, mailbox_id: UUID) -> list[dict[str, Any]]:
             "text",
         )
     )
+    for row in found:
+        row["size"] = row.pop("presented_size")
+    return found
 
 
 def flags_store(access: Access, mailbox_id: UUID, uids: list[int], mode: str, flags: list[str]) -> dict[int, Row]:
@@ -265,10 +302,16 @@ def mailbox_uid_state(mailbox_id: UUID) -> tuple[int, int]:
     return int(validity), int(uid_next)
 
 
-def blob_spooled(storage_key: str) -> IO[bytes]:
-    """The raw message in a seekable file: memory up to SPOOL_MEMORY, a temporary file beyond."""
+def message_spooled(row: Row) -> IO[bytes]:
+    """The copy a client gets (:func:`mailboxes.authentication.presented_chunks`) in a
+    seekable file: memory up to SPOOL_MEMORY, a temporary file beyond."""
     handle = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115 - the caller closes it
-    for chunk in blob_chunks(storage_key):
+    for chunk in presented_chunks(blob_chunks(row.storage_key), row.presented):
         handle.write(chunk)
     handle.seek(0)
     return handle  # type: ignore[return-value]
+
+
+def message_whole(row: Row) -> bytes:
+    """The copy a client gets, in memory (a message under SPOOL_MEMORY)."""
+    return presented_bytes(blob_get(row.storage_key), row.presented)

@@ -691,6 +691,106 @@ def received_spf_presented(headers: Iterable[list[str]]) -> str:
     return "\n".join(value for name, value in headers if name.lower() == "received-spf")[:8000]
 
 
+# --- The copy a mail client gets (IMAP, POP3) ------------------------------------------------
+# The raw object stays as received (the API's raw download serves it so). What IMAP and POP3
+# present is a copy: our Authentication-Results field first, and without the fields that
+# :func:`headers_presented` leaves out of the API's header list. Where to cut and what to put
+# first is worked out once, when the message is verified, and kept in the verdict
+# (``presented``), so a client's RFC822.SIZE, LIST or STAT needs no read of the message and
+# always matches the bytes it then receives.
+_FIELD_LINE = re.compile(rb"[^\n]*(?:\n|$)")
+
+
+def forged_ranges(raw: bytes, ours: str | None = None) -> list[list[int]]:
+    """``[start, end)`` byte ranges of the header fields (with their folded lines and line
+    breaks) that claim to be our verdict: Authentication-Results with our authserv-id,
+    compared case-insensitively (RFC 8601 section 5), and Received-SPF naming us."""
+    ours = authserv_id() if ours is None else ours
+    head = header_block(raw)
+    ranges: list[list[int]] = []
+    start = -1
+    name = b""
+    value = bytearray()
+
+    def close(end: int) -> None:
+        if start >= 0 and name:
+            text = re.sub(r"\r?\n", "", value.decode("utf-8", "replace"))
+            if _claims_us(name.decode("latin-1").strip().lower(), text, ours):
+                ranges.append([start, end])
+
+    position = 0
+    while position < len(head):
+        line = _FIELD_LINE.match(head, position).group(0)  # type: ignore[union-attr]
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and start >= 0:
+            value += line
+        else:
+            close(position)
+            start = position
+            name, _colon, rest = line.partition(b":")
+            value = bytearray(rest if _colon else b"")
+            if not _colon:
+                name = b""  # not a field (an mbox "From " line, garbage): never cut
+        position += len(line)
+    # The last field's line break is the first half of the empty line that ends the header.
+    last_end = position
+    if last_end < len(raw) and raw[last_end : last_end + 1] in (b"\r", b"\n"):
+        last_end += 2 if raw[last_end : last_end + 2] == b"\r\n" else 1
+    close(last_end)
+    return ranges
+
+
+def own_field(value: str, raw: bytes) -> str:
+    """Our Authentication-Results field as it goes on top of the copy: folded before the
+    space after each ``;`` (unfolding gives back ``value`` exactly, RFC 5322 section 2.2.3),
+    with the message's own line break."""
+    newline = "\r\n" if re.match(rb"[^\n]*\r\n", raw) or b"\n" not in raw else "\n"
+    return "Authentication-Results: " + value.replace("; ", ";" + newline + " ") + newline
+
+
+def presentation_of(raw: bytes, header: str) -> dict[str, Any]:
+    """What the copy a client gets changes: ``field`` (ours, put first), ``removed`` (ranges
+    of the raw message left out) and ``delta`` (presented size minus raw size)."""
+    removed = forged_ranges(raw)
+    field = own_field(header, raw)
+    return {
+        "field": field,
+        "removed": removed,
+        "delta": len(field.encode()) - sum(end - start for start, end in removed),
+    }
+
+
+def presented_chunks(chunks: Iterable[bytes], presented: dict[str, Any] | None) -> Iterator[bytes]:
+    """The copy a client gets, from the raw message's chunks: unchanged without ``presented``
+    (a message stored before verdicts, or with AUTH_VERIFY off)."""
+    if not presented:
+        yield from chunks
+        return
+    yield str(presented["field"]).encode()
+    cuts = sorted((int(start), int(end)) for start, end in presented.get("removed") or [])
+    offset = 0
+    for chunk in chunks:
+        begin, finish = offset, offset + len(chunk)
+        offset = finish
+        position = begin
+        for start, end in cuts:
+            if end <= position or start >= finish:
+                continue
+            if start > position:
+                yield chunk[position - begin : start - begin]
+            position = max(position, min(end, finish))
+        if position < finish:
+            yield chunk[position - begin :]
+
+
+def presented_bytes(raw: bytes, presented: dict[str, Any] | None) -> bytes:
+    """The whole copy a client gets (see :func:`presented_chunks`)."""
+    if not presented:
+        return raw
+    return b"".join(presented_chunks([raw], presented))
+
+
 # --- The whole verdict ---------------------------------------------------------------------
 class _VerdictCache:
     """Verdicts of recent deliveries: one delivery to many mailboxes is verified once."""
@@ -747,6 +847,7 @@ def message_verify(raw: bytes, envelope: Envelope, *, arc: bool = True) -> dict[
         "arc": arc_verdict,
     }
     verdict["header"] = authentication_results_value(verdict)
+    verdict["presented"] = presentation_of(raw, verdict["header"])
     return verdict
 
 
