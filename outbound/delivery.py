@@ -7,35 +7,47 @@ every MTA does on port 25). A connection to an MX goes only to an address the SS
 mailplatform/transport.py allow: the recipient's domain, and so its MX, is the tenant's pick.
 
 Each recipient has its own transaction with its VERP return path, so a DSN names exactly the
-recipient it is about. A recipient is claimed for OUTBOUND_CLAIM_LEASE seconds with a
-conditional UPDATE: a second worker never sends it too, and the claim of a worker killed
-mid-delivery simply runs out and the sweeper hands it to another (a message whose DATA
-had not been answered is sent again then: RFC 5321 section 6.3 accepts that rare duplicate).
+recipient it is about. A task claims the due recipients of its message and, up to
+OUTBOUND_BATCH, others that are due (SKIP LOCKED, as the webhook tasks claim deliveries), so
+a burst of sends costs a few tasks that each sign a message once and hand its recipients
+over one SMTP session, kept open in a per-process pool for the next task (RSET when taken
+again, closed on error or after OUTBOUND_SMTP_IDLE seconds unused). A claim lasts
+OUTBOUND_CLAIM_LEASE seconds: a second worker never sends the recipient too, and the claim of
+a worker killed mid-delivery simply runs out and the sweeper hands it to another. Outcomes
+are recorded after each message, so what a killed worker had handed over and recorded is
+not sent again (a message whose DATA had not been answered, or answered but not yet
+recorded, is: RFC 5321 section 6.3 accepts that rare duplicate).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import smtplib
 import socket
 import ssl
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from audit.services import EventSpec, events_record
 from mailplatform.transport import Policy, address_allowed
 from outbound import dkim as dkim_keys
-from outbound.models import OutboundMessage, Recipient, Suppression
-from outbound.services import bounce_address, dkim_key_active, event_outbound, suppression_record
+from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
+from outbound.services import bounce_address, suppression_record
 from tenants import crypto
 from tenants import dns as tenant_dns
 
@@ -88,13 +100,21 @@ def _outcome(code: int, text: bytes | str, host: str) -> Outcome:
     return Outcome("bounced" if code >= 500 else "deferred", _reply(code, text), host)
 
 
-def _session_open(host: str, address: str, port: int, security: str, *, verify: bool) -> smtplib.SMTP:
-    timeout = settings.OUTBOUND_SMTP_TIMEOUT
-    helo = settings.SMTP_HOSTNAME
-    context = ssl.create_default_context(cafile=settings.OUTBOUND_CA_FILE or None)
+@lru_cache(maxsize=8)
+def _tls_context(verify: bool, cafile: str) -> ssl.SSLContext:
+    """One context per kind, made once per process: loading the system's CA store costs tens
+    of milliseconds, more than a whole SMTP transaction on loopback."""
+    context = ssl.create_default_context(cafile=cafile or None)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _session_open(host: str, address: str, port: int, security: str, *, verify: bool) -> smtplib.SMTP:
+    timeout = settings.OUTBOUND_SMTP_TIMEOUT
+    helo = settings.SMTP_HOSTNAME
+    context = _tls_context(verify, settings.OUTBOUND_CA_FILE)
     session: smtplib.SMTP
     if security == "tls":
         session = smtplib.SMTP_SSL(timeout=timeout, local_hostname=helo, context=context)
@@ -129,40 +149,164 @@ def _closing(session: smtplib.SMTP) -> Iterator[smtplib.SMTP]:
     try:
         yield session
     finally:
-        try:
-            session.quit()
-        except (smtplib.SMTPException, OSError):
+        _quit(session)
+
+
+def _quit(session: smtplib.SMTP) -> None:
+    try:
+        session.quit()
+    except (smtplib.SMTPException, OSError):
+        session.close()
+
+
+class SessionPool:
+    """Open SMTP sessions of this worker process, by where they lead, for the next task.
+
+    A session is given back only after a clean transaction; one taken again is checked with
+    RSET (a server that closed it meanwhile costs a new connection, not a deferral); one idle
+    longer than OUTBOUND_SMTP_IDLE is closed. A forked child never uses its parent's sockets.
+    """
+
+    LIMIT = 32  # idle sessions kept per destination (a worker's threads, at most)
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[Any, ...], list[tuple[smtplib.SMTP, float]]] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _expired(self, now: float) -> list[smtplib.SMTP]:
+        """Sessions idle too long, taken out (the lock held)."""
+        if self._pid != os.getpid():
+            self._idle, self._pid = {}, os.getpid()
+        expired: list[smtplib.SMTP] = []
+        for sessions in self._idle.values():
+            while sessions and now - sessions[0][1] > settings.OUTBOUND_SMTP_IDLE:
+                expired.append(sessions.pop(0)[0])
+        return expired
+
+    def take(self, key: tuple[Any, ...]) -> smtplib.SMTP | None:
+        """An idle session to ``key`` that still answers RSET, or None."""
+        while True:
+            with self._lock:
+                expired = self._expired(time.monotonic())
+                sessions = self._idle.get(key)
+                session = sessions.pop()[0] if sessions else None
+            for stale in expired:
+                _quit(stale)
+            if session is None:
+                return None
+            try:
+                if session.rset()[0] == 250:
+                    return session
+            except (smtplib.SMTPException, OSError):
+                pass
             session.close()
 
+    def give(self, key: tuple[Any, ...], session: smtplib.SMTP) -> None:
+        kept = False
+        with self._lock:
+            expired = self._expired(time.monotonic())
+            sessions = self._idle.setdefault(key, [])
+            if len(sessions) < self.LIMIT:
+                sessions.append((session, time.monotonic()))
+                kept = True
+        for stale in expired:
+            _quit(stale)
+        if not kept:
+            _quit(session)
 
-def _via_smarthost(smarthost: Smarthost, batch: list[tuple[Recipient, bytes]]) -> dict[UUID, Outcome]:
-    outcomes: dict[UUID, Outcome] = {}
-    where = f"{smarthost.host}:{smarthost.port}"
-    try:
-        addresses = socket.getaddrinfo(smarthost.host, smarthost.port, type=socket.SOCK_STREAM)
-        session = _session_open(
-            smarthost.host, str(addresses[0][4][0]), smarthost.port, smarthost.security, verify=True
-        )
-        with _closing(session):
-            if smarthost.username:
-                session.login(smarthost.username, smarthost.password)
+    def clear(self) -> None:
+        with self._lock:
+            sessions = [session for idle in self._idle.values() for session, _ in idle]
+            self._idle = {}
+        for session in sessions:
+            _quit(session)
+
+
+POOL = SessionPool()
+
+
+class SmarthostRoute:
+    """Every recipient through OUTBOUND_URL, over one session for the whole task (pooled).
+
+    After a failure to connect or a refusal of the session itself, the rest of the task is
+    deferred with the same reason instead of trying again for each message."""
+
+    def __init__(self, smarthost: Smarthost) -> None:
+        self.smarthost = smarthost
+        self.where = f"{smarthost.host}:{smarthost.port}"
+        self.key = ("smarthost", smarthost.host, smarthost.port, smarthost.security, smarthost.username)
+        self.session: smtplib.SMTP | None = None
+        self.broken: Outcome | None = None
+
+    def _session(self) -> smtplib.SMTP:
+        if self.session is None:
+            self.session = POOL.take(self.key)
+        if self.session is None:
+            smarthost = self.smarthost
+            addresses = socket.getaddrinfo(smarthost.host, smarthost.port, type=socket.SOCK_STREAM)
+            session = _session_open(
+                smarthost.host, str(addresses[0][4][0]), smarthost.port, smarthost.security, verify=True
+            )
+            try:
+                if smarthost.username:
+                    session.login(smarthost.username, smarthost.password)
+            except BaseException:
+                session.close()
+                raise
+            self.session = session
+        return self.session
+
+    def _drop(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def deliver(self, batch: list[tuple[Recipient, bytes]]) -> dict[UUID, Outcome]:
+        if self.broken is not None:
+            return {recipient.pk: self.broken for recipient, _ in batch}
+        outcomes: dict[UUID, Outcome] = {}
+        where = self.where
+        failed: Outcome | None = None
+        try:
+            session = self._session()
             for recipient, content in batch:
                 outcomes[recipient.pk] = _transaction(
                     session, bounce_address(recipient.pk), recipient.address, content, where
                 )
-    except smtplib.SMTPResponseException as exc:
-        reason = _outcome(exc.smtp_code, exc.smtp_error, where)
-        for recipient, _ in batch:
-            outcomes.setdefault(
-                recipient.pk,
-                Outcome("deferred" if reason.state == "delivered" else reason.state, reason.response, where),
-            )
-    except (smtplib.SMTPException, OSError, ssl.SSLError) as exc:
-        for recipient, _ in batch:
-            outcomes.setdefault(
-                recipient.pk, Outcome("deferred", f"{where}: {type(exc).__name__}: {exc}"[:1000], where)
-            )
-    return outcomes
+        except smtplib.SMTPResponseException as exc:
+            reason = _outcome(exc.smtp_code, exc.smtp_error, where)
+            failed = Outcome("deferred" if reason.state == "delivered" else reason.state, reason.response, where)
+        except (smtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            failed = Outcome("deferred", f"{where}: {type(exc).__name__}: {exc}"[:1000], where)
+        if failed is not None:
+            self._drop()
+            if not outcomes:
+                self.broken = failed
+            for recipient, _ in batch:
+                outcomes.setdefault(recipient.pk, failed)
+        return outcomes
+
+    def close(self) -> None:
+        if self.session is not None:
+            POOL.give(self.key, self.session)
+            self.session = None
+
+
+class MxRoute:
+    """Each recipient domain's MX (one session per domain and message)."""
+
+    def deliver(self, batch: list[tuple[Recipient, bytes]]) -> dict[UUID, Outcome]:
+        by_domain: dict[str, list[tuple[Recipient, bytes]]] = defaultdict(list)
+        for recipient, data in batch:
+            by_domain[recipient.address.rpartition("@")[2].lower()].append((recipient, data))
+        outcomes: dict[UUID, Outcome] = {}
+        for domain, group in by_domain.items():
+            outcomes.update(_via_mx(domain, group))
+        return outcomes
+
+    def close(self) -> None:
+        pass
 
 
 def mx_hosts(domain: str) -> list[str]:
@@ -220,21 +364,41 @@ def _via_mx(domain: str, batch: list[tuple[Recipient, bytes]]) -> dict[UUID, Out
     return outcomes
 
 
-def _claim(message_id: UUID, now: datetime) -> list[Recipient]:
+def _claim(message_id: UUID, now: datetime, along: int) -> list[Recipient]:
+    """The due recipients of ``message_id``, then up to ``along`` other due ones, oldest
+    first; rows another worker holds are skipped, never waited for."""
     lease = now + timedelta(seconds=settings.OUTBOUND_CLAIM_LEASE)
-    due = Q(message_id=message_id, state__in=Recipient.PENDING_STATES, next_attempt_at__lte=now) & (
+    due = Q(state__in=Recipient.PENDING_STATES, next_attempt_at__lte=now) & (
         Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     )
     with transaction.atomic():
-        rows = list(Recipient.objects.select_for_update(skip_locked=True).filter(due))
+        rows = list(Recipient.objects.select_for_update(skip_locked=True).filter(due, message_id=message_id))
+        if along > 0:
+            rows += list(
+                Recipient.objects.select_for_update(skip_locked=True)
+                .filter(due)
+                .exclude(message_id=message_id)
+                .order_by("next_attempt_at")[:along]
+            )
         if rows:
             Recipient.objects.filter(pk__in=[row.pk for row in rows]).update(claimed_until=lease)
     return rows
 
 
-def _signed(message: OutboundMessage) -> tuple[bytes, str]:
+@lru_cache(maxsize=256)
+def _private_key(key_id: UUID, encrypted: str) -> str:
+    """A key's private half, decrypted once per process (a key's bytes never change)."""
+    return crypto.decrypt(encrypted)
+
+
+def _active_keys(domain_ids: set[Any]) -> dict[Any, DkimKey]:
+    """The signing key of each domain, read once per task (a rotation shows at the next task)."""
+    keys = DkimKey.objects.filter(domain_id__in=domain_ids, state=DkimKey.State.ACTIVE).select_related("domain")
+    return {key.domain_id: key for key in keys}
+
+
+def _signed(message: OutboundMessage, key: DkimKey | None) -> tuple[bytes, str]:
     content = bytes(message.content)
-    key = dkim_key_active(message.domain_id)
     if key is None:
         return content, ""
     signed = dkim_keys.message_sign(
@@ -242,19 +406,38 @@ def _signed(message: OutboundMessage) -> tuple[bytes, str]:
         domain=key.domain.name,
         selector=key.selector,
         algorithm=key.algorithm,
-        private_key=crypto.decrypt(key.private_key_encrypted),
+        private_key=_private_key(key.pk, key.private_key_encrypted),
     )
     return signed, key.selector
 
 
-def _record(recipient: Recipient, outcome: Outcome, selector: str, now: datetime) -> None:
+_RECORDED_FIELDS = [
+    "state",
+    "attempts",
+    "last_attempt_at",
+    "last_response",
+    "remote_host",
+    "claimed_until",
+    "dkim_selector",
+    "next_attempt_at",
+    "delivered_at",
+    "bounced_at",
+]
+
+
+def _record(recipient: Recipient, outcome: Outcome, selector: str, now: datetime) -> EventSpec:
+    """Apply one attempt's outcome to ``recipient`` (not saved yet) and describe its event."""
     recipient.attempts += 1
     recipient.last_attempt_at = now
     recipient.last_response = outcome.response
     recipient.remote_host = outcome.host[:255]
     recipient.claimed_until = None
     recipient.dkim_selector = selector
-    event_data = {"response": outcome.response, "attempts": recipient.attempts, "remote_host": outcome.host}
+    event_data: dict[str, Any] = {
+        "response": outcome.response,
+        "attempts": recipient.attempts,
+        "remote_host": outcome.host,
+    }
     state = outcome.state
     if state == "deferred":
         schedule = settings.OUTBOUND_RETRY_SCHEDULE or [300]
@@ -278,49 +461,64 @@ def _record(recipient: Recipient, outcome: Outcome, selector: str, now: datetime
                 reason=Suppression.Reason.HARD_BOUNCE,
                 detail=outcome.response,
             )
-    recipient.save(
-        update_fields=[
-            "state",
-            "attempts",
-            "last_attempt_at",
-            "last_response",
-            "remote_host",
-            "claimed_until",
-            "dkim_selector",
-            "next_attempt_at",
-            "delivered_at",
-            "bounced_at",
-        ]
+    return EventSpec(
+        tenant_id=recipient.tenant_id,
+        type=f"outbound.{recipient.state}",
+        data={"outbound_id": str(recipient.message_id), "recipient": recipient.address, **event_data},
+        trace_id=str(recipient.message_id),
     )
-    event_outbound(recipient, f"outbound.{recipient.state}", event_data)
 
 
-def message_deliver(message_id: UUID) -> dict[str, int]:
-    """Deliver every due recipient of one message; counts by outcome. Safe to run twice:
-    only claimed recipients are sent, and a claim is taken once."""
-    now = timezone.now()
-    claimed = _claim(message_id, now)
-    if not claimed:
-        return {}
-    message = OutboundMessage.objects.select_related("domain").get(pk=message_id)
-    content, selector = _signed(message)
-    batch = [(recipient, content) for recipient in claimed]
-    outcomes: dict[UUID, Outcome] = {}
-    if settings.OUTBOUND_URL:
-        outcomes = _via_smarthost(smarthost_parse(settings.OUTBOUND_URL), batch)
-    else:
-        by_domain: dict[str, list[tuple[Recipient, bytes]]] = defaultdict(list)
-        for recipient, data in batch:
-            by_domain[recipient.address.rpartition("@")[2].lower()].append((recipient, data))
-        for domain, group in by_domain.items():
-            outcomes.update(_via_mx(domain, group))
-    counts: dict[str, int] = defaultdict(int)
+def _outcomes_record(recipients: list[Recipient], outcomes: dict[UUID, Outcome], selector: str) -> None:
+    """One message's outcomes and their events, in one transaction.
+
+    Committed without waiting for the WAL flush (``synchronous_commit = off``): a worker
+    killed after this keeps it (PostgreSQL has it), and only a crash of PostgreSQL itself in
+    the next fraction of a second could forget it, which sends the message once more (the
+    rare duplicate RFC 5321 section 6.3 accepts), never loses it."""
     finished = timezone.now()
     with transaction.atomic():
-        for recipient in claimed:
-            outcome = outcomes.get(recipient.pk) or Outcome("deferred", "no attempt was made")
-            _record(recipient, outcome, selector, finished)
-            counts[str(recipient.state)] += 1
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        specs = [
+            _record(
+                recipient, outcomes.get(recipient.pk) or Outcome("deferred", "no attempt was made"), selector, finished
+            )
+            for recipient in recipients
+        ]
+        Recipient.objects.bulk_update(recipients, _RECORDED_FIELDS)
+        events_record(specs)
+
+
+def message_deliver(message_id: UUID, along: int = 0) -> dict[str, int]:
+    """Deliver every due recipient of one message, and up to ``along`` other due recipients;
+    counts by outcome. Safe to run twice: only claimed recipients are sent, and a claim is
+    taken once."""
+    now = timezone.now()
+    claimed = _claim(message_id, now, along)
+    if not claimed:
+        return {}
+    by_message: dict[UUID, list[Recipient]] = defaultdict(list)
+    for recipient in claimed:
+        by_message[recipient.message_id].append(recipient)
+    messages = OutboundMessage.objects.in_bulk(list(by_message))
+    keys = _active_keys({message.domain_id for message in messages.values()})
+    route: SmarthostRoute | MxRoute = (
+        SmarthostRoute(smarthost_parse(settings.OUTBOUND_URL)) if settings.OUTBOUND_URL else MxRoute()
+    )
+    counts: dict[str, int] = defaultdict(int)
+    try:
+        for pk, recipients in by_message.items():
+            message = messages.get(pk)
+            if message is None:  # deleted with its tenant meanwhile
+                continue
+            content, selector = _signed(message, keys.get(message.domain_id))
+            outcomes = route.deliver([(recipient, content) for recipient in recipients])
+            _outcomes_record(recipients, outcomes, selector)
+            for recipient in recipients:
+                counts[str(recipient.state)] += 1
+    finally:
+        route.close()
     logger.info("outbound %s: %s", message_id, dict(counts))
     return dict(counts)
 

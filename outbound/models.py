@@ -164,3 +164,53 @@ class Suppression(models.Model):
 
     def __str__(self) -> str:
         return self.address
+
+
+class SendCounter(models.Model):
+    """What a tenant sent in one minute or one UTC day: the rate limit and the daily quota.
+
+    One row per tenant and window, bumped by the send's own transaction with one
+    ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` (outbound/services.py), so a refused
+    send counts nothing and every web process and submission server reads the same numbers.
+    """
+
+    class Period(models.TextChoices):
+        MINUTE = "minute", "Minute"
+        DAY = "day", "Day (UTC)"
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    period = models.CharField(max_length=6, choices=Period.choices)
+    start = models.DateTimeField()
+    messages = models.PositiveIntegerField(default=0)
+    recipients = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "period", "start"], name="send_counter_once_per_window")
+        ]
+        indexes = [models.Index(fields=["start"], name="send_counter_start")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.period} {self.start:%Y-%m-%d %H:%M}: {self.messages}"
+
+
+class DomainSending(models.Model):
+    """How a domain sends: by default only as its live mailboxes; with ``any_local_part``
+    any address of the domain may be the From (``noreply@``, ``billing@``...), by a key that
+    holds the whole domain (never by a key granted only some of its mailboxes)."""
+
+    domain = models.OneToOneField(
+        "tenants.Domain", on_delete=models.CASCADE, primary_key=True, related_name="outbound_sending"
+    )
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    any_local_part = models.BooleanField(
+        default=False, help_text="Any address of the domain may send, not only its mailboxes"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "domain sending policy"
+
+    def __str__(self) -> str:
+        return f"{self.domain_id}: any local part {'allowed' if self.any_local_part else 'refused'}"

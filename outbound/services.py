@@ -16,20 +16,22 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email import message_from_bytes
 from email.message import EmailMessage, Message
+from email.parser import BytesHeaderParser
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.services import EventSpec, audit_entry_record, event_record, events_record
 from mailplatform.enqueue import tasks_enqueue_on_commit
 from outbound import dkim as dkim_keys
-from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
+from outbound.models import DkimKey, DomainSending, OutboundMessage, Recipient, SendCounter, Suppression
 from tenants import crypto
 from tenants import dns as tenant_dns
 from tenants.access import Permission, Principal
@@ -341,13 +343,19 @@ class Sender:
 
 
 def sender_check(principal: Principal, from_address: str) -> Sender:
-    """The sender must be a live mailbox of a verified domain this principal may use.
+    """The sender must be a live mailbox of a verified domain this principal may use, or any
+    address of such a domain whose sending policy allows any local part (DomainSending) when
+    the principal holds the whole domain.
 
     Raises :class:`SendRefused` with ``domain_not_verified`` or ``sender_not_allowed``."""
     from mailboxes.models import Mailbox
 
     local, _, domain_name = from_address.rpartition("@")
-    domain = principal.scope_domains(Domain.objects.all()).filter(name=domain_name.lower()).first()
+    domain = (
+        principal.scope_domains(Domain.objects.select_related("outbound_sending"))
+        .filter(name=domain_name.lower())
+        .first()
+    )
     if domain is None or domain.state not in (Domain.State.VERIFIED, Domain.State.MX_LOST):
         raise SendRefused(
             "domain_not_verified",
@@ -360,30 +368,78 @@ def sender_check(principal: Principal, from_address: str) -> Sender:
         .first()
     )
     if mailbox is None:
+        policy = getattr(domain, "outbound_sending", None)
+        if policy is not None and policy.any_local_part and principal.may_use_domain(domain.pk):
+            return Sender(domain=domain, mailbox=None)
         raise SendRefused("sender_not_allowed", f"{from_address} is not a mailbox this key may send as.", status=403)
     return Sender(domain=domain, mailbox=mailbox)
 
 
-def _limits_check(tenant_id: Any, recipients: int) -> None:
+# One statement bumps the minute's and the day's counters and reads the previous minute's:
+# the rate is a sliding window estimated from two fixed ones (the previous minute weighted by
+# how much of it the last 60 seconds still cover), so a burst across a minute's edge is held.
+_COUNTERS_BUMP = """
+WITH bumped AS (
+    INSERT INTO outbound_sendcounter (tenant_id, period, start, messages, recipients)
+    VALUES (%(tenant)s, 'minute', %(minute)s, 1, %(recipients)s), (%(tenant)s, 'day', %(day)s, 1, %(recipients)s)
+    ON CONFLICT (tenant_id, period, start) DO UPDATE
+        SET messages = outbound_sendcounter.messages + EXCLUDED.messages,
+            recipients = outbound_sendcounter.recipients + EXCLUDED.recipients
+    RETURNING period, start, messages, recipients
+)
+SELECT period, start, messages, recipients FROM bumped
+UNION ALL
+SELECT period, start, messages, recipients FROM outbound_sendcounter
+WHERE tenant_id = %(tenant)s AND period = 'minute' AND start = %(previous)s
+"""
+
+
+def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
     """Per-tenant rate (messages a minute) and daily quota (recipients since midnight UTC),
-    counted in the database so every web process and submission server agrees."""
-    now = timezone.now()
-    recent = OutboundMessage.objects.filter(tenant_id=tenant_id, created_at__gte=now - timedelta(seconds=60)).count()
-    if recent >= settings.OUTBOUND_RATE_PER_TENANT:
+    counted in SendCounter rows so every web process and submission server agrees.
+
+    Called last in the send's transaction (the counter rows stay locked until its commit,
+    so the shorter the better): a refusal rolls the bump back with the rest."""
+    minute = now.replace(second=0, microsecond=0)
+    previous = minute - timedelta(minutes=1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _COUNTERS_BUMP,
+            {
+                "tenant": tenant_id,
+                "minute": minute,
+                "day": minute.replace(hour=0, minute=0),
+                "previous": previous,
+                "recipients": recipients,
+            },
+        )
+        rows = cursor.fetchall()
+    current = {period: (messages, sent) for period, start, messages, sent in rows if start != previous}
+    before = sum(messages for period, start, messages, _ in rows if start == previous)
+    elapsed = (now - minute).total_seconds() / 60
+    if current["minute"][0] + before * (1 - elapsed) > settings.OUTBOUND_RATE_PER_TENANT:
         raise SendRefused(
             "rate_limited",
             f"More than {settings.OUTBOUND_RATE_PER_TENANT} messages in the last minute; slow down and retry.",
             status=429,
         )
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    today = Recipient.objects.filter(tenant_id=tenant_id, message__created_at__gte=midnight).count()
-    if today + recipients > settings.OUTBOUND_DAILY_QUOTA:
+    today = current["day"][1]
+    if today > settings.OUTBOUND_DAILY_QUOTA:
         raise SendRefused(
             "quota_exceeded",
             f"The daily quota of {settings.OUTBOUND_DAILY_QUOTA} recipients is used up "
-            f"({today} sent today); it renews at midnight UTC.",
+            f"({today - recipients} sent today); it renews at midnight UTC.",
             status=429,
         )
+
+
+def counters_prune(now: datetime | None = None) -> int:
+    """Forget counter windows nobody reads again (beat: recipients_due_dispatch)."""
+    now = now or timezone.now()
+    old = Q(period=SendCounter.Period.MINUTE, start__lt=now - timedelta(minutes=10)) | Q(
+        period=SendCounter.Period.DAY, start__lt=now - timedelta(days=2)
+    )
+    return SendCounter.objects.filter(old).delete()[0]
 
 
 def bounce_address(recipient_id: uuid.UUID) -> str:
@@ -404,13 +460,16 @@ def message_queue(
     from_address: str,
     recipients: Sequence[str],
     source: str = OutboundMessage.Source.API,
+    sender: Sender | None = None,
 ) -> Queued:
     """Check the sender and the limits, then commit the message and its recipients and
     enqueue delivery after the commit. Suppressed recipients are recorded as ``suppressed``
-    and not sent. Raises :class:`SendRefused` or PermissionDenied."""
+    and not sent. ``sender`` is :func:`sender_check`'s answer when the caller has it already.
+    Raises :class:`SendRefused` or PermissionDenied."""
     require(principal, Permission.MESSAGES_SEND)
     from_address = address_normalize(from_address)
-    sender = sender_check(principal, from_address)
+    if sender is None:
+        sender = sender_check(principal, from_address)
     unique = list(dict.fromkeys(address_normalize(address) for address in recipients))
     if not unique:
         raise SendRefused("no_recipients", "Name at least one recipient (to, cc or bcc).")
@@ -419,9 +478,8 @@ def message_queue(
     limit = principal.tenant.max_message_size or settings.INGEST_MAX_MESSAGE_SIZE
     if len(content) > limit:
         raise SendRefused("message_too_large", f"The message is larger than {limit} bytes.", status=413)
-    parsed = message_from_bytes(content)
+    parsed = BytesHeaderParser().parsebytes(content)  # Subject and Message-ID: the header only
     now = timezone.now()
-    _limits_check(principal.tenant_id, len(unique))
     suppressed = set(
         Suppression.objects.filter(
             tenant_id=principal.tenant_id, address__in=[address.lower() for address in unique]
@@ -496,6 +554,7 @@ def message_queue(
             tasks_enqueue_on_commit(message_deliver, [(str(message.pk),)])
         if sender.mailbox is not None:
             tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
+        _limits_check(principal.tenant_id, len(unique), now)
     return Queued(message=message, recipients=rows)
 
 
@@ -512,13 +571,14 @@ def message_send(*, principal: Principal, composition: Composition) -> Queued:
     composition.reply_to = _addresses(composition.reply_to, "reply_to")
     composition.from_address = from_address
     require(principal, Permission.MESSAGES_SEND)
-    sender_check(principal, from_address)
+    sender = sender_check(principal, from_address)
     content = composition_render(composition, message_id=message_id_new(from_address.rpartition("@")[2]))
     return message_queue(
         principal=principal,
         content=content,
         from_address=from_address,
         recipients=[*composition.to, *composition.cc, *composition.bcc],
+        sender=sender,
     )
 
 
@@ -566,3 +626,24 @@ def event_outbound(recipient: Recipient, event_type: str, data: dict[str, Any]) 
         data={"outbound_id": str(recipient.message_id), "recipient": recipient.address, **data},
         trace_id=str(recipient.message_id),
     )
+
+
+def domain_sending_set(*, principal: Principal, domain: Domain, any_local_part: bool) -> DomainSending:
+    """Whether any address of ``domain`` may send, or only its mailboxes' (``domains:manage``)."""
+    require(principal, Permission.DOMAINS_MANAGE)
+    if not principal.may_manage_domain(domain.pk):
+        raise PermissionDenied("This key may not manage this domain.")
+    policy, _ = DomainSending.objects.get_or_create(domain=domain, defaults={"tenant_id": domain.tenant_id})
+    before = policy.any_local_part
+    policy.any_local_part = any_local_part
+    policy.save(update_fields=["any_local_part", "updated_at"])
+    audit_entry_record(
+        tenant_id=domain.tenant_id,
+        actor=principal.actor,
+        action="domain.sending_update",
+        resource_type="domain",
+        resource_id=domain.pk,
+        before={"any_local_part": before},
+        after={"any_local_part": any_local_part},
+    )
+    return policy

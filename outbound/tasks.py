@@ -11,8 +11,10 @@ import logging
 from uuid import UUID
 
 from celery import shared_task
+from django.conf import settings
 
 from outbound import bounces, delivery, sent
+from outbound.services import counters_prune
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +27,15 @@ logger = logging.getLogger(__name__)
     time_limit=360,
 )
 def message_deliver(message_id: str) -> None:
-    """Deliver the due recipients of one outbound message (outbound/delivery.py)."""
-    delivery.message_deliver(UUID(message_id))
+    """Deliver the due recipients of one outbound message and, up to OUTBOUND_BATCH in all,
+    other due recipients (outbound/delivery.py): in a burst the first tasks take most of the
+    queue, the later ones find their message's recipients already taken."""
+    delivery.message_deliver(UUID(message_id), along=settings.OUTBOUND_BATCH - 1)
 
 
 @shared_task(name="outbound.tasks.recipients_due_dispatch", ignore_result=True, soft_time_limit=60, time_limit=90)
 def recipients_due_dispatch() -> int:
+    counters_prune()
     due = delivery.recipients_due()
     for message_id in due:
         message_deliver.delay(message_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from rest_framework import serializers
+from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
 from mailplatform.api import StrictSerializer
 from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
@@ -60,6 +61,30 @@ class AttachmentSerializer(StrictSerializer):
     content = serializers.CharField(help_text="base64")
 
 
+class BodyField(serializers.CharField):
+    """A message body: DRF's surrogate check, done by the UTF-8 codec (one C call instead of a
+    Python loop over every character of a body that may be megabytes long)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.validators = [
+            validator
+            for validator in self.validators
+            if not isinstance(validator, ProhibitSurrogateCharactersValidator)
+        ]
+
+    def to_internal_value(self, data: Any) -> str:
+        value = super().to_internal_value(data)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise serializers.ValidationError(
+                f"Surrogate characters are not allowed: U+{ord(value[exc.start]):X}.",
+                code="surrogate_characters_not_allowed",
+            ) from None
+        return value
+
+
 class SendSerializer(StrictSerializer):
     from_ = serializers.CharField(max_length=320, help_text="A mailbox address on a verified domain")
     to = serializers.ListField(
@@ -75,8 +100,8 @@ class SendSerializer(StrictSerializer):
         child=serializers.CharField(max_length=320), required=False, default=list, max_length=10
     )
     subject = serializers.CharField(max_length=998, required=False, default="", allow_blank=True)
-    text = serializers.CharField(required=False, default="", allow_blank=True, trim_whitespace=False)
-    html = serializers.CharField(required=False, default="", allow_blank=True, trim_whitespace=False)
+    text = BodyField(required=False, default="", allow_blank=True, trim_whitespace=False)
+    html = BodyField(required=False, default="", allow_blank=True, trim_whitespace=False)
     headers = serializers.DictField(child=serializers.CharField(max_length=998), required=False, default=dict)
     attachments = AttachmentSerializer(many=True, required=False, default=list)
     reply_to_message = serializers.UUIDField(
@@ -150,3 +175,9 @@ class SuppressionSerializer(serializers.ModelSerializer[Suppression]):
 class SuppressionCreateSerializer(StrictSerializer):
     address = serializers.CharField(max_length=320)
     detail = serializers.CharField(max_length=1000, required=False, default="", allow_blank=True)
+
+
+class DomainSendingSerializer(StrictSerializer):
+    any_local_part = serializers.BooleanField(
+        help_text="Any address of the domain may be the From (a key holding the whole domain), not only its mailboxes"
+    )

@@ -10,5 +10,6 @@ router.register(rf"domains/(?P<domain_id>{views._UUID})/dkim-keys", views.DkimKe
 
 urlpatterns = [
     path("messages/send", views.SendView.as_view(), name="message-send"),
+    path("domains/<uuid:domain_id>/sending", views.DomainSendingView.as_view(), name="domain-sending"),
     *router.urls,
 ]

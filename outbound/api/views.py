@@ -23,12 +23,13 @@ from outbound.api.serializers import (
     DkimKeyCreateSerializer,
     DkimKeySerializer,
     DkimKeyVerifySerializer,
+    DomainSendingSerializer,
     OutboundMessageSerializer,
     SendSerializer,
     SuppressionCreateSerializer,
     SuppressionSerializer,
 )
-from outbound.models import DkimKey, OutboundMessage, Suppression
+from outbound.models import DkimKey, DomainSending, OutboundMessage, Recipient, Suppression
 from tenants.access import Permission
 from tenants.api.views import principal_of
 from tenants.models import Domain
@@ -124,7 +125,13 @@ class _Refused(exceptions.APIException):
 
 
 def _accepted(queued: services.Queued) -> Answer:
-    message = OutboundMessage.objects.prefetch_related("recipients").get(pk=queued.message.pk)
+    """The message and recipients just committed, as they are (no second read): their rows
+    stand in for the ``recipients`` prefetch, in the model's order."""
+    message = queued.message
+    recipients = Recipient.objects.none()
+    recipients._result_cache = sorted(queued.recipients, key=lambda recipient: recipient.address)
+    recipients._prefetch_done = True  # type: ignore[attr-defined]
+    message._prefetched_objects_cache = {"recipients": recipients}  # type: ignore[attr-defined]
     return Answer(status=status.HTTP_202_ACCEPTED, body=dict(OutboundMessageSerializer(message).data))
 
 
@@ -230,3 +237,33 @@ class SuppressionViewSet(
 
 
 __all__ = ["error_body"]
+
+
+class DomainSendingView(APIView):
+    """How a domain sends: only as its mailboxes (the default), or as any address of it."""
+
+    required_permissions = {"get": None, "put": Permission.DOMAINS_MANAGE}
+
+    def _domain(self, domain_id: UUID, *, writable: bool) -> Domain:
+        try:
+            return selectors.domain_for_keys(principal_of(self.request), domain_id, writable=writable)
+        except Domain.DoesNotExist:
+            raise exceptions.NotFound() from None
+
+    @extend_schema(operation_id="domains_sending_retrieve", responses=DomainSendingSerializer)
+    def get(self, request: Request, domain_id: UUID) -> Response:
+        domain = self._domain(domain_id, writable=False)
+        policy = DomainSending.objects.filter(domain=domain).first()
+        return Response({"any_local_part": bool(policy and policy.any_local_part)})
+
+    @extend_schema(
+        operation_id="domains_sending_update", request=DomainSendingSerializer, responses=DomainSendingSerializer
+    )
+    def put(self, request: Request, domain_id: UUID) -> Response:
+        domain = self._domain(domain_id, writable=True)
+        serializer = DomainSendingSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        policy = services.domain_sending_set(
+            principal=principal_of(request), domain=domain, any_local_part=serializer.validated_data["any_local_part"]
+        )
+        return Response({"any_local_part": policy.any_local_part})

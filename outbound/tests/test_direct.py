@@ -117,3 +117,23 @@ def test_it_refuses_unverified_domains_foreign_senders_missing_permission_and_sp
     response = client.post("/api/v1/messages/send", SEND, format="json")
     assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
     assert Recipient.objects.count() == 2
+
+
+def test_a_domain_that_allows_any_local_part_sends_from_any_address_but_only_by_a_key_holding_it(world: Any):
+    client = world.client(world.owner_key)
+    body = {**SEND, "from": "noreply@acme.example.test"}
+    response = client.post("/api/v1/messages/send", body, format="json")
+    assert (response.status_code, response.json()["error"]["code"]) == (403, "sender_not_allowed")
+    url = f"/api/v1/domains/{world.domain.pk}/sending"
+    assert client.get(url).json() == {"any_local_part": False}
+    reader = world.client(world.key(["messages:send"]))
+    assert reader.put(url, {"any_local_part": True}, format="json").status_code == 403
+    assert client.put(url, {"any_local_part": True}, format="json").json() == {"any_local_part": True}
+    sent = client.post("/api/v1/messages/send", body, format="json")
+    assert sent.status_code == 202, sent.content
+    assert sent.json()["from_address"] == "noreply@acme.example.test" and sent.json()["mailbox"] is None
+    # A key granted only a mailbox of the domain still sends only as that mailbox.
+    scoped = world.client(world.key(["messages:send"], mailboxes=[world.mailbox]))
+    response = scoped.post("/api/v1/messages/send", body, format="json")
+    assert (response.status_code, response.json()["error"]["code"]) == (403, "sender_not_allowed")
+    assert scoped.post("/api/v1/messages/send", SEND, format="json").status_code == 202
