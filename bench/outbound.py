@@ -182,6 +182,40 @@ def accept_smtp(port: int, secret: str, count: int, connections: int) -> dict[st
     }
 
 
+def postfix_reference(port: int, sink: Any, count: int, connections: int) -> dict[str, Any]:
+    """The same-run reference: a bare smtplib loop straight to Postfix (no database, no
+    signing), ``connections`` persistent sessions, timed until the sink has everything."""
+    message = f"From: sender@bench.example.test\r\nTo: ref@remote.example.org\r\nSubject: ref\r\n\r\n{BODY_LINES}\r\n"
+    before = len(sink.handler.received)
+    cpu = time.process_time()
+
+    def run(n: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            for _ in range(n):
+                client.sendmail("bounces@bounces.bench.test", ["ref@remote.example.org"], message.encode())
+
+    per = [count // connections + (1 if index < count % connections else 0) for index in range(connections)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(n,)) for n in per]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handed = time.perf_counter() - started
+    deadline = time.monotonic() + 120
+    while len(sink.handler.received) - before < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    return {
+        "messages": count,
+        "at_sink": len(sink.handler.received) - before,
+        "accepted_by_postfix_per_second": round(count / handed, 1),
+        "at_sink_per_second": round((len(sink.handler.received) - before) / seconds, 1),
+        "client_cpu_seconds": round(time.process_time() - cpu, 2),
+        "load_average": os.getloadavg()[0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--api", type=int, default=2000)
@@ -190,6 +224,7 @@ def main() -> None:
     parser.add_argument("--smtp-connections", type=int, default=8)
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=16)
+    parser.add_argument("--reference", type=int, default=600, help="messages of the bare smtplib loop to Postfix")
     options = parser.parse_args()
 
     fresh_database(os.environ["DATABASE_URL"])
@@ -259,7 +294,12 @@ def main() -> None:
             "delivered_signed_per_second": round(len(received) / seconds, 1),
             "dkim_verified_samples": f"{verified}/{len(samples)}",
             "worker_threads": options.worker_threads,
+            "load_average": os.getloadavg()[0],
         }
+        if options.reference:
+            results["reference_postfix_direct"] = postfix_reference(
+                postfix.port, sink, options.reference, options.smtp_connections
+            )
     finally:
         for process in processes:
             if process.poll() is None:
