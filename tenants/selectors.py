@@ -29,7 +29,7 @@ def api_key_list(principal: Principal) -> QuerySet[ApiKey]:
     """The tenant's keys (key management is tenant-wide, see access.TENANT_WIDE_PERMISSIONS)."""
     return (
         principal.scope(ApiKey.objects.all())
-        .prefetch_related("allowed_domains", "allowed_mailboxes")
+        .prefetch_related("allowed_domains", "allowed_mailboxes", "allowed_pools")
         .select_related("created_by")
     )
 

@@ -71,15 +71,22 @@ class ApiKeyForm(forms.Form):
     )
     domains = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple)
     mailboxes = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple)
+    pools = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple)
     expires_in_days = forms.IntegerField(min_value=1, max_value=3650, required=False)
     ip_allowlist = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
 
     def __init__(
-        self, *args: object, domains: list[tuple[str, str]], mailboxes: list[tuple[str, str]], **kwargs: object
+        self,
+        *args: object,
+        domains: list[tuple[str, str]],
+        mailboxes: list[tuple[str, str]],
+        pools: list[tuple[str, str]],
+        **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.fields["domains"].choices = domains  # type: ignore[attr-defined]
         self.fields["mailboxes"].choices = mailboxes  # type: ignore[attr-defined]
+        self.fields["pools"].choices = pools  # type: ignore[attr-defined]
 
 
 class WebhookForm(forms.Form):

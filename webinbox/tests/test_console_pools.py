@@ -72,3 +72,30 @@ def test_it_saves_provider_rules(world: Any, signed_in: Any) -> None:
     bad = owner.post(base, {"action": "provider_save", "name": "x", "subject_patterns": "(unclosed"}, follow=True)
     assert "unclosed" in bad.content.decode() or "missing" in bad.content.decode()
     assert AccountProvider.objects.filter(tenant=world.tenant).count() == 1
+
+
+def test_it_mints_a_key_limited_to_a_pool_from_the_console(world: Any, signed_in: Any) -> None:
+    from django.test import Client
+
+    from tenants.models import ApiKey
+
+    pool, binding = _setup(world)
+    other = services.pool_create(principal=Principal.system(world.tenant), domain=world.domain, name="other", size=1)
+    owner = signed_in("owner")
+    base = f"/console/{world.tenant.slug}/keys/"
+    form = owner.get(base).content.decode()
+    assert f'value="{pool.pk}"' in form and "signups" in form
+    response = owner.post(base, {"name": "pool-key", "permissions": ["bindings:manage"], "pools": [str(pool.pk)]})
+    assert response.status_code == 200, response.content.decode()[-2000:]
+    key = ApiKey.objects.get(name="pool-key")
+    assert list(key.allowed_pools.all()) == [pool]
+    assert "pool signups" in owner.get(base).content.decode()
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {response.context['minted']['secret']}")
+    assert [row["id"] for row in api.get("/api/v1/pools/").json()["results"]] == [str(pool.pk)]
+    assert api.get(f"/api/v1/pools/{other.pk}/").status_code == 404
+    assert api.get(f"/api/v1/bindings/{binding.pk}/").status_code == 200
+    foreign = services.pool_create(
+        principal=Principal.system(world.outsider_tenant), domain=world.outsider_domain, name="theirs"
+    )
+    refused = owner.post(base, {"name": "foreign", "permissions": ["bindings:manage"], "pools": [str(foreign.pk)]})
+    assert refused.status_code in (200, 404) and not ApiKey.objects.filter(name="foreign").exists()

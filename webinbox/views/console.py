@@ -28,6 +28,7 @@ from audit.exports import FORMATS as EXPORT_FORMATS
 from audit.exports import audit_export_response
 from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
+from mailboxes.bindings import selectors as binding_selectors
 from mailplatform.streams import stream_for
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
@@ -291,7 +292,8 @@ def member_action(request: HttpRequest, principal: Principal, membership_id: str
 def _key_form(principal: Principal, data: Any = None) -> ApiKeyForm:
     domains = [(str(d.pk), d.name) for d in tenant_selectors.domain_list(principal)]
     boxes = [(str(m.pk), m.address) for m in mailbox_selectors.mailbox_list(principal).order_by("address")[:500]]
-    return ApiKeyForm(data, domains=domains, mailboxes=boxes, initial={"permissions": ["messages:read"]})
+    pools = [(str(p.pk), f"{p.name} ({p.domain.name})") for p in binding_selectors.pool_list(principal)[:500]]
+    return ApiKeyForm(data, domains=domains, mailboxes=boxes, pools=pools, initial={"permissions": ["messages:read"]})
 
 
 @console_view
@@ -310,6 +312,7 @@ def api_keys(request: HttpRequest, principal: Principal) -> HttpResponse:
                 permissions=data["permissions"],
                 domains=[tenant_selectors.domain_get(principal, _uuid(i)) for i in data["domains"]],
                 mailboxes=[mailbox_selectors.mailbox_get(principal, _uuid(i)) for i in data["mailboxes"]],
+                pools=[binding_selectors.pool_get(principal, _uuid(i)) for i in data["pools"]],
                 expires_at=timezone.now() + timedelta(days=days) if days else None,
                 ip_allowlist=[line.strip() for line in data["ip_allowlist"].splitlines() if line.strip()],
             )
