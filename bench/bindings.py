@@ -44,11 +44,18 @@ from bench.waiters import (  # noqa: E402
 PROVIDERS = [f"p{n}" for n in range(10)]
 
 
-def _line(label: str, samples: list[float]) -> str:
+def _line(label: str, samples: list[float], cpu: float | None = None) -> str:
+    spent = f", server CPU {cpu * 1000 / len(samples):.1f} ms a call" if cpu is not None else ""
     return (
         f"{label}: p50 {percentile(samples, 0.5):.1f} ms, p95 {percentile(samples, 0.95):.1f} ms, "
-        f"max {max(samples):.1f} ms ({len(samples)} calls)"
+        f"max {max(samples):.1f} ms ({len(samples)} calls{spent})"
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (the server's own work, whatever the load)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(options: argparse.Namespace) -> None:
@@ -140,10 +147,17 @@ async def run(options: argparse.Namespace) -> None:
 
     def service_times() -> tuple[list[float], list[float]]:
         """binding_link_or_create without HTTP, DRF or the ASGI thread hop (queries and commits)."""
+        from django.test.utils import CaptureQueriesContext
+
         from mailboxes.bindings.services import binding_link_or_create
 
         pool = MailboxPool.objects.select_related("domain").get()
         principal = Principal.system(pool.tenant)
+        for label, account, provider in (("existing", "acct-1", PROVIDERS[0]), ("new", "counted-0", PROVIDERS[-1])):
+            with CaptureQueriesContext(db_connection) as queries:
+                binding_link_or_create(principal=principal, pool=pool, account_ref=account, provider=provider)
+            statements = [q["sql"] for q in queries.captured_queries if q["sql"] not in {"BEGIN", "COMMIT"}]
+            print(f"the service alone, {label} account: {len(statements)} statements")
         existing, new = [], []
         for number in random.sample(range(options.bindings), options.calls):
             began = time.perf_counter()
@@ -178,13 +192,16 @@ async def run(options: argparse.Namespace) -> None:
                     "/api/v1/bindings/link-or-create",
                     json={"account_ref": "acct-0", "provider": PROVIDERS[0], "pool": pool_id},
                 )
+            pid = web.process.pid
             floor = []
+            cpu = cpu_seconds(pid)
             for _ in range(options.calls):
                 began = time.perf_counter()
                 await client.get("/api/v1/tenant/")
                 floor.append((time.perf_counter() - began) * 1000)
-            print(_line("floor: GET /api/v1/tenant/ (authentication and DRF alone)", floor))
+            print(_line("floor: GET /api/v1/tenant/ (authentication and DRF alone)", floor, cpu_seconds(pid) - cpu))
             existing, new = [], []
+            cpu = cpu_seconds(pid)
             for number in random.sample(range(options.bindings), options.calls):
                 body = {
                     "account_ref": f"acct-{number}",
@@ -195,19 +212,20 @@ async def run(options: argparse.Namespace) -> None:
                 response = await client.post("/api/v1/bindings/link-or-create", json=body)
                 existing.append((time.perf_counter() - began) * 1000)
                 assert response.status_code == 200, response.text
+            existing_cpu, cpu = cpu_seconds(pid) - cpu, cpu_seconds(pid)
             for number in range(options.calls):
                 body = {"account_ref": f"new-{number}", "provider": PROVIDERS[-1 - number % 5], "pool": pool_id}
                 began = time.perf_counter()
                 response = await client.post("/api/v1/bindings/link-or-create", json=body)
                 new.append((time.perf_counter() - began) * 1000)
                 assert response.status_code == 201, response.text
-        print(_line("link-or-create, existing account", existing))
-        print(_line("link-or-create, new account (allocates)", new))
+            new_cpu = cpu_seconds(pid) - cpu
+        print(_line("link-or-create, existing account", existing, existing_cpu))
+        print(_line("link-or-create, new account (allocates)", new, new_cpu))
         in_process = await sync_to_async(service_times)()
         print(_line("the service alone, in this process: existing account", in_process[0]))
         print(_line("the service alone, in this process: new account", in_process[1]))
 
-        pid = web.process.pid
         answered: dict[int, float] = {}
         tasks = [
             asyncio.create_task(waiter(port, f"/api/v1/links/{link}/codes/latest/?wait=300", key, answered, n))
