@@ -14,7 +14,17 @@ throwaway Dovecot (ingest/tests/dovecot.py) with ``--accounts`` users, then:
 3. starts a real Celery worker (``--workers`` processes, every queue) and appends messages
    (``doveadm save``) at ``--rate`` a second across random accounts for ``--seconds``; each
    message's subject carries a token, and the latency is from the end of its ``doveadm save``
-   to the ``indexer.indexed`` event of the Message parsed from it: p50 / p95 / max.
+   to the ``indexer.indexed`` event of the Message parsed from it: p50 / p95 / max, split into
+   APPEND → spooled (Dovecot tells the IDLE session, the runner fetches and writes the spool
+   entry: ``Message.received_at`` is the spool write), spooled → ``ingest.received`` (the
+   runner's drain: blob PUT, rows, events) and ``ingest.received`` → ``indexer.indexed`` (the
+   Celery parse and index). The CPU seconds the runner, Dovecot's processes and the worker
+   spent while the messages came in are printed per message; ``--py-spy FILE`` records the
+   runner meanwhile (``py-spy record``, collapsed stacks) and prints where its time went.
+
+Dovecot learns of new mail through inotify, one instance per IDLE session: the harness raises
+``fs.inotify.max_user_instances`` to cover the sessions (as root) and prints what it is; below
+that Dovecot polls every ``--idle-check`` seconds.
 
 The machine's other load is printed with the figures (the runner, Dovecot, PostgreSQL and the
 worker share its cores). The database and Dovecot's folder are removed at the end.
@@ -25,11 +35,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,6 +52,36 @@ from bench.waiters import percentile, rss_mib, scratch_database, scratch_databas
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(parent: int) -> float:
+    """CPU time of ``parent``'s live children plus what its finished children used."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()
+    return total + (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def profile_summary(path: Path, top: int = 25) -> list[str]:
+    """py-spy's collapsed stacks: the share of samples in which each function appears."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        samples = int(number)
+        total += samples
+        for frame in set(stack.split(";")):
+            counts[frame] = counts.get(frame, 0) + samples
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    return [f"{count * 100 / max(total, 1):5.1f} %  {frame}" for frame, count in ranked]
 
 
 def settle(pid: int, *, quiet: float = 0.05, minimum: float = 3.0, limit: float = 120.0) -> None:
@@ -84,6 +126,10 @@ def run(options: argparse.Namespace) -> None:
     )
     runner = worker = None
     try:
+        print(
+            f"fs.inotify.max_user_instances {dovecot.inotify_instances}, "
+            f"Dovecot mailbox_idle_check_interval {dovecot.idle_check} s"
+        )
         accounts = [dovecot.account_new() for _ in range(options.accounts)]
         env = env_with(LOG_LEVEL="WARNING")
         runner = ChildProcess(
@@ -171,6 +217,20 @@ def run(options: argparse.Namespace) -> None:
                 saved[token] = time.time()
 
         total = int(options.rate * options.seconds)
+        profiler = None
+        if options.py_spy:
+            profiler = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--format", "raw",
+                    "--rate", "200", "--nonblocking", "--output", options.py_spy,
+                    "--duration", str(int(options.seconds) + 5),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1)
+        cpu = {"runner": cpu_seconds(pid), "dovecot": children_cpu_seconds(dovecot.process.pid),
+               "worker": children_cpu_seconds(worker.process.pid) + cpu_seconds(worker.process.pid)}  # fmt: skip
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=8) as pool:
             for number in range(total):
@@ -189,19 +249,34 @@ def run(options: argparse.Namespace) -> None:
             if len(indexed) >= total - len(failures):
                 break
             time.sleep(1)
+        used = {
+            "runner": cpu_seconds(pid) - cpu["runner"],
+            "dovecot": children_cpu_seconds(dovecot.process.pid) - cpu["dovecot"],
+            "worker": children_cpu_seconds(worker.process.pid) + cpu_seconds(worker.process.pid) - cpu["worker"],
+        }
+        if profiler is not None:
+            profiler.wait(60)
         subjects: dict[object, str] = dict(Message.objects.filter(mailbox=mailbox).values_list("pk", "subject"))
         received = dict(
             Event.objects.filter(type="ingest.received", mailbox_id=mailbox.pk).values_list("message_id", "timestamp")
         )
+        spooled: dict[object, Any] = dict(Message.objects.filter(mailbox=mailbox).values_list("pk", "received_at"))
         stored = [
             stamp.timestamp() - saved[subjects[message_id]]
             for message_id, stamp in received.items()
             if subjects.get(message_id, "") in saved
         ]
+        to_spool: list[float] = []
+        spool_to_received: list[float] = []
+        received_to_indexed: list[float] = []
         for message_id, stamp in indexed.items():
             token = subjects.get(message_id, "")
             if token in saved:
                 latencies.append(stamp.timestamp() - saved[token])
+                to_spool.append(spooled[message_id].timestamp() - saved[token])
+                if message_id in received:
+                    spool_to_received.append(received[message_id].timestamp() - spooled[message_id].timestamp())
+                    received_to_indexed.append(stamp.timestamp() - received[message_id].timestamp())
         duplicates = Message.objects.filter(mailbox=mailbox).count() - len(set(subjects.values()))
         print(f"one runconnectors process, {options.accounts} IDLE accounts on a local Dovecot (plaintext, loopback)")
         print(f"all idle {connected_after:.1f} s after the last {options.accounts - warm} connectors were created")
@@ -218,11 +293,26 @@ def run(options: argparse.Namespace) -> None:
             if latencies
             else f"{total} appended, none indexed"
         )
-        if stored:
-            print(
-                f"APPEND to ingest.received (fetched, spooled, stored: the runner's part): "
-                f"p50 {percentile(stored, 0.5):.2f} s, p95 {percentile(stored, 0.95):.2f} s, max {max(stored):.2f} s"
-            )
+        for label, samples in (
+            ("APPEND to ingest.received (fetched, spooled, drained: the runner's part)", stored),
+            ("  APPEND to spooled (Dovecot's notice, the runner's fetch and spool write)", to_spool),
+            ("  spooled to ingest.received (the runner's drain: blob, rows, events)", spool_to_received),
+            ("ingest.received to indexer.indexed (Celery parse and index)", received_to_indexed),
+        ):
+            if samples:
+                print(
+                    f"{label}: p50 {percentile(samples, 0.5):.2f} s, p95 {percentile(samples, 0.95):.2f} s, "
+                    f"max {max(samples):.2f} s"
+                )
+        count = max(1, len(latencies))
+        shares = [
+            f"{name} {seconds:.1f} s ({seconds * 1000 / count:.0f} ms a message)" for name, seconds in used.items()
+        ]
+        print("CPU while the messages came in: " + ", ".join(shares))
+        if options.py_spy and Path(options.py_spy).exists():
+            print(f"runner profile (py-spy, {options.py_spy}), share of samples per function:")
+            for line in profile_summary(Path(options.py_spy)):
+                print("   ", line)
         print(f"load average {os.getloadavg()}, {os.cpu_count()} cores")
     finally:
         for child in (worker, runner):
@@ -240,10 +330,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--stagger", type=int, default=10, help="CONNECTOR_STARTUP_STAGGER of the runner")
     parser.add_argument(
-        "--idle-check", type=int, default=1,
-        help="Dovecot's mailbox_idle_check_interval: how often a session looks for new mail once "
-        "inotify instances (fs.inotify.max_user_instances) run out",
+        "--idle-check", type=int, default=None,
+        help="Dovecot's mailbox_idle_check_interval (default: 30 s when inotify covers every session, "
+        "else 1 s: past fs.inotify.max_user_instances Dovecot polls instead of being told)",
     )  # fmt: skip
+    parser.add_argument("--py-spy", default="", metavar="FILE", help="record the runner with py-spy into FILE")
     parser.add_argument("--database", default="mp_h1_bench_imap")
     parser.add_argument("--broker", default=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1"))
     run(parser.parse_args())

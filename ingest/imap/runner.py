@@ -95,6 +95,7 @@ class Runner:
         self.first_round = True
         self.connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
         self.trim_due: float | None = None
+        self.rounds = 0  # lease rounds done (tests wait for rounds instead of sleeping)
 
     async def db(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -189,6 +190,7 @@ class Runner:
                     await self.round()
                 except Exception as exc:  # the database may be away: keep the sessions, retry
                     logger.warning("connector runner round failed: %s: %s", type(exc).__name__, exc)
+                self.rounds += 1
                 if loop.time() - last_sweep > SPOOL_SWEEP_SECONDS:
                     last_sweep = loop.time()
                     with contextlib.suppress(Exception):

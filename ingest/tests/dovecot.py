@@ -118,6 +118,31 @@ class TokenServer:
 
 
 # --- Dovecot -----------------------------------------------------------------------------
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+def inotify_instances_ensure(wanted: int) -> int:
+    """At least ``wanted`` inotify instances per user, raised when we may (root); the limit now.
+
+    Every Dovecot ``imap`` process in IDLE holds one instance (all of them run as the
+    ``dovecot`` user). Past the limit (128 on many hosts) Dovecot logs "Inotify instance limit
+    ... exceeded, disabling" and looks at the maildir every ``mailbox_idle_check_interval``
+    instead of being told at once: new mail waits for that round, and a thousand sessions
+    looking every second cost the machine's CPU. The sysctl is only ever raised, never lowered.
+    """
+    try:
+        current = int(INOTIFY_INSTANCES.read_text())
+    except (OSError, ValueError):
+        return 0
+    if current < wanted:
+        try:
+            INOTIFY_INSTANCES.write_text(f"{wanted}\n")
+            current = int(INOTIFY_INSTANCES.read_text())
+        except OSError:  # not root, or a read-only /proc/sys in a container
+            pass
+    return current
+
+
 @dataclass
 class Account:
     server: Dovecot
@@ -158,6 +183,8 @@ class Dovecot:
     certificate: Path | None = None  # self-signed, for 127.0.0.1: the CA file that trusts it
     users: list[tuple[str, str]] = field(default_factory=list)
     accounts: int = 0
+    inotify_instances: int = 0  # fs.inotify.max_user_instances when it started
+    idle_check: int = 30  # mailbox_idle_check_interval, seconds
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -243,7 +270,7 @@ def start_dovecot(
     oauth: bool = True,
     accounts: int = 50,
     max_connections: int = 100,
-    idle_check: int = 30,
+    idle_check: int | None = None,
     tls: bool = False,
 ) -> Dovecot:
     """Dovecot on a free port; ``idle=False`` leaves IDLE out of its capabilities (polling tests).
@@ -252,12 +279,18 @@ def start_dovecot(
     ``Dovecot.tls_port`` and STARTTLS offered on the plain port; otherwise no TLS at all
     (STARTTLS not offered).
 
-    Each IDLE session learns of new mail through inotify; past ``fs.inotify.max_user_instances``
-    (128 on many hosts) sessions, Dovecot falls back to looking every ``idle_check`` seconds
-    (``mailbox_idle_check_interval``), which the benchmark lowers for its 1,000 sessions.
+    Each IDLE session learns of new mail through inotify: the limit of instances is raised
+    to cover ``max_connections`` sessions where we may (:func:`inotify_instances_ensure`,
+    ``Dovecot.inotify_instances`` says what it is). ``idle_check`` is
+    ``mailbox_idle_check_interval``, the seconds between Dovecot's own looks at the folder of
+    an IDLE session; by default 30 (Dovecot's default) when inotify covers every session,
+    1 when it cannot (then every look past the limit is a poll, and new mail waits for it).
     """
     if not Path(DOVECOT).exists():
         raise RuntimeError(f"{DOVECOT} is missing: run `make test-tools` (scripts/install-test-servers.sh)")
+    inotify = inotify_instances_ensure(max_connections + 256)  # other Dovecots run meanwhile
+    if idle_check is None:
+        idle_check = 30 if inotify >= max_connections + 256 else 1
     mail_user = pwd.getpwnam("dovecot")
     # Not under pytest's 0700 tmp folder: the mail processes run as the dovecot user.
     home = Path(tempfile.mkdtemp(prefix="mp-dovecot-"))
@@ -299,6 +332,7 @@ default_internal_user = root
 default_internal_group = root
 default_login_user = dovenull
 {ssl_settings}disable_plaintext_auth = no
+auth_failure_delay = 0
 auth_mechanisms = plain login xoauth2 oauthbearer
 mail_location = maildir:~/Maildir
 mail_uid = {mail_user.pw_uid}
@@ -348,8 +382,9 @@ default_process_limit = {max(100, max_connections)}
         stdin=subprocess.DEVNULL,
     )
     server = Dovecot(
-        home=home, port=port, process=process, tokens=tokens, users=users, tls_port=tls_port, certificate=certificate
-    )
+        home=home, port=port, process=process, tokens=tokens, users=users, tls_port=tls_port, certificate=certificate,
+        inotify_instances=inotify, idle_check=idle_check,
+    )  # fmt: skip
     try:
         wait_for_port("127.0.0.1", port, timeout=20)
         if tls_port:

@@ -27,7 +27,7 @@ def runconnectors(live_env: dict[str, str], tmp_path: Any) -> Iterator[Callable[
     """A factory of ``manage.py runconnectors`` processes on the test database."""
     started: list[ChildProcess] = []
 
-    def start(node: str) -> ChildProcess:
+    def start(node: str, *, wait: bool = True) -> ChildProcess:
         env = {
             **live_env,
             "SPOOL_DIR": str(tmp_path / f"spool-{node}"),
@@ -40,7 +40,8 @@ def runconnectors(live_env: dict[str, str], tmp_path: Any) -> Iterator[Callable[
         }
         process = ChildProcess([sys.executable, "manage.py", "runconnectors", "--node", node], env=env, cwd=ROOT)
         started.append(process)
-        process.wait_for_line("runconnectors ready", timeout=30)
+        if wait:  # else the caller waits (two runners then start side by side)
+            process.wait_for_line("runconnectors ready", timeout=30)
         return process
 
     yield start
@@ -76,8 +77,9 @@ def test_it_indexes_mail_appended_on_the_server_within_three_seconds(
 def test_it_shares_accounts_between_two_runners_and_takes_over_after_kill_9(world, dovecot, runconnectors):
     accounts = [dovecot.account_new() for _ in range(6)]
     connectors = [connector_for(world, dovecot, account) for account in accounts]
-    first = runconnectors("alpha")
-    second = runconnectors("beta")
+    first, second = runconnectors("alpha", wait=False), runconnectors("beta", wait=False)
+    for process in (first, second):
+        process.wait_for_line("runconnectors ready", timeout=30)
 
     def all_idle() -> bool:
         return Connector.objects.filter(pk__in=[c.pk for c in connectors], state=Connector.State.IDLE).count() == 6
