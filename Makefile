@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist workers (each with its own database, broker and DATA_DIR:
+# tests/pytest_workers.py); one file's tests stay on one worker, so module fixtures start once.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-tools lint format services install install-dev clean
 
@@ -14,7 +17,7 @@ run: $(RUN_STAMP)
 	$(BIN)/python scripts/run.py
 
 test: $(DEV_STAMP) services test-tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p tests.pytest_workers -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 # Real peers the tests talk to: an OpenID provider (Node's oidc-provider) for SSO, Debian's Chromium for the
 # browser tests, and Debian's Dovecot, clamd, Postfix, NSD, pgbouncer and mail clients (scripts/install-test-servers.sh).
