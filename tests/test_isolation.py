@@ -151,6 +151,7 @@ ROUTES: dict[str, Route] = {
     ),
     "dkim-key-list": Route(kwargs=lambda w: {"domain_id": w.domain.pk}, body=lambda w: {"algorithm": "ed25519"}),
     "dkim-key-detail": Route(kwargs=outbound_walks.dkim_key_kwargs),
+    "domain-sending": Route(kwargs=lambda w: {"domain_id": w.domain.pk}, body=lambda w: {"any_local_part": True}),
     "dkim-key-verify": Route(kwargs=outbound_walks.dkim_key_kwargs),
     "suppression-list": Route(body=lambda w: {"address": "someone@remote.example.org"}),
     "suppression-detail": Route(kwargs=lambda w: {"pk": outbound_walks.suppression(w).pk}),
