@@ -190,7 +190,9 @@ WRITES: dict[tuple[str, str], Write] = {
     ("dkim-key-detail", "DELETE"): Write(kwargs=outbound_walks.dkim_key_kwargs, action="dkim_key.delete"),
     ("dkim-key-verify", "POST"): Write(kwargs=outbound_walks.dkim_key_kwargs, action="dkim_key.verify"),
     ("domain-sending", "PUT"): Write(
-        kwargs=lambda w: {"domain_id": w.domain.pk}, body=lambda w: {"any_local_part": True}, action="domain.sending_update"
+        kwargs=lambda w: {"domain_id": w.domain.pk},
+        body=lambda w: {"any_local_part": True},
+        action="domain.sending_update",
     ),
     ("suppression-list", "POST"): Write(
         body=lambda w: {"address": "someone@remote.example.org"}, action="suppression.create"
