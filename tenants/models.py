@@ -218,8 +218,9 @@ class ApiKey(models.Model):
 
     Permissions are a list of names from ``tenants.access.Permission``. The resource
     allow-list is the union of ``allowed_domains``, ``allowed_mailboxes`` and ``allowed_pools``;
-    all empty means the whole tenant. ``allowed_mailboxes`` names ``mailboxes.Mailbox`` by label, as
-    audit does with Tenant, so this app never imports the one above it.
+    a key minted with all three empty is for the whole tenant (``scoped`` false).
+    ``allowed_mailboxes`` names ``mailboxes.Mailbox`` by label, as audit does with Tenant, so
+    this app never imports the one above it.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -232,6 +233,9 @@ class ApiKey(models.Model):
     allowed_domains = models.ManyToManyField(Domain, blank=True, related_name="+")
     allowed_mailboxes = models.ManyToManyField("mailboxes.Mailbox", blank=True, related_name="+")
     allowed_pools = models.ManyToManyField("mailboxes.MailboxPool", blank=True, related_name="+")
+    # Minted with an allow-list. Deleting a granted resource deletes its row of the list; a
+    # key whose list has emptied that way reaches nothing, never the whole tenant.
+    scoped = models.BooleanField(default=False, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

@@ -370,6 +370,7 @@ def api_key_mint(
         created_by=created_by or principal.user,
         ip_allowlist=allowlist,
         parent=parent,
+        scoped=bool(domains or mailboxes or pools),
     )
     api_key.full_clean()
     with transaction.atomic():
@@ -483,7 +484,8 @@ def api_key_authenticate(*, secret: str, ip: str | None) -> ApiKey:
 
     if not keys.is_well_formed(secret):
         raise KeyRejected("invalid_api_key", "The API key is not valid.")
-    candidates = ApiKey.objects.select_related("tenant").filter(prefix=keys.lookup_prefix(secret))
+    # No ORDER BY (the model orders by created_at): one prefix, nearly always one row.
+    candidates = ApiKey.objects.select_related("tenant").filter(prefix=keys.lookup_prefix(secret)).order_by()
     api_key = next((key for key in candidates if keys.matches(secret, key.secret_hash)), None)
     if api_key is None:
         raise KeyRejected("invalid_api_key", "The API key is not valid.")

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from audit.models import AuditEntry
 from tenants import keys
+from tenants.access import grants_forget
 from tenants.models import ApiKey
 
 
@@ -261,3 +262,17 @@ def test_it_gives_a_scoped_parents_child_the_parents_resources_when_none_are_ask
     assert response.json()["mailboxes"] == [str(world.mailbox.pk)]
     outside = mint(world.client(generated.secret), name="wider", mailboxes=[str(world.sibling.pk)])
     assert outside.status_code == 400
+
+
+def test_a_key_scoped_to_deleted_resources_reaches_nothing_rather_than_the_whole_tenant(world):
+    scoped = world.key(["messages:read", "mailboxes:manage"], mailboxes=[world.sibling], name="one mailbox")
+    client = world.client(scoped)
+    assert [row["id"] for row in client.get("/api/v1/mailboxes/").json()["results"]] == [str(world.sibling.pk)]
+    owner = world.client(world.key())
+    assert owner.delete(f"/api/v1/mailboxes/{world.sibling.pk}/").status_code == 204
+    grants_forget()  # as another process, or this one a minute later, knows it
+    listed = client.get("/api/v1/mailboxes/")
+    assert listed.status_code == 200
+    assert listed.json()["results"] == []
+    assert client.get(f"/api/v1/mailboxes/{world.mailbox.pk}/").status_code == 404
+    assert client.get("/api/v1/messages/").json()["results"] == []
