@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -127,7 +128,8 @@ class Principal:
     @classmethod
     def for_api_key(cls, api_key: ApiKey) -> Principal:
         domain_ids, mailbox_rows, pool_ids = _grants(api_key)
-        scoped = bool(domain_ids or mailbox_rows or pool_ids)
+        # A key minted with an allow-list stays scoped when every resource on it is gone.
+        scoped = api_key.scoped or bool(domain_ids or mailbox_rows or pool_ids)
         # A minted key is never wider than the keys above it, whatever happened since.
         chain = api_key.ancestors()
         permissions = frozenset(api_key.permissions).intersection(*(key.permissions for key in chain))
@@ -258,9 +260,39 @@ def principal_ensure_usable(principal: Principal, ip: str | None) -> None:
         raise IpNotAllowed(principal, ip)
 
 
-def _grants(api_key: ApiKey) -> tuple[frozenset[UUID], list[tuple[UUID, UUID]], frozenset[UUID]]:
+Grants = tuple[frozenset[UUID], list[tuple[UUID, UUID]], frozenset[UUID]]
+# A key's allow-list is written once, in the transaction that mints it, and only shrinks
+# afterwards (a granted resource deleted deletes its row): each process keeps the answer a
+# minute, so most requests ask the database for the key alone. A deleted resource's id in a
+# kept answer names nothing; the minute bounds how long its domain stays visible to the key.
+GRANTS_TTL = 60.0
+_GRANTS_KEPT = 10_000
+_grants_kept: dict[UUID, tuple[float, Grants]] = {}
+
+
+def _grants(api_key: ApiKey) -> Grants:
     """The key's resource allow-list: domain ids, (mailbox id, its domain id) and pool ids, in
-    one query (every API request asks it)."""
+    one query (every API request needs it), kept for GRANTS_TTL seconds."""
+    now = time.monotonic()
+    kept = _grants_kept.get(api_key.pk)
+    if kept is not None and now - kept[0] < GRANTS_TTL:
+        return kept[1]
+    grants = _grants_query(api_key)
+    if len(_grants_kept) >= _GRANTS_KEPT:
+        _grants_kept.clear()
+    _grants_kept[api_key.pk] = (now, grants)
+    return grants
+
+
+def grants_forget(api_key_id: Any = None) -> None:
+    """Drop what this process keeps of one key's allow-list (all keys' without an id)."""
+    if api_key_id is None:
+        _grants_kept.clear()
+    else:
+        _grants_kept.pop(api_key_id, None)
+
+
+def _grants_query(api_key: ApiKey) -> Grants:
     from django.db.models import CharField, UUIDField, Value
 
     def rows(through: Any, kind: str, column: str, domain: Any) -> QuerySet[Any]:
