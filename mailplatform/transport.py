@@ -9,6 +9,12 @@ answer cannot swap in an internal address (DNS rebinding). Only ports 80/443 plu
 policy's extra ports; redirects are never followed (RFC 9110 section 15.4 leaves that to the
 client); the whole exchange has one deadline and the body a size limit.
 
+A caller that sends many requests to the same hosts (webhooks) may pass a
+:class:`ConnectionPool`: a connection is kept open after a response read to its end (HTTP/1.1
+persistence, RFC 9112 section 9.3) and reused only for a request whose freshly checked target
+has the same scheme, host, port, policy and **pinned address**, so a pooled connection never
+reaches an address the check of this request did not allow.
+
 Each caller brings a :class:`Policy`: webhooks build theirs from the ``WEBHOOK_*`` settings
 (webhooks/transport.py), everything else uses :meth:`Policy.outbound` (``OUTBOUND_*``).
 ``allow_private`` (development and tests) lifts the address and port rules.
@@ -19,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import ipaddress
+import os
+import select
 import socket
 import ssl
 import threading
@@ -204,6 +212,88 @@ def _ssl_context(policy: Policy) -> ssl.SSLContext:
     return context
 
 
+def _connection_new(target: Target, policy: Policy, timeout: float) -> http.client.HTTPConnection:
+    if target.scheme == "https":
+        return _PinnedHTTPSConnection(target, timeout, _ssl_context(policy))
+    return http.client.HTTPConnection(target.address, target.port, timeout=timeout)
+
+
+_PoolKey = tuple[str, str, int, str, Policy]
+
+
+def _pool_key(target: Target, policy: Policy) -> _PoolKey:
+    """What a pooled connection must share with a request to be reused for it: the pinned
+    address above all (the host name alone could now resolve elsewhere)."""
+    return (target.scheme, target.host, target.port, target.address, policy)
+
+
+class ConnectionPool:
+    """Idle HTTP/1.1 connections kept for reuse, by :func:`_pool_key`; thread-safe.
+
+    A connection goes back only after a response read to its end that did not ask to close,
+    within its deadline; it is dropped after ``idle`` seconds unused, or when the server has
+    closed it meanwhile (the socket reads as ready: EOF or bytes nobody asked for).
+    """
+
+    def __init__(self, *, idle: float = 4.0, per_key: int = 8, total: int = 256) -> None:
+        self.idle, self.per_key, self.total = idle, per_key, total
+        self._idle: dict[_PoolKey, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        # A forked worker must not share its parent's sockets (nor a lock held at the fork).
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._idle, self._count, self._lock = {}, 0, threading.Lock()
+
+    def take(self, key: _PoolKey) -> http.client.HTTPConnection | None:
+        """An idle connection for ``key`` that still looks open, or None."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                entries = self._idle.get(key)
+                if not entries:
+                    return None
+                since, connection = entries.pop()
+                self._count -= 1
+            if now - since <= self.idle and connection.sock is not None and not _readable(connection.sock):
+                return connection
+            connection.close()
+
+    def give(self, key: _PoolKey, connection: http.client.HTTPConnection) -> None:
+        """Keep ``connection`` for the next request to ``key`` (closed when the pool is full)."""
+        with self._lock:
+            entries = self._idle.setdefault(key, [])
+            if len(entries) < self.per_key and self._count < self.total:
+                entries.append((time.monotonic(), connection))
+                self._count += 1
+                return
+        connection.close()
+
+    def clear(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            entries = [connection for idle in self._idle.values() for _, connection in idle]
+            self._idle.clear()
+            self._count = 0
+        for connection in entries:
+            connection.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether an idle socket has something to read: the peer closed it (or misbehaves)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+# The peer closed a kept-alive connection before answering (a race with its idle timeout):
+# the request never reached the application, so it goes once more on a new connection.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 def request(
     target: Target,
     *,
@@ -214,18 +304,61 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     truncate: bool = False,
+    pool: ConnectionPool | None = None,
 ) -> Response:
     """One request to the pinned address, all of it within ``timeout`` seconds.
 
     Redirects are returned, never followed. A body longer than ``body_limit`` is cut there
     with ``truncate`` (a webhook receiver's answer is only kept for the record), and raises
-    TransportError otherwise (a document we parse must be whole).
+    TransportError otherwise (a document we parse must be whole). With ``pool``, a kept-alive
+    connection to the same pinned address is reused and this one kept after a whole response.
     """
-    connection: http.client.HTTPConnection
-    if target.scheme == "https":
-        connection = _PinnedHTTPSConnection(target, timeout, _ssl_context(policy))
-    else:
-        connection = http.client.HTTPConnection(target.address, target.port, timeout=timeout)
+    started = time.monotonic()
+    key = _pool_key(target, policy)
+    reused = pool.take(key) if pool is not None else None
+    if reused is not None:
+        try:
+            return _exchange(
+                reused, target, method, timeout, body_limit, body, headers, truncate, pool, key, reuse=True
+            )
+        except _StaleConnection:
+            timeout = max(0.1, timeout - (time.monotonic() - started))
+    return _exchange(
+        _connection_new(target, policy, timeout),
+        target,
+        method,
+        timeout,
+        body_limit,
+        body,
+        headers,
+        truncate,
+        pool,
+        key,
+        reuse=False,
+    )
+
+
+class _StaleConnection(Exception):
+    """A reused connection turned out closed before any answer (retried on a new one)."""
+
+
+def _exchange(
+    connection: http.client.HTTPConnection,
+    target: Target,
+    method: str,
+    timeout: float,
+    body_limit: int,
+    body: bytes | None,
+    headers: dict[str, str] | None,
+    truncate: bool,
+    pool: ConnectionPool | None,
+    key: _PoolKey,
+    *,
+    reuse: bool,
+) -> Response:
+    if reuse and connection.sock is not None:
+        connection.timeout = timeout
+        connection.sock.settimeout(timeout)
     # Socket timeouts bound each read, not the exchange: a server trickling one byte at a
     # time would never trip them. The watchdog ends the connection at the deadline.
     expired = threading.Event()
@@ -239,9 +372,15 @@ def request(
     watchdog = threading.Timer(timeout, _expire)
     watchdog.daemon = True
     watchdog.start()
+    keep = False
     try:
-        connection.request(method, target.path, body=body, headers={**(headers or {}), "Host": target.host_header})
-        raw = connection.getresponse()
+        try:
+            connection.request(method, target.path, body=body, headers={**(headers or {}), "Host": target.host_header})
+            raw = connection.getresponse()
+        except _STALE:
+            if reuse and not expired.is_set():
+                raise _StaleConnection from None
+            raise
         declared = raw.getheader("content-length")
         if not truncate and declared and declared.isdigit() and int(declared) > body_limit:
             raise TransportError(f"response larger than {body_limit} bytes")
@@ -260,12 +399,17 @@ def request(
             if not truncate:
                 raise TransportError(f"response larger than {body_limit} bytes")
             content = content[:body_limit]
+        if pool is not None and size <= body_limit and not raw.isclosed() and raw.length == 0:
+            raw.read()  # the declared length is read: this ends the response (read1 never does)
+        # Kept only when the response was read to its end (nothing of it left on the wire)
+        # and neither side asked to close (RFC 9112 section 9.6).
+        keep = pool is not None and size <= body_limit and raw.isclosed() and not raw.will_close
         return Response(
             status=raw.status,
             headers={name.lower(): value for name, value in raw.getheaders()},
             body=content,
         )
-    except TransportError:
+    except (TransportError, _StaleConnection):
         raise
     except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
         if expired.is_set() or isinstance(exc, TimeoutError | socket.timeout):
@@ -273,7 +417,10 @@ def request(
         raise TransportError(f"{type(exc).__name__}: {exc}"[:300]) from None
     finally:
         watchdog.cancel()
-        connection.close()
+        if keep and pool is not None and not expired.is_set():
+            pool.give(key, connection)
+        else:
+            connection.close()
 
 
 def fetch(

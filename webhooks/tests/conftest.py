@@ -37,13 +37,15 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
     delay: float = 0.0
+    hang_up: bool = False  # keep-alive receivers: close after this answer without saying so
 
 
 class Receiver:
     """A threaded HTTP server that records every request and answers from a script."""
 
-    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, keep_alive: bool = False) -> None:
         self.received: list[Received] = []
+        self.connections = 0  # TCP connections accepted
         self.script: deque[Scripted] = deque()
         self.condition = threading.Condition()
         self.host = host
@@ -51,6 +53,11 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver.condition:
+                    receiver.connections += 1
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -68,9 +75,12 @@ class Receiver:
                     for name, value in answer.headers.items():
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(answer.body)))
-                    self.send_header("Connection", "close")
+                    if not keep_alive:
+                        self.send_header("Connection", "close")
                     self.end_headers()
                     self.wfile.write(answer.body)
+                    if answer.hang_up:
+                        self.close_connection = True
                 except OSError:
                     pass  # the client gave up (timeout tests)
 
