@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Min, Q, QuerySet
 
-from audit.services import event_record
+from audit.services import EventSpec, events_record
 from webhooks import clock, metrics, services, transport
 from webhooks.models import Attempt, Delivery, Endpoint
 from webhooks.signing import signature_header
@@ -390,10 +390,15 @@ def _record(deliveries: list[Delivery], claim: str, outcomes: list[Outcome]) -> 
         recovered = {d.endpoint_id for d, _ in succeeded if d.endpoint.failing_since is not None}
         if recovered:
             Endpoint.objects.filter(pk__in=recovered).update(failing_since=None)
+        delivered: list[EventSpec] = []
         for delivery, outcome in succeeded:
             delivery.state = Delivery.State.DELIVERED
             if not delivery.event.type.startswith(services.WEBHOOK_EVENT_PREFIX):
-                _event(delivery, "webhook.delivered", status=outcome.status, attempts=delivery.attempts)
+                delivered.append(
+                    _event_spec(delivery, "webhook.delivered", status=outcome.status, attempts=delivery.attempts)
+                )
+        # One INSERT (and one fan-out) for the batch's webhook.delivered events, in its order.
+        events_record(delivered)
         if succeeded:
             metrics.DELIVERIES.labels(outcome="delivered").inc(len(succeeded))
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
@@ -439,9 +444,9 @@ def _record_failure(delivery: Delivery, claim: str, outcome: Outcome, now: datet
         )
 
 
-def _event(delivery: Delivery, type: str, **data: object) -> None:
+def _event_spec(delivery: Delivery, type: str, **data: object) -> EventSpec:
     event = delivery.event
-    event_record(
+    return EventSpec(
         tenant_id=delivery.tenant_id,
         type=type,
         trace_id=event.trace_id,
@@ -453,3 +458,7 @@ def _event(delivery: Delivery, type: str, **data: object) -> None:
             **data,
         },
     )
+
+
+def _event(delivery: Delivery, type: str, **data: object) -> None:
+    events_record([_event_spec(delivery, type, **data)])
