@@ -36,6 +36,7 @@ STUCK_AFTER = timedelta(minutes=2)
 # enqueued again then, so a queue that never empties still cannot hide a lost one for long.
 STUCK_BEHIND_BACKLOG_AFTER = timedelta(minutes=30)
 BATCH = 500
+REQUEUE_BATCH = 32  # stored messages a re-enqueued parse task takes (as a drained spool batch)
 # A raw object written this recently may belong to a delivery whose row is not committed
 # yet (the drainer PUTs before it inserts), so it is never deleted.
 RECENT_BLOB = timedelta(hours=1)
@@ -54,41 +55,45 @@ def messages_stuck_requeue(
 ) -> dict[str, int]:
     """Re-enqueue ``stored``/``parsed`` messages untouched for ``older_than``; returns counts.
 
-    Only what no queued task holds: while the state's queue (``parse``, ``index``) still has
+    Only what no task holds: while the state's queue (``parse``, ``index``) still has
     messages waiting, a message may be one of them, so only those untouched for
-    ``behind_backlog_after`` are enqueued again. ``state_changed_at`` is bumped with a
-    conditional UPDATE, so the next sweep waits again and two sweepers never enqueue the same
-    message twice.
+    ``behind_backlog_after`` are enqueued again; and a row a worker is writing (locked) is
+    skipped (PostgreSQL ``SKIP LOCKED``). The sweep claims its messages with one locking
+    SELECT and one UPDATE bumping ``state_changed_at`` (so the next sweep waits again and two
+    sweepers never enqueue the same message twice), and sends stored ones as
+    ``messages_parse`` batches of :data:`REQUEUE_BATCH`, one broker message each.
     """
     from django.conf import settings
 
-    from mailboxes.tasks import message_index, message_parse
+    from mailboxes.tasks import message_index, messages_parse
+    from mailplatform.enqueue import TasksEnqueue
     from mailplatform.queues import queue_waiting
 
     now = timezone.now()
     counts = {}
-    for state, task in ((Message.State.STORED, message_parse), (Message.State.PARSED, message_index)):
+    for state, task in ((Message.State.STORED, messages_parse), (Message.State.PARSED, message_index)):
         queue = settings.CELERY_TASK_ROUTES[task.name]["queue"]
         waiting = queue_waiting(queue)
         cutoff = now - (behind_backlog_after if waiting else older_than)
         BACKLOG.labels(queue).set(-1 if waiting is None else waiting)
-        ids = list(
-            Message.objects.filter(state=state, state_changed_at__lt=cutoff)
-            .order_by("state_changed_at")
-            .values_list("pk", flat=True)[:limit]
-        )
-        claimed = []
-        for message_id in ids:
-            if Message.objects.filter(pk=message_id, state=state, state_changed_at__lt=cutoff).update(
-                state_changed_at=timezone.now()
-            ):
-                claimed.append(message_id)
-        for message_id in claimed:
-            try:
-                task.delay(str(message_id))
-            except Exception as exc:  # broker down: the next sweep tries again
-                logger.warning("re-enqueue of %s failed: %s", message_id, type(exc).__name__)
-                break
+        with transaction.atomic():
+            claimed = [
+                str(pk)
+                for pk in Message.objects.select_for_update(skip_locked=True)
+                .filter(state=state, state_changed_at__lt=cutoff)
+                .order_by("state_changed_at")
+                .values_list("pk", flat=True)[:limit]
+            ]
+            if claimed:
+                Message.objects.filter(pk__in=claimed, state=state).update(state_changed_at=timezone.now())
+        enqueue = TasksEnqueue(task)
+        if state == Message.State.STORED:
+            for start in range(0, len(claimed), REQUEUE_BATCH):
+                enqueue.add(claimed[start : start + REQUEUE_BATCH])
+        else:
+            for message_id in claimed:
+                enqueue.add(message_id)
+        enqueue()  # never raises: what it could not send is stored or parsed still, for the next sweep
         counts[str(state)] = len(claimed)
         SWEPT.labels(str(state)).set(len(claimed))
     return counts

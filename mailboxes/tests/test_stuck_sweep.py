@@ -36,8 +36,34 @@ def test_it_leaves_messages_whose_tasks_wait_in_the_broker_and_requeues_them_onc
 
     queue_purge("parse")  # the broker lost them (a restart without persistence)
     assert retention.messages_stuck_requeue()["stored"] == 5
-    assert queue_waiting("parse") == 5
+    assert queue_waiting("parse") == 1  # one batch task for the five
     assert retention.messages_stuck_requeue()["stored"] == 0  # bumped, and queued again
+
+
+def test_it_sends_stuck_messages_in_batches_and_the_batch_task_parses_them(world: Any, monkeypatch: Any) -> None:
+    from mailboxes.tasks import messages_parse
+
+    messages = _stuck(world, retention.REQUEUE_BATCH + 3)
+    sent: list[list[str]] = []
+    real = messages_parse.apply_async
+
+    def apply_async(args: Any = None, *rest: Any, **options: Any) -> Any:
+        sent.append(list(args[0]))
+        return real(args, *rest, **options)
+
+    monkeypatch.setattr(messages_parse, "apply_async", apply_async)
+    assert retention.messages_stuck_requeue()["stored"] == len(messages)
+    monkeypatch.undo()
+    assert [len(batch) for batch in sent] == [retention.REQUEUE_BATCH, 3]
+    assert sorted(pk for batch in sent for pk in batch) == sorted(str(message.pk) for message in messages)
+    assert queue_waiting("parse") == 2
+
+    queue_purge("parse")
+    for batch in sent:  # what a worker does with them
+        messages_parse.apply(args=(batch,))
+    assert set(Message.objects.filter(pk__in=[m.pk for m in messages]).values_list("state", flat=True)) == {
+        Message.State.INDEXED
+    }
 
 
 def test_it_requeues_a_message_stuck_for_long_even_behind_a_backlog(world: Any) -> None:
