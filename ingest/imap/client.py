@@ -29,6 +29,8 @@ _TAGGED = re.compile(rb"^(\S+) (OK|NO|BAD)\b ?(.*)$", re.IGNORECASE | re.DOTALL)
 _CODE = re.compile(rb"^\[([^\]]*)\]")
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
 _EXISTS = re.compile(rb"^\* (\d+) EXISTS", re.IGNORECASE)
+_EXPUNGE = re.compile(rb"^\* \d+ EXPUNGE", re.IGNORECASE)
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 
 
 class ImapError(Exception):
@@ -130,6 +132,22 @@ class ImapClient:
         # it with any response): mail that arrived while we were fetching. The server will
         # not announce it again in the next IDLE, so the caller looks again first.
         self.new_mail_seen = False
+        # The folder opened by the last EXAMINE and its message count as the server's
+        # untagged EXISTS / EXPUNGE answers keep it: a caller holding the folder's cursor
+        # may look for new UIDs without opening it again. None when nothing is open, or
+        # once the server announced another UIDVALIDITY (the old UIDs mean nothing).
+        self.selected: str | None = None
+        self.exists = 0
+
+    def _untagged_note(self, line: bytes) -> None:
+        """What an untagged line says about the open folder (RFC 3501 section 7.3, 7.4.1)."""
+        if match := _EXISTS.match(line):
+            self.exists = int(match.group(1))
+            self.new_mail_seen = True
+        elif _EXPUNGE.match(line):
+            self.exists = max(0, self.exists - 1)
+        elif line.startswith(b"* OK") and _UIDVALIDITY.search(line):
+            self.selected = None
 
     # --- lines ---------------------------------------------------------------------
     async def _readline(self, timeout: float | None = None) -> bytes:
@@ -212,8 +230,7 @@ class ImapClient:
                     literals.append((line, carried[-1]))
                 else:
                     untagged.append(line.rstrip(b"\r\n"))
-                    if _EXISTS.match(line):
-                        self.new_mail_seen = True
+                    self._untagged_note(line)
                 if line.upper().startswith(b"* BYE"):
                     pass  # the tagged answer (or the close) follows
                 continue
@@ -319,10 +336,12 @@ class ImapClient:
 
     async def examine(self, folder: str) -> FolderStatus:
         """Select ``folder`` read-only (EXAMINE): FETCH BODY.PEEK[] then changes nothing."""
+        self.selected = None
         response = await self.command(b"EXAMINE " + quote(folder))
         if response.status != "OK":
             raise ImapError(f"cannot open folder {folder!r}: {response.text[:200]}", code=response.code)
         self.new_mail_seen = False  # EXAMINE's own EXISTS is the folder's size, not news
+        self.selected = folder
         status = FolderStatus()
         for line in response.untagged:
             upper = line.upper()
@@ -332,6 +351,7 @@ class ImapClient:
                 status.uid_validity = int(re.search(rb"\[UIDVALIDITY (\d+)\]", upper).group(1))  # type: ignore[union-attr]
             elif b"[UIDNEXT " in upper:
                 status.uid_next = int(re.search(rb"\[UIDNEXT (\d+)\]", upper).group(1))  # type: ignore[union-attr]
+        self.exists = status.exists
         return status
 
     async def uid_search_from(self, first_uid: int) -> list[int]:
@@ -353,7 +373,16 @@ class ImapClient:
 
     async def uid_sizes(self, uids: list[int]) -> dict[int, int]:
         """RFC822.SIZE of each UID, to skip what is too large before downloading it."""
-        response = await self.ok(b"UID FETCH " + _uid_set(uids) + b" (UID RFC822.SIZE)")
+        return await self._sizes(_uid_set(uids))
+
+    async def uid_sizes_from(self, first_uid: int) -> dict[int, int]:
+        """RFC822.SIZE of every UID at or above ``first_uid``: new mail and its sizes in one
+        round trip (``UID FETCH n:*``; ``*`` alone may answer the last message, left out)."""
+        sizes = await self._sizes(b"%d:*" % first_uid)
+        return {uid: size for uid, size in sizes.items() if uid >= first_uid}
+
+    async def _sizes(self, uid_set: bytes) -> dict[int, int]:
+        response = await self.ok(b"UID FETCH " + uid_set + b" (UID RFC822.SIZE)")
         sizes: dict[int, int] = {}
         for line in response.untagged:
             uid = _FETCH_UID.search(line)
@@ -406,6 +435,7 @@ class ImapClient:
                     raise ImapConnectError("connection closed by the server during IDLE") from None
                 except OSError as exc:
                     raise ImapConnectError(f"connection lost: {type(exc).__name__}") from None
+                self._untagged_note(line)
                 if _EXISTS.match(line):
                     new_mail = True
                 elif line.upper().startswith(b"* BYE"):
@@ -413,6 +443,7 @@ class ImapClient:
             await self._send(b"DONE\r\n")
             while True:
                 line, _ = await self._read_response_line()
+                self._untagged_note(line)
                 if _EXISTS.match(line):
                     new_mail = True
                 if line.startswith(tag + b" "):

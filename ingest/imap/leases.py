@@ -21,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -41,6 +41,10 @@ CLAIMABLE_STATES = [
 
 class LeaseLost(Exception):
     """This runner no longer holds the connector (another claimed it, or it was disabled)."""
+
+
+class CursorGone(Exception):
+    """The folder's cursor was deleted (a resync) after the session read it."""
 
 
 @dataclass(frozen=True)
@@ -91,25 +95,30 @@ def leases_renew(*, owner: str, held: dict[UUID, int]) -> dict[UUID, int]:
     """Extend the leases still ours; returns connector -> generation of those kept.
 
     A connector missing from the answer was lost (taken over, deleted, disabled or put in
-    ``auth_failed``): its session must stop.
+    ``auth_failed``): its session must stop. One statement on PostgreSQL whatever the number
+    of accounts: the (id, token) pairs held as two arrays, ``RETURNING`` what was kept.
     """
     if not held:
         return {}
     expires = timezone.now() + timedelta(seconds=settings.CONNECTOR_LEASE_SECONDS)
-    kept: dict[UUID, int] = {}
-    condition = Q()
-    for connector_id, token in held.items():
-        condition |= Q(pk=connector_id, lease_token=token)
-    with transaction.atomic():
-        Connector.objects.filter(condition, lease_owner=owner, active=True, state__in=CLAIMABLE_STATES).update(
-            lease_expires_at=expires
+    if connection.vendor == "postgresql":
+        table = Connector._meta.db_table  # a constant, not input
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET lease_expires_at = %s WHERE lease_owner = %s AND active"  # noqa: S608
+                " AND state = ANY(%s) AND (id, lease_token) IN (SELECT * FROM unnest(%s::uuid[], %s::bigint[]))"
+                " RETURNING id, lease_token, generation",
+                [expires, owner, [str(state) for state in CLAIMABLE_STATES], list(held), list(held.values())],
+            )
+            rows = cursor.fetchall()
+    else:
+        queryset = Connector.objects.filter(
+            pk__in=list(held), lease_owner=owner, active=True, state__in=CLAIMABLE_STATES
         )
-        for pk, token, generation in Connector.objects.filter(
-            condition, lease_owner=owner, active=True, state__in=CLAIMABLE_STATES
-        ).values_list("pk", "lease_token", "generation"):
-            if held.get(pk) == token:
-                kept[pk] = generation
-    return kept
+        with transaction.atomic():
+            queryset.update(lease_expires_at=expires)
+            rows = list(queryset.values_list("pk", "lease_token", "generation"))
+    return {pk: generation for pk, token, generation in rows if held.get(pk) == token}
 
 
 def lease_release(*, connector_id: UUID, token: int) -> None:
@@ -117,9 +126,17 @@ def lease_release(*, connector_id: UUID, token: int) -> None:
     Connector.objects.filter(pk=connector_id, lease_token=token).update(lease_owner="", lease_expires_at=None)
 
 
-def _locked(connector_id: UUID, token: int) -> Connector:
-    """The connector row, locked, if this runner still holds it; LeaseLost otherwise."""
-    row = Connector.objects.select_for_update().filter(pk=connector_id, lease_token=token).first()
+def _locked(connector_id: UUID, token: int, *, mailbox: bool = False) -> Connector:
+    """The connector row, locked, if this runner still holds it; LeaseLost otherwise.
+
+    ``mailbox``: its target mailbox read in the same statement (the mailbox row not locked).
+    """
+    queryset = Connector.objects.filter(pk=connector_id, lease_token=token)
+    if mailbox:
+        queryset = queryset.select_related("mailbox").select_for_update(of=("self",))
+    else:
+        queryset = queryset.select_for_update()
+    row = queryset.first()
     if row is None:
         raise LeaseLost(str(connector_id))
     return row
@@ -161,31 +178,59 @@ def message_take(
     content: bytes,
     spool: Spool | None = None,
 ) -> str | None:
-    """Take one fetched message in: the queue id, or None when it was a duplicate.
+    """Take one fetched message in (:func:`messages_take` with one message)."""
+    return messages_take(
+        connector_id=connector_id, token=token, folder=folder, uid_validity=uid_validity,
+        messages=[(uid, content)], spool=spool,
+    )[0]  # fmt: skip
 
-    One transaction, fenced by the lease token: the dedupe row (Message-ID, sha256), the
-    durable spool write (``accept``), then the cursor. A crash before the commit leaves the
-    cursor where it was, so the message is fetched again; the spool entry written meanwhile
-    has no dedupe row, but its drain and the retry carry the same bytes (the retry's entry
-    is a duplicate only in that rare window).
+
+def messages_take(
+    *,
+    connector_id: UUID,
+    token: int,
+    folder: str,
+    uid_validity: int,
+    messages: list[tuple[int, bytes | None]],
+    spool: Spool | None = None,
+) -> list[str | None]:
+    """Take fetched messages in, in UID order: a queue id each, None for a duplicate or a
+    UID without content (too large, or expunged: the cursor moves past it).
+
+    One transaction, fenced by the lease token (the connector row locked with it): the
+    folder's cursor moved to the last UID, then per message the dedupe check (Message-ID,
+    sha256) and, for a new one, the durable spool write (``accept``) and its dedupe row.
+    The cursor's move becomes visible only with the commit, after every spool write is
+    durable; a crash before the commit leaves the cursor where it was, so the messages are
+    fetched again; the spool entries written meanwhile have no dedupe row, but their drain
+    and the retry carry the same bytes (the retry's entry is a duplicate only in that rare
+    window). The row lock serialises every take of the connector, so the check and the
+    insert of a dedupe row cannot race. CursorGone when the folder's cursor was deleted (a
+    resync) since the session read it: nothing is written, the session reads it again.
     """
     from ingest.services import accept
     from mailboxes.models import Message
 
-    sha256 = hashlib.sha256(content).hexdigest()
-    mid = message_id_hash(content)
+    if not messages:
+        return []
+    queue_ids: list[str | None] = []
     with transaction.atomic():
-        connector = _locked(connector_id, token)
-        queue_id: str | None = None
-        try:
-            with transaction.atomic():
-                seen = ConnectorSeen.objects.create(
-                    connector_id=connector_id, message_id_hash=mid, sha256=sha256, queue_id=""
-                )
-        except IntegrityError:
-            seen = None
-        if seen is not None:
-            mailbox = connector.mailbox
+        connector = _locked(connector_id, token, mailbox=True)
+        moved = ConnectorFolder.objects.filter(connector_id=connector_id, name=folder).update(
+            uid_validity=uid_validity, last_uid=messages[-1][0], updated_at=timezone.now()
+        )
+        if not moved:
+            raise CursorGone(f"{connector_id} {folder}")
+        mailbox = connector.mailbox
+        for _uid, content in messages:
+            if content is None:
+                queue_ids.append(None)
+                continue
+            sha256 = hashlib.sha256(content).hexdigest()
+            mid = message_id_hash(content)
+            if ConnectorSeen.objects.filter(connector_id=connector_id, message_id_hash=mid, sha256=sha256).exists():
+                queue_ids.append(None)
+                continue
             queue_id = accept(
                 content=content,
                 mail_from="",
@@ -197,12 +242,12 @@ def message_take(
                 source=Message.Source.IMAP,
                 spool=spool,
             )
-            ConnectorSeen.objects.filter(pk=seen.pk).update(queue_id=queue_id)
-        ConnectorFolder.objects.update_or_create(
-            connector_id=connector_id, name=folder, defaults={"uid_validity": uid_validity, "last_uid": uid}
-        )
+            ConnectorSeen.objects.create(
+                connector_id=connector_id, message_id_hash=mid, sha256=sha256, queue_id=queue_id
+            )
+            queue_ids.append(queue_id)
         Connector.objects.filter(pk=connector_id).update(last_fetched_at=timezone.now())
-    return queue_id
+    return queue_ids
 
 
 # --- State ---------------------------------------------------------------------------------

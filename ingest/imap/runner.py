@@ -3,8 +3,10 @@
 Design: every account is a coroutine (:class:`~ingest.imap.session.Session`) on one asyncio
 loop, not a thread: an idle IMAP session is a socket, a stream buffer and a suspended task,
 so one process holds thousands of IDLE accounts (bench/imap_pull.py measures the RSS per
-account). Database work (leases, cursors, ``accept`` into the spool, the drain) runs in a
-small thread pool, so a slow query never stalls the sockets.
+account). Database work (leases, cursors, ``accept`` into the spool) runs in a small
+thread pool, so a slow query never stalls the sockets; the drain of what the sessions took
+in (blob, Message rows, events, parse) runs on threads of its own, in batches: an entry
+waits for no IMAP session's query, and under load one transaction drains many entries.
 
 Every ``CONNECTOR_LEASE_SECONDS / 3`` the supervisor renews its leases (a connector whose
 lease is gone, or whose settings changed, has its session stopped or restarted), then
@@ -23,6 +25,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,13 +39,16 @@ from ingest.heartbeats import HeartbeatThread
 from ingest.imap import leases, metrics
 from ingest.imap.session import Session
 from ingest.models import Heartbeat
-from ingest.services import spool_default, spool_drain, spool_entry_drain
+from ingest.services import spool_default, spool_drain, spool_entries_drain
 
 logger = logging.getLogger(__name__)
 
 SPOOL_SWEEP_SECONDS = 60.0
 CONNECT_CONCURRENCY = 32  # sessions connecting, logging in and catching up at once
 TRIM_AFTER_SECONDS = 30.0  # quiet time after a ramp before freed heap is handed back
+DRAIN_THREADS = 2
+CONNECTION_CHECK_SECONDS = 5.0
+DRAIN_BATCH = 32  # spool entries drained in one transaction at most
 
 
 def _malloc_trim() -> None:
@@ -60,12 +66,27 @@ def owner_name(node: str | None = None) -> str:
     return f"{node or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"[:200]
 
 
+_thread_state = threading.local()
+
+
 def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    close_old_connections()
+    """Run ``function`` on this pool thread's database connection.
+
+    The connection is looked at (CONN_MAX_AGE, CONN_HEALTH_CHECKS: a ``SELECT 1`` before
+    its next query) at most every CONNECTION_CHECK_SECONDS, and at once after a failure,
+    not around every call: at 20 messages a second that check was a round trip in front
+    of every take and drain.
+    """
+    now = time.monotonic()
+    if now - getattr(_thread_state, "checked_at", -CONNECTION_CHECK_SECONDS) >= CONNECTION_CHECK_SECONDS:
+        _thread_state.checked_at = now
+        close_old_connections()
     try:
         return function(*args, **kwargs)
-    finally:
+    except BaseException:
+        _thread_state.checked_at = now - CONNECTION_CHECK_SECONDS  # a broken connection goes now
         close_old_connections()
+        raise
 
 
 @dataclass
@@ -84,11 +105,17 @@ class Runner:
         capacity: int | None = None,
         stagger: float | None = None,
         db_threads: int = 4,
+        drain_threads: int = DRAIN_THREADS,
     ) -> None:
         self.owner = owner or owner_name()
         self.capacity = capacity or int(settings.CONNECTOR_CAPACITY)
         self.stagger = float(settings.CONNECTOR_STARTUP_STAGGER if stagger is None else stagger)
         self.executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="connector-db")
+        self.drain_executor = ThreadPoolExecutor(max_workers=drain_threads, thread_name_prefix="connector-drain")
+        self.drain_threads = drain_threads
+        self.drain_waiting: list[str] = []  # taken in, not yet handed to a drain thread
+        self.drain_known: set[str] = set()  # waiting or being drained
+        self.drain_wake = asyncio.Event()
         self.held: dict[UUID, _Held] = {}
         self.spool = spool_default()
         self.interval = max(0.5, settings.CONNECTOR_LEASE_SECONDS / 3)
@@ -101,12 +128,44 @@ class Runner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(_in_thread, function, *args, **kwargs))
 
-    async def drain(self, queue_id: str) -> None:
-        """Drain the entry now (rows, events, parse); a failure leaves it for the sweep."""
-        try:
-            await self.db(spool_entry_drain, self.spool, queue_id)
-        except Exception as exc:
-            logger.warning("drain of %s failed, the sweep retries: %s", queue_id, type(exc).__name__)
+    def drain(self, queue_ids: list[str]) -> None:
+        """Hand spool entries to the drain threads (the session does not wait for them)."""
+        fresh = [queue_id for queue_id in queue_ids if queue_id not in self.drain_known]
+        self.drain_known.update(fresh)
+        self.drain_waiting.extend(fresh)
+        if self.drain_waiting:
+            self.drain_wake.set()
+
+    async def _drain_loop(self) -> None:
+        """One per drain thread: whatever waits (up to DRAIN_BATCH) in one transaction
+        (:func:`ingest.services.spool_entries_drain`); a failure leaves it for the sweep."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.drain_wake.wait()
+            batch = self.drain_waiting[:DRAIN_BATCH]
+            del self.drain_waiting[:DRAIN_BATCH]
+            if not self.drain_waiting:
+                self.drain_wake.clear()
+            if not batch:
+                continue
+            try:
+                await loop.run_in_executor(
+                    self.drain_executor, functools.partial(_in_thread, spool_entries_drain, self.spool, batch)
+                )
+            except Exception as exc:
+                logger.warning("drain of %d entries failed, the sweep retries: %s", len(batch), type(exc).__name__)
+            finally:
+                self.drain_known.difference_update(batch)
+
+    async def _drains_finish(self, tasks: list[asyncio.Task[None]]) -> None:
+        """At shutdown: drain what waits, then stop the drain loops."""
+        for _ in range(100):
+            if not self.drain_waiting and not self.drain_known:
+                break
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, connector_id: UUID, token: int, generation: int, *, stagger: float) -> None:
         session = Session(
@@ -160,9 +219,8 @@ class Runner:
             self.trim_due = None
             await self.db(_malloc_trim)
 
-    async def _connections_close(self) -> None:
+    async def _connections_close(self, executor: ThreadPoolExecutor, threads: int) -> None:
         """Close each pool thread's database connection (a barrier gives every thread one call)."""
-        threads = self.executor._max_workers
         barrier = threading.Barrier(threads, timeout=5)
 
         def close() -> None:
@@ -171,7 +229,7 @@ class Runner:
             connections.close_all()
 
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.executor, close) for _ in range(threads)))
+        await asyncio.gather(*(loop.run_in_executor(executor, close) for _ in range(threads)))
 
     async def run(self, stop: asyncio.Event, *, ready: Callable[[], None] | None = None) -> None:
         heartbeat = HeartbeatThread(
@@ -179,7 +237,8 @@ class Runner:
         )
         heartbeat.start()
         loop = asyncio.get_running_loop()
-        last_sweep = 0.0
+        last_sweep = loop.time()
+        drainers = [asyncio.create_task(self._drain_loop(), name="connector-drain") for _ in range(self.drain_threads)]
         try:
             with contextlib.suppress(Exception):
                 await self.db(spool_drain, self.spool)  # what a crash left behind
@@ -191,10 +250,10 @@ class Runner:
                 except Exception as exc:  # the database may be away: keep the sessions, retry
                     logger.warning("connector runner round failed: %s: %s", type(exc).__name__, exc)
                 self.rounds += 1
-                if loop.time() - last_sweep > SPOOL_SWEEP_SECONDS:
+                if loop.time() - last_sweep > SPOOL_SWEEP_SECONDS:  # what a failed drain left
                     last_sweep = loop.time()
-                    with contextlib.suppress(Exception):
-                        await self.db(spool_drain, self.spool)
+                    with contextlib.suppress(OSError):
+                        self.drain(await self.db(self.spool.pending))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval)
         finally:
@@ -204,7 +263,10 @@ class Runner:
             for connector_id, entry in held:
                 with contextlib.suppress(Exception):
                     await self.db(leases.lease_release, connector_id=connector_id, token=entry.token)
+            await self._drains_finish(drainers)
             heartbeat.stop()
-            await self._connections_close()
+            await self._connections_close(self.executor, self.executor._max_workers)
+            await self._connections_close(self.drain_executor, self.drain_threads)
             self.executor.shutdown(wait=True)
+            self.drain_executor.shutdown(wait=True)
             metrics.HELD.set(0)

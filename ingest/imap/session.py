@@ -3,10 +3,15 @@
 Per folder the cursor is (UIDVALIDITY, last UID). A first connect (no cursor) starts from
 the newest IMAP_INITIAL_WINDOW messages; a changed UIDVALIDITY (RFC 3501 section 2.3.1.1:
 the old UIDs mean nothing any more) resets the cursor the same way and relies on the
-dedupe rows, so the old mail is not taken twice. New mail is ``UID SEARCH UID last+1:*``
-then ``UID FETCH ... BODY.PEEK[]`` on a folder opened with EXAMINE: the source mailbox is
+dedupe rows, so the old mail is not taken twice. New mail is ``UID FETCH last+1:* (UID
+RFC822.SIZE)`` then ``UID FETCH ... BODY.PEEK[]`` on a folder opened with EXAMINE: the source mailbox is
 never changed (no ``\\Seen``, no move, no delete). Each message is taken in through
-``accept`` before the cursor moves past it (:func:`ingest.imap.leases.message_take`).
+``accept`` before the cursor moves past it (:func:`ingest.imap.leases.messages_take`), and
+handed to the runner's drainer.
+
+An IDLE wake costs two IMAP round trips and one transaction: the session keeps each
+folder's cursor once read, the folder stays open, and ``UID FETCH last+1:* (UID
+RFC822.SIZE)`` lists the new UIDs with their sizes (see :meth:`Session._folder_sync`).
 
 Failures back off exponentially with full jitter (sleep a random time between 0 and
 min(cap, base * 2^n)); refused credentials stop the session (``auth_failed``) instead of
@@ -91,7 +96,7 @@ class Session:
         token: int,
         db: DbCall,
         stagger: float,
-        drain: Callable[[str], Any],
+        drain: Callable[[list[str]], None],
         connect_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.connector_id = connector_id
@@ -105,6 +110,7 @@ class Session:
         self.client: ImapClient | None = None
         self.connected = False
         self.stopped = False
+        self.cursors: dict[str, tuple[int, int]] = {}  # folder -> (UIDVALIDITY, last UID)
 
     def stop(self) -> None:
         """Stop for good (lease lost, runner shutting down): the socket closes at once, so a
@@ -172,6 +178,7 @@ class Session:
         return str(access)
 
     async def _connected_loop(self) -> None:
+        self.cursors = {}  # read again after a reconnect: a resync may have forgotten them
         async with self.connect_slots:
             connector: Connector = await self.db(leases.connector_load, self.connector_id)
             access_token = await self._access_token(connector)
@@ -197,26 +204,49 @@ class Session:
                 await client.idle(timeout=idle_seconds * random.uniform(0.9, 1.0))
             else:
                 await asyncio.sleep(float(settings.CONNECTOR_POLL_INTERVAL) * random.uniform(0.9, 1.1))
-            await self._sync(client, folders)
+            await self._sync(client, folders, woken=idle)
 
-    async def _sync(self, client: ImapClient, folders: list[str]) -> None:
+    async def _sync(self, client: ImapClient, folders: list[str], *, woken: bool = False) -> None:
         # The first folder last: it stays selected for IDLE. Mail that arrived during its
         # fetch was announced then (not again in IDLE): look again until nothing came.
         for folder in folders[1:]:
             await self._folder_sync(client, folder)
         for _ in range(100):
-            await self._folder_sync(client, folders[0])
+            await self._folder_sync(client, folders[0], woken=woken)
             if not client.new_mail_seen:
                 break
 
-    async def _folder_sync(self, client: ImapClient, folder: str) -> None:
+    async def _folder_sync(self, client: ImapClient, folder: str, *, woken: bool = False) -> None:
+        """Take the folder's new mail in.
+
+        The cursor lives in the session once read or written (a write that finds it gone, a
+        resync, raises CursorGone and the session reads it again). A folder still open since
+        IDLE answered (``woken``: IDLE is a sync point, its EXISTS already in the server's
+        view) is not opened again: one ``UID FETCH last+1:* (UID RFC822.SIZE)`` then finds
+        the new UIDs. EXAMINE otherwise (first look, another folder was opened, polling, or
+        the server announced another UIDVALIDITY), which also checks UIDVALIDITY.
+        """
+        cursor = self.cursors.get(folder)
+        if woken and cursor is not None and client.selected == folder:
+            client.new_mail_seen = False
+            if client.exists == 0:
+                return
+            try:
+                await self._new_mail_take(client, folder, *cursor)
+                if client.selected == folder:  # no UIDVALIDITY announced meanwhile
+                    return
+            except leases.CursorGone:
+                self.cursors.pop(folder, None)
+            cursor = None
         status = await client.examine(folder)
-        cursor = await self.db(leases.cursor_get, self.connector_id, folder)
-        if cursor is None or cursor.uid_validity != status.uid_validity:
+        if cursor is None or cursor[0] != status.uid_validity:
+            stored = await self.db(leases.cursor_get, self.connector_id, folder)
+            cursor = (stored.uid_validity, stored.last_uid) if stored is not None else None
+        if cursor is None or cursor[0] != status.uid_validity:
             if cursor is not None:
                 logger.info(
                     "connector %s: %s UIDVALIDITY %s -> %s, cursor reset",
-                    self.connector_id, folder, cursor.uid_validity, status.uid_validity,
+                    self.connector_id, folder, cursor[0], status.uid_validity,
                 )  # fmt: skip
                 metrics.UIDVALIDITY_RESETS.inc()
             window = int(settings.IMAP_INITIAL_WINDOW)
@@ -230,40 +260,49 @@ class Session:
                 leases.cursor_set, connector_id=self.connector_id, token=self.token, folder=folder,
                 uid_validity=status.uid_validity, last_uid=last,
             )  # fmt: skip
-        else:
-            last = cursor.last_uid
+            cursor = (status.uid_validity, last)
+        self.cursors[folder] = cursor
+        uid_validity, last = cursor
         if status.exists == 0 or (status.uid_next and status.uid_next <= last + 1):
             return
-        uids = await client.uid_search_from(last + 1)
+        try:
+            await self._new_mail_take(client, folder, uid_validity, last)
+        except leases.CursorGone:  # forgotten (resync) since it was read: next pass starts over
+            self.cursors.pop(folder, None)
+            client.new_mail_seen = True
+
+    async def _new_mail_take(self, client: ImapClient, folder: str, uid_validity: int, last: int) -> None:
+        """Fetch the UIDs above ``last`` and take them in, FETCH_BATCH at a time: one
+        transaction a batch (fenced; the cursor moves with the durable spool writes)."""
+        sizes = await client.uid_sizes_from(last + 1)
         limit = int(settings.INGEST_MAX_MESSAGE_SIZE)
+        uids = sorted(sizes)
         for start in range(0, len(uids), FETCH_BATCH):
             batch = uids[start : start + FETCH_BATCH]
-            sizes = await client.uid_sizes(batch)
-            wanted = [uid for uid in batch if sizes.get(uid, 0) <= limit]
+            wanted = [uid for uid in batch if sizes[uid] <= limit]
             for uid in batch:
                 if uid not in wanted:
                     logger.warning("connector %s: %s UID %s too large (%s bytes), skipped", self.connector_id,
-                                   folder, uid, sizes.get(uid))  # fmt: skip
+                                   folder, uid, sizes[uid])  # fmt: skip
             bodies = dict(await client.uid_fetch_bodies(wanted)) if wanted else {}
-            for uid in batch:
-                content = bodies.get(uid)
-                if content is None:  # too large, or expunged meanwhile: move past it
-                    await self.db(
-                        leases.cursor_set, connector_id=self.connector_id, token=self.token, folder=folder,
-                        uid_validity=status.uid_validity, last_uid=uid,
-                    )  # fmt: skip
-                    continue
-                started = time.monotonic()
-                queue_id = await self.db(
-                    leases.message_take, connector_id=self.connector_id, token=self.token, folder=folder,
-                    uid_validity=status.uid_validity, uid=uid, content=content,
-                )  # fmt: skip
-                if queue_id is None:
-                    metrics.FETCHED.labels("duplicate").inc()
-                    continue
-                metrics.FETCHED.labels("accepted").inc()
+            if client.selected != folder:  # another UIDVALIDITY was announced: these UIDs are
+                client.new_mail_seen = True  # not the cursor's; look again after an EXAMINE
+                return
+            # Too large, or expunged meanwhile (no body): the cursor moves past it.
+            started = time.monotonic()
+            queue_ids = await self.db(
+                leases.messages_take, connector_id=self.connector_id, token=self.token, folder=folder,
+                uid_validity=uid_validity, messages=[(uid, bodies.get(uid)) for uid in batch],
+            )  # fmt: skip
+            self.cursors[folder] = (uid_validity, batch[-1])
+            taken = [queue_id for queue_id in queue_ids if queue_id is not None]
+            fetched = sum(1 for uid in batch if uid in bodies)
+            if fetched > len(taken):
+                metrics.FETCHED.labels("duplicate").inc(fetched - len(taken))
+            if taken:
+                metrics.FETCHED.labels("accepted").inc(len(taken))
                 metrics.TAKE_SECONDS.observe(time.monotonic() - started)
-                await self.drain(queue_id)
+                self.drain(taken)
 
 
 def _now() -> Any:

@@ -126,6 +126,14 @@ def connector_for(world: Any, dovecot: Any, account: Any, **fields: Any) -> Conn
     return Connector.objects.create(**{**defaults, **fields})
 
 
+def unreachable_connector(world: Any, username: str = "u") -> Connector:
+    """A connector for the lease and take functions alone (no server behind it)."""
+    return Connector.objects.create(
+        tenant=world.tenant, mailbox=world.mailbox, host="127.0.0.1", port=1, tls_mode="none", username=username,
+        password_encrypted=crypto.encrypt("p"), folders=["INBOX"],
+    )  # fmt: skip
+
+
 def imap_messages(mailbox: Any) -> list[Message]:
     return list(Message.objects.filter(mailbox=mailbox, source=Message.Source.IMAP).order_by("received_at"))
 
@@ -197,7 +205,7 @@ def test_it_reconnects_after_a_kick_and_takes_nothing_twice(world, dovecot, imap
     connector = connector_for(world, dovecot, imap_account)
     start_runner()
     wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
-    assert len(imap_messages(world.mailbox)) == 1
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 1)  # spooled before IDLE, drained meanwhile
     imap_account.kick()
     wait_until(lambda: Event.objects.filter(type="connector.error").exists())
     wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE, timeout=5)
@@ -232,6 +240,58 @@ def test_it_takes_nothing_twice_when_the_folder_is_recreated_with_a_new_uidvalid
     assert cursor.uid_validity != first_validity
     assert cursor.last_uid == 3
     assert ConnectorSeen.objects.filter(connector=connector).count() == 3
+
+
+def test_it_takes_mail_woken_by_idle_without_opening_the_folder_or_reading_the_cursor_again(
+    world, dovecot, imap_account, start_runner, monkeypatch
+):
+    """The session keeps the folder open and its cursor in memory: an IDLE wake is one
+    UID FETCH for the new UIDs and their sizes, one for the bodies, one transaction."""
+    from ingest.imap import leases
+
+    calls = {"examine": 0, "cursor_get": 0}
+    examine, cursor_get = ImapClient.examine, leases.cursor_get
+
+    async def counted_examine(self: ImapClient, folder: str) -> Any:
+        calls["examine"] += 1
+        return await examine(self, folder)
+
+    def counted_cursor_get(*args: Any) -> Any:
+        calls["cursor_get"] += 1
+        return cursor_get(*args)
+
+    monkeypatch.setattr(ImapClient, "examine", counted_examine)
+    monkeypatch.setattr(leases, "cursor_get", counted_cursor_get)
+    imap_account.save(message(1))
+    connector = connector_for(world, dovecot, imap_account)
+    start_runner()
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    assert calls == {"examine": 1, "cursor_get": 1}
+    for number in (2, 3, 4):
+        imap_account.save(message(number))
+        wait_until(lambda: len(imap_messages(world.mailbox)) == number, timeout=3)  # noqa: B023
+    assert calls == {"examine": 1, "cursor_get": 1}
+    assert ConnectorFolder.objects.get(connector=connector).last_uid == 4
+    assert ConnectorSeen.objects.filter(connector=connector).count() == 4
+
+
+def test_it_reads_the_cursor_again_when_a_resync_forgot_it_during_the_session(
+    world, dovecot, imap_account, start_runner
+):
+    """The cursor deleted under a running session (a resync, before the runner restarts the
+    session): the next take finds it gone, writes nothing, and the session starts the folder
+    over from the initial window; what it took already is recognised, not taken twice."""
+    imap_account.save(message(1))
+    connector = connector_for(world, dovecot, imap_account)
+    start_runner()
+    wait_until(lambda: Connector.objects.get(pk=connector.pk).state == Connector.State.IDLE)
+    ConnectorFolder.objects.filter(connector=connector).delete()  # no generation change: same session
+    imap_account.save(message(2))
+    wait_until(lambda: len(imap_messages(world.mailbox)) == 2, timeout=3)
+    wait_until(lambda: ConnectorFolder.objects.filter(connector=connector, last_uid=2).exists())
+    time.sleep(0.3)
+    assert len(imap_messages(world.mailbox)) == 2
+    assert ConnectorSeen.objects.filter(connector=connector).count() == 2
 
 
 def test_it_polls_a_server_without_idle(world, start_runner, runner_settings):
@@ -318,10 +378,7 @@ def test_it_puts_a_revoked_refresh_token_in_auth_failed(world, dovecot, imap_acc
 def test_it_fences_a_runner_whose_lease_was_taken_over(world, runner_settings):
     from ingest.imap import leases
 
-    connector = Connector.objects.create(
-        tenant=world.tenant, mailbox=world.mailbox, host="127.0.0.1", port=1, tls_mode="none", username="u",
-        password_encrypted=crypto.encrypt("p"), folders=["INBOX"],
-    )  # fmt: skip
+    connector = unreachable_connector(world)
     (first,) = leases.leases_claim(owner="a", limit=5, exclude=set())
     assert leases.leases_claim(owner="b", limit=5, exclude=set()) == []  # held: nobody else gets it
     Connector.objects.filter(pk=connector.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
@@ -337,6 +394,7 @@ def test_it_fences_a_runner_whose_lease_was_taken_over(world, runner_settings):
     assert leases.leases_renew(owner="a", held={connector.pk: first.token}) == {}
     assert not ConnectorFolder.objects.exists() and not ConnectorSeen.objects.exists()
     # The new holder's writes go through, and the same message twice is taken in once.
+    leases.cursor_set(connector_id=connector.pk, token=second.token, folder="INBOX", uid_validity=1, last_uid=0)
     assert leases.message_take(
         connector_id=connector.pk, token=second.token, folder="INBOX", uid_validity=1, uid=7,
         content=message(1, message_id="<same@x>"),
@@ -353,6 +411,59 @@ def test_it_fences_a_runner_whose_lease_was_taken_over(world, runner_settings):
         is None
     )
     assert ConnectorFolder.objects.get().last_uid == 1
+
+
+@pytest.mark.django_db
+def test_it_renews_in_one_statement_only_the_leases_held_with_their_token(world, runner_settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from ingest.imap import leases
+
+    for number in range(3):
+        unreachable_connector(world, username=f"u{number}")
+    claims = leases.leases_claim(owner="a", limit=5, exclude=set())
+    held = {claim.connector_id: claim.token for claim in claims}
+    lost, other, disabled = (claim.connector_id for claim in claims)
+    Connector.objects.filter(pk=lost).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert [claim.connector_id for claim in leases.leases_claim(owner="b", limit=5, exclude=set())] == [lost]
+    Connector.objects.filter(pk=disabled).update(active=False)
+    before = Connector.objects.get(pk=lost).lease_expires_at
+    with CaptureQueriesContext(connection) as queries:
+        kept = leases.leases_renew(owner="a", held=held)
+    assert kept == {other: 1}
+    assert len(queries) == 1
+    assert Connector.objects.get(pk=lost).lease_expires_at == before  # b's lease untouched
+    renewed = Connector.objects.get(pk=other).lease_expires_at
+    assert renewed is not None and renewed > timezone.now() + timedelta(seconds=2)
+    # A token that is not the one claimed renews nothing, even for the owner.
+    assert leases.leases_renew(owner="a", held={other: held[other] + 1}) == {}
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_take_once_the_cursor_is_gone_and_writes_nothing(world, runner_settings):
+    from ingest.imap import leases
+    from ingest.spool import Spool
+
+    connector = unreachable_connector(world)
+    (claim,) = leases.leases_claim(owner="a", limit=5, exclude=set())
+    spool = Spool(runner_settings.SPOOL_DIR)
+    with pytest.raises(leases.CursorGone):
+        leases.messages_take(
+            connector_id=connector.pk, token=claim.token, folder="INBOX", uid_validity=1,
+            messages=[(1, message(1))], spool=spool,
+        )  # fmt: skip
+    assert spool.pending() == [] and not ConnectorSeen.objects.exists() and not ConnectorFolder.objects.exists()
+    leases.cursor_set(connector_id=connector.pk, token=claim.token, folder="INBOX", uid_validity=1, last_uid=0)
+    same = message(2, message_id="<twice@x>")
+    taken = leases.messages_take(
+        connector_id=connector.pk, token=claim.token, folder="INBOX", uid_validity=1,
+        messages=[(1, message(1)), (2, same), (3, None), (4, same)], spool=spool,
+    )  # fmt: skip
+    assert [bool(queue_id) for queue_id in taken] == [True, True, False, False]
+    assert sorted(spool.pending()) == sorted(queue_id for queue_id in taken if queue_id)
+    assert ConnectorFolder.objects.get().last_uid == 4
+    assert ConnectorSeen.objects.count() == 2
 
 
 @pytest.mark.django_db
