@@ -33,6 +33,7 @@ _PREFIXED = re.compile(r"(?<![\w@/.#:$€£-])[A-Z]-(\d{4,8})(?![\w@/-]|\.\w|,\d
 _URL = re.compile(r"https?://[^\s<>\"'\])}]+", re.IGNORECASE)
 _WINDOW = 120  # characters between a keyword and its code
 MAX_CODES = 5
+MAX_CODE_TEXT = 200_000  # characters of the body searched for codes
 MAX_LINKS = 200
 
 
@@ -56,7 +57,8 @@ def _without_urls(text: str) -> str:
 def codes_extract(subject: str, text: str) -> list[str]:
     """Verification codes, best first (at most ``MAX_CODES``)."""
     ranked: dict[str, tuple[int, int]] = {}
-    for source_rank, source in enumerate((subject or "", _without_urls(text or "")[:200_000])):
+    # Bounded before the URL pass, not after it: a long body costs no more than its start.
+    for source_rank, source in enumerate((subject or "", _without_urls((text or "")[:MAX_CODE_TEXT]))):
         keywords = [match.start() for match in _KEYWORDS.finditer(source)]
         if not keywords:
             continue
@@ -83,7 +85,7 @@ def links_extract(text: str, raw_html: str) -> list[dict[str, str]]:
     """Links as ``{"url", "text"}``, HTML anchors first (they carry anchor text), deduplicated."""
     links: dict[str, str] = {}
     if raw_html:
-        for href, anchor_text in html_anchors(raw_html[:2_000_000]):
+        for href, anchor_text in html_anchors(raw_html[:2_000_000], limit=4 * MAX_LINKS):
             href = href.strip()
             if href.lower().startswith(("http://", "https://")) and len(href) <= 4000:
                 links.setdefault(href, anchor_text[:500])

@@ -170,6 +170,15 @@ def _tags(value: str) -> list[str]:
     return [tag for tag in re.split(r"[,;\s]+", value.lower()) if tag][:20]
 
 
+def _content_type(part: Message) -> str:
+    """``part.get_content_type()``, worked out once a part: the walks ask for it a dozen times,
+    and each time the library scans the part's header fields again."""
+    known = part.__dict__.get("_content_type_known")
+    if known is None:
+        known = part.__dict__["_content_type_known"] = part.get_content_type()
+    return known
+
+
 def _is_attachment(part: Message) -> bool:
     """RFC 2183: what ``Content-Disposition: attachment`` marks is a file, never the body."""
     try:
@@ -198,7 +207,7 @@ def _body_candidates(part: Message, subtype: str) -> Iterator[Message]:
     """
     if _is_attachment(part):
         return
-    maintype, own_subtype = part.get_content_maintype(), part.get_content_subtype()
+    maintype, _, own_subtype = _content_type(part).partition("/")
     if maintype == "text":
         if own_subtype == subtype:
             yield part
@@ -233,7 +242,7 @@ def _body_parts(message: Message, subtype: str) -> list[Message]:
 
 def _leaves(part: Message) -> Iterator[Message]:
     """Every part that is not a container, in order; a ``message/rfc822`` is one leaf."""
-    if part.get_content_maintype() == "multipart" and part.is_multipart():
+    if _content_type(part).startswith("multipart/") and part.is_multipart():
         for child in part.get_payload():
             if isinstance(child, Message):
                 yield from _leaves(child)
@@ -268,9 +277,9 @@ def _part_text(part: Message) -> str:
 
 
 def _default_filename(part: Message, position: int) -> str:
-    if part.get_content_type() == "message/rfc822":
+    if _content_type(part) == "message/rfc822":
         return "message.eml"
-    extension = mimetypes.guess_extension(part.get_content_type(), strict=False) or ""
+    extension = mimetypes.guess_extension(_content_type(part), strict=False) or ""
     return f"part-{position}{extension}"
 
 
@@ -283,19 +292,19 @@ def _attachments(message: Message, body: set[int]) -> tuple[list[ParsedAttachmen
     attachments: list[ParsedAttachment] = []
     text_files: list[Message] = []
     for position, part in enumerate(_leaves(message), start=1):
-        if id(part) in body or part.get_content_maintype() == "multipart":
+        if id(part) in body or _content_type(part).startswith("multipart/"):
             continue  # a body part, or a multipart whose boundary never came (read as text below)
         filename = _filename(part)
         attached = _is_attachment(part)
         content_id = _content_id(part)
-        if part.get_content_type() in {"text/plain", "text/html"} and not (filename or attached or content_id):
+        if _content_type(part) in {"text/plain", "text/html"} and not (filename or attached or content_id):
             continue  # an alternative rendering of the body that lost to the one chosen
-        if part.get_content_type() == "text/plain":
+        if _content_type(part) == "text/plain":
             text_files.append(part)
         attachments.append(
             ParsedAttachment(
                 filename=filename_sanitize(filename or content_id) or _default_filename(part, position),
-                content_type=_clean(part.get_content_type(), 255).lower(),
+                content_type=_clean(_content_type(part), 255).lower(),
                 content=_part_bytes(part),
                 content_id=content_id,
                 is_inline=bool(content_id) and not attached,
@@ -342,7 +351,7 @@ def _bodies(message: Message, parsed: ParsedMessage) -> str:
     if not parsed.text and not raw_html:
         # No body at all: a multipart whose boundary never matched is its own text (what a
         # mail client shows), else the first text file stands in, and stays a file too.
-        unparsed = [part for part in _leaves(message) if part.get_content_maintype() == "multipart"]
+        unparsed = [part for part in _leaves(message) if _content_type(part).startswith("multipart/")]
         fallback = unparsed[:1] or text_files[:1]
         if fallback:
             parsed.text = _clean(_part_text(fallback[0]), MAX_TEXT)
