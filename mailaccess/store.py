@@ -8,6 +8,7 @@ flag changes and deletions go through the same services as the API (audited, eve
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from typing import IO, Any
 from uuid import UUID
 
 from django.db import connection
-from django.db.models import BigIntegerField, Count, F, Max, QuerySet, Value
+from django.db.models import BigIntegerField, Count, F, Max, OuterRef, QuerySet, Subquery, Value
 from django.db.models.fields.json import KT, KeyTransform
 from django.db.models.functions import Cast, Coalesce
 from django.utils.dateparse import parse_datetime
@@ -26,12 +27,14 @@ from mailaccess.auth import Access
 from mailboxes.authentication import presented_bytes, presented_chunks
 from mailboxes.blobs import blob_chunks, blob_get
 from mailboxes.models import Mailbox, Message
+from mailboxes.pipeline import message_parse
 from mailboxes.selectors import mailbox_list, message_scope
 from mailboxes.services import message_delete, message_update
 from mailboxes.waiting import wake_publish
 
 SYSTEM_FLAG_TAGS = {"\\Flagged": "flagged", "\\Answered": "answered", "\\Draft": "draft"}
 TAG_SYSTEM_FLAGS = {tag: flag for flag, tag in SYSTEM_FLAG_TAGS.items()}
+logger = logging.getLogger(__name__)
 SPOOL_MEMORY = 1024 * 1024  # a message body larger than this is spooled to disk, not memory
 
 
@@ -69,23 +72,45 @@ def flags_of(is_read: bool, tags: tuple[str, ...] | list[str], deleted: bool = F
 _ROW_FIELDS = ("pk", "uid", "is_read", "tags", "presented_size", "imap_deleted", "received_at", "storage_key")
 
 
+NO_UID = 2**63 - 1  # above every UID: nothing held back
+
+
+def unsettled_floor(mailbox_id: UUID | Any) -> Coalesce:
+    """The mailbox's lowest UID still awaiting its parse (``stored``, its copy not settled by
+    mailboxes.presentation), or :data:`NO_UID`: one probe of the small partial index
+    ``message_uid_unsettled``, evaluated once per statement."""
+    pending = Message.objects.filter(
+        mailbox_id=mailbox_id, state=Message.State.STORED, imap_presentation__isnull=True, uid__isnull=False
+    ).order_by("uid")
+    return Coalesce(Subquery(pending.values("uid")[:1]), Value(NO_UID), output_field=BigIntegerField())
+
+
 def visible(access: Access, mailbox_id: UUID) -> QuerySet[Message]:
-    """The folder's messages a client sees: stored, not deleted, not quarantined, numbered."""
+    """The folder's messages a client sees: not deleted, not quarantined, numbered, and below
+    the lowest UID still awaiting its parse.
+
+    A message is served only once its copy is settled (verified, or shown unverified after
+    mailboxes.presentation.UNVERIFIED_SHOWN_AFTER), so its bytes never change under its UID;
+    and only the UID-ordered prefix before the first unsettled one, so a client never sees a
+    UID appear below one it has seen (RFC 3501 section 2.3.1.1). Quarantined and deleted
+    messages hold nothing back.
+    """
     return (
         message_scope(access.principal)
-        .filter(mailbox_id=mailbox_id, deleted_at__isnull=True, uid__isnull=False)
+        .filter(mailbox_id=mailbox_id, deleted_at__isnull=True, uid__isnull=False, uid__lt=unsettled_floor(mailbox_id))
         .exclude(state=Message.State.QUARANTINED)
     )
 
 
 def presented(queryset: QuerySet[Message]) -> QuerySet[Message]:
     """With ``presented_size``, the size of the copy a client gets: the raw size plus the
-    verdict's ``presented.delta`` (one integer out of the JSON, so a FETCH of RFC822.SIZE, a
-    LIST or a STAT reads no message), and ``presented`` (what the copy changes)."""
-    delta = Cast(KT("authentication__presented__delta"), BigIntegerField())
+    ``delta`` of what the copy changes (one integer out of the JSON, so a FETCH of
+    RFC822.SIZE, a LIST or a STAT reads no message), and ``presented``: the copy settled
+    without a verdict (``imap_presentation``) if there is one, else the verdict's."""
+    delta = Cast(Coalesce(KT("imap_presentation__delta"), KT("authentication__presented__delta")), BigIntegerField())
     return queryset.annotate(
         presented_size=F("size") + Coalesce(delta, Value(0)),
-        presented=KeyTransform("presented", "authentication"),
+        presented=Coalesce(F("imap_presentation"), KeyTransform("presented", "authentication")),
     )
 
 
@@ -293,13 +318,25 @@ def message_append(access: Access, mailbox_id: UUID, content: bytes, *, ip: str 
     )
     spool_entry_drain(spool, queue_id)
     message = Message.objects.get(mailbox_id=mailbox.pk, trace_id=queue_id)
+    # Parsed here, not only by its queued task (which then finds nothing to do): a client is
+    # shown a message once verified (see visible), and expects its APPENDUID there now.
+    try:
+        message_parse(message_id=message.pk, index=True)
+    except Exception as exc:  # transient (blob storage, clamd): its task and the sweeper go on
+        logger.warning("parse of appended %s left to its task: %s", message.pk, type(exc).__name__)
     return int(mailbox.uid_validity), int(message.uid or 0)
 
 
 def mailbox_uid_state(mailbox_id: UUID) -> tuple[int, int]:
-    """(UIDVALIDITY, UIDNEXT) of a mailbox."""
-    validity, uid_next = Mailbox.objects.filter(pk=mailbox_id).values_list("uid_validity", "uid_next").get()
-    return int(validity), int(uid_next)
+    """(UIDVALIDITY, UIDNEXT) of a mailbox. UIDNEXT is the lowest UID still awaiting its
+    parse when there is one: a client fetching ``UIDNEXT:*`` next time must find it."""
+    validity, uid_next, floor = (
+        Mailbox.objects.filter(pk=mailbox_id)
+        .annotate(floor=unsettled_floor(OuterRef("pk")))
+        .values_list("uid_validity", "uid_next", "floor")
+        .get()
+    )
+    return int(validity), min(int(uid_next), int(floor))
 
 
 def message_spooled(row: Row) -> IO[bytes]:

@@ -761,9 +761,16 @@ def presentation_of(raw: bytes, header: str) -> dict[str, Any]:
     }
 
 
+def presentation_unverified(raw: bytes) -> dict[str, Any]:
+    """The copy of a message without our verdict (AUTH_VERIFY off, or shown before its parse
+    finished): only the fields claiming our authserv-id left out, nothing put first."""
+    removed = forged_ranges(raw)
+    return {"field": "", "removed": removed, "delta": -sum(end - start for start, end in removed)}
+
+
 def presented_chunks(chunks: Iterable[bytes], presented: dict[str, Any] | None) -> Iterator[bytes]:
     """The copy a client gets, from the raw message's chunks: unchanged without ``presented``
-    (a message stored before verdicts, or with AUTH_VERIFY off)."""
+    (a message stored before verdicts, and with AUTH_VERIFY off before imap_presentation)."""
     if not presented:
         yield from chunks
         return
@@ -880,7 +887,8 @@ def message_authentication_fields(
     Authentication-Results, and the header list as presented (see :func:`headers_presented`).
 
     With AUTH_VERIFY off nothing is verified (``authentication`` stays null), but forged
-    fields claiming our authserv-id are still not presented.
+    fields claiming our authserv-id are still not presented, nor served over IMAP and POP3
+    (``imap_presentation``).
     """
     if not settings.AUTH_VERIFY:
         kept = headers_presented(headers, None)
@@ -889,6 +897,7 @@ def message_authentication_fields(
             "headers": kept,
             "authentication_results": "\n".join(sender_claims)[:8000],
             "received_spf": received_spf_presented(kept),
+            "imap_presentation": presentation_unverified(raw),
         }
     key = (sha256, envelope, authserv_id(), tuple(settings.DNS_RESOLVERS))
     verdict = _VERDICTS.get(key)
@@ -948,6 +957,12 @@ def message_reverify(*, message_id: UUID | str) -> dict[str, Any] | None:
     rechecks = int((message.authentication or {}).get("rechecks") or 0) + 1
     verdict = message_verify(raw, Envelope(message.source, message.remote_ip, message.helo, message.mail_from))
     verdict["rechecks"] = rechecks
+    # What IMAP and POP3 serve stays the copy they were first given: content never changes
+    # under a UID (RFC 3501 section 2.3.1.1). The API and search get the new verdict.
+    verdict.pop("presented", None)
+    served = (message.authentication or {}).get("presented")
+    if served:
+        verdict["presented"] = served
     summary = verdict_summary(verdict)
     with transaction.atomic():
         claimed = (

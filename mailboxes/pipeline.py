@@ -32,7 +32,7 @@ from mailboxes.authentication import Envelope, message_authentication_fields, ve
 from mailboxes.models import Attachment, Message
 from mailboxes.parse import ParsedMessage, Unparseable, message_bytes_parse
 from mailboxes.threads import thread_id_compute
-from mailboxes.waiting import wakes_publish
+from mailboxes.waiting import folder_wake_publish, wakes_publish
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ def message_quarantine(
             mailbox_id=message.mailbox_id,
             message_id=message.pk,
         )
+        if message.mailbox_id is not None:
+            # A stored message no longer holds back the later ones IMAP and POP3 show.
+            folder_wake_publish(tenant_id=message.tenant_id, mailbox_id=message.mailbox_id)
     PARSED.labels("quarantined").inc()
     logger.warning("quarantined %s: %s", message_id, reason, extra={"trace_id": message.trace_id})
     return True
@@ -271,7 +274,7 @@ def _write(batch: list[_Prepared], *, index: bool) -> dict[str, str]:
             row.pk: row
             for row in Message.objects.select_for_update()
             .filter(pk__in=[item.message.pk for item in batch], state=Message.State.STORED, mailbox__isnull=False)
-            .only("pk", "tenant_id", "mailbox_id", "trace_id", "rcpt", "tags")
+            .only("pk", "tenant_id", "mailbox_id", "trace_id", "rcpt", "tags", "imap_presentation")
             .order_by("pk")
         }
         attachments: list[Attachment] = []
@@ -282,6 +285,10 @@ def _write(batch: list[_Prepared], *, index: bool) -> dict[str, str]:
                 continue
             fields = _fields(item, claimed, index=index, now=now)
             updates: dict[str, object] = dict(fields)
+            if claimed.imap_presentation is not None:
+                # Shown over IMAP and POP3 before this parse (mailboxes.presentation): that
+                # copy stays what they serve, whatever the verdict now puts first.
+                updates.pop("imap_presentation", None)
             if index:
                 updates["indexed_at"] = now
                 if connection.vendor == "postgresql":
@@ -309,6 +316,9 @@ def _write(batch: list[_Prepared], *, index: bool) -> dict[str, str]:
                     )
                 )
                 wakes.append((claimed.tenant_id, claimed.mailbox_id, claimed.pk))
+            else:
+                # IMAP and POP3 show a message once parsed (its copy is settled), indexed or not.
+                folder_wake_publish(tenant_id=claimed.tenant_id, mailbox_id=claimed.mailbox_id)
         Attachment.objects.bulk_create(attachments)
         events_record(specs)
         # Sent after the commit, so a waiter never sees a message that is not there yet.

@@ -111,8 +111,12 @@ def message_index(self, message_id: str) -> None:  # type: ignore[no-untyped-def
 
 @shared_task(name="mailboxes.tasks.messages_stuck_sweep", ignore_result=True, soft_time_limit=120, time_limit=180)
 def messages_stuck_sweep() -> None:
-    """Re-enqueue messages sitting in ``stored`` or ``parsed`` too long (the database decides)."""
+    """Re-enqueue messages sitting in ``stored`` or ``parsed`` too long (the database decides),
+    and let IMAP and POP3 show those stuck unparsed for long (mailboxes.presentation)."""
+    from mailboxes.presentation import messages_unverified_settle
+
     retention.messages_stuck_requeue()
+    messages_unverified_settle()
 
 
 @shared_task(name="mailboxes.tasks.messages_retention_sweep", ignore_result=True, soft_time_limit=600, time_limit=900)

@@ -95,6 +95,24 @@ def wakes_publish(messages: list[tuple[UUID, UUID, UUID]]) -> None:
     transaction.on_commit(notify, robust=True)
 
 
+def folder_wake_publish(*, tenant_id: UUID, mailbox_id: UUID) -> None:
+    """Tell the mailbox's IMAP and POP3 sessions (``m:`` waiters) to look at the folder again,
+    without announcing a message: one left ``stored`` (quarantined, or shown unparsed,
+    mailboxes.presentation), or parsed but not indexed, may let IMAP show later ones. API
+    waiters wake and sleep again without a read (their answer waits for ``indexer.indexed``)."""
+    if connection.vendor != "postgresql":
+        return
+    payload = f"{tenant_id} {mailbox_id} -"
+
+    def notify() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)", [CHANNEL, payload]
+            )
+
+    transaction.on_commit(notify, robust=True)
+
+
 # --- The bounded pool for the waiters' database work --------------------------------------
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -274,6 +292,11 @@ class WakeHub:
     def _dispatch(self, payload: str) -> None:
         parts = payload.split(" ")
         if len(parts) != 3:
+            return
+        if parts[2] == "-":  # folder_wake_publish: the folder's sessions look again
+            self.generation += 1
+            for waiter in self.waiters.get(f"m:{parts[1]}", ()):
+                waiter.event.set()
             return
         try:
             message_id = UUID(parts[2])

@@ -60,6 +60,8 @@ def test_it_verifies_a_temperror_verdict_again_once_the_dns_answers(
         _servfail(zone, outage)
         message = helpers.deliver(mailbox, raw)
     assert (message.auth_spf, message.auth_dkim, message.auth_dmarc) == ("temperror", "temperror", "temperror")
+    served = message.authentication["presented"]  # what IMAP and POP3 serve from now on
+    assert "spf=temperror" in served["field"]
     due_in = (message.auth_recheck_at - timezone.now()).total_seconds()
     assert authentication.RECHECK_DELAYS[0] - 5 < due_in <= authentication.RECHECK_DELAYS[0]
     assert authentication.messages_reverify_due() == 0  # not due yet
@@ -76,6 +78,8 @@ def test_it_verifies_a_temperror_verdict_again_once_the_dns_answers(
     ours = [value for name, value in message.headers if name.lower() == "authentication-results"]
     assert ours == [message.authentication_results]
     assert Message.objects.filter(pk=message.pk, auth_dmarc="pass").exists()
+    # The copy IMAP and POP3 serve does not change under its UID (RFC 3501 section 2.3.1.1).
+    assert message.authentication["presented"] == served
 
 
 def test_it_gives_up_after_the_last_recheck_and_keeps_the_last_verdict(
