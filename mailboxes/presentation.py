@@ -9,21 +9,30 @@ unparsed (the worker down, clamd holding it) would hold back every later one: pa
 :data:`UNVERIFIED_SHOWN_AFTER` the stuck sweeper settles its copy without a verdict (the
 fields claiming our authserv-id left out, nothing put first) in ``Message.imap_presentation``,
 and the parse that comes later keeps that copy.
+
+Verdicts stored before IMAP and POP3 presented them lack ``presented``: those messages were
+served as stored. :func:`messages_presentation_backfill` (migration 0016) works their copy out
+and, since it is not the one clients were given, numbers them again (new UIDs at the top of
+their mailbox: clients see the old ones expunged and the new copies arrive).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 from django.db import transaction
 from django.utils import timezone
 from prometheus_client import Counter
 
-from mailboxes.authentication import presentation_unverified
-from mailboxes.models import Message
+from mailboxes import blobs
+from mailboxes.authentication import presentation_of, presentation_unverified
+from mailboxes.models import Mailbox, Message
 from mailboxes.pipeline import RawMissing, raw_read
+from mailboxes.uids import mailbox_uids_take
 from mailboxes.waiting import folder_wake_publish
 
 logger = logging.getLogger(__name__)
@@ -87,3 +96,81 @@ def message_unverified_settle(*, message_id: UUID | str) -> bool:
     SHOWN_UNVERIFIED.inc()
     logger.warning("%s shown over IMAP and POP3 unparsed", message_id, extra={"trace_id": claimed.trace_id})
     return True
+
+
+# --- Verdicts stored before their presentation --------------------------------------------
+BACKFILL_BATCH = 500
+
+
+def messages_presentation_backfill(
+    *, batch: int = BACKFILL_BATCH, message_model: Any = Message, mailbox_model: Any = Mailbox
+) -> int:
+    """Give every live message whose verdict lacks ``presented`` its presentation (our
+    Authentication-Results first, forged ones left out) and a new UID; returns how many.
+
+    A new UID, because its bytes change: the content under a UID never does (RFC 3501 section
+    2.3.1.1). Batches of ``batch`` messages in primary-key order, each read from blob storage
+    outside any transaction, then written in one transaction that locks their mailboxes (in id
+    order, as the drainers do) and the rows, still lacking ``presented``. A message whose raw
+    object cannot be read is left as it is (served as stored). The model arguments let the
+    migration pass its historical models.
+    """
+    done = 0
+    last: UUID | None = None
+    while True:
+        pending = (
+            message_model.objects.filter(
+                state__in=[Message.State.PARSED, Message.State.INDEXED],  # what IMAP and POP3 serve
+                authentication__isnull=False,
+                imap_presentation__isnull=True,
+                uid__isnull=False,
+                mailbox__isnull=False,
+                deleted_at__isnull=True,
+            )
+            .exclude(authentication__has_key="presented")
+            .order_by("pk")
+        )
+        if last is not None:
+            pending = pending.filter(pk__gt=last)
+        found = list(pending.only("pk", "storage_key", "authentication")[:batch])
+        if not found:
+            return done
+        last = found[-1].pk
+        worked: dict[UUID, dict[str, Any]] = {}
+        for message in found:
+            header = (message.authentication or {}).get("header")
+            if not header:
+                continue
+            try:
+                worked[message.pk] = presentation_of(blobs.blob_get(message.storage_key), str(header))
+            except Exception as exc:
+                logger.warning("presentation of %s not backfilled: %s", message.pk, type(exc).__name__)
+        if worked:
+            done += _presentations_write(worked, message_model, mailbox_model)
+
+
+def _presentations_write(worked: dict[UUID, dict[str, Any]], message_model: Any, mailbox_model: Any) -> int:
+    written = 0
+    with transaction.atomic():
+        mailbox_ids = sorted(
+            set(message_model.objects.filter(pk__in=list(worked)).values_list("mailbox_id", flat=True)) - {None}
+        )
+        list(mailbox_model.objects.select_for_update().filter(pk__in=mailbox_ids).order_by("pk").values_list("pk"))
+        rows = (
+            message_model.objects.select_for_update()
+            .filter(pk__in=list(worked), uid__isnull=False, mailbox__isnull=False, deleted_at__isnull=True)
+            .only("pk", "tenant_id", "mailbox_id", "uid", "authentication")
+            .order_by("pk")
+        )
+        by_mailbox: dict[UUID, list[Any]] = defaultdict(list)
+        for row in rows:
+            if row.authentication and "presented" not in row.authentication:
+                by_mailbox[row.mailbox_id].append(row)
+        for mailbox_id in sorted(by_mailbox):
+            messages = sorted(by_mailbox[mailbox_id], key=lambda row: row.uid)
+            for row, uid in zip(messages, mailbox_uids_take(mailbox_id, len(messages)), strict=True):
+                verdict = {**row.authentication, "presented": worked[row.pk]}
+                message_model.objects.filter(pk=row.pk).update(uid=uid, authentication=verdict)
+                written += 1
+            folder_wake_publish(tenant_id=messages[0].tenant_id, mailbox_id=mailbox_id)
+    return written

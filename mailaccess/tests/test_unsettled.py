@@ -187,3 +187,44 @@ def test_it_appends_verified_and_answers_with_a_uid_the_client_can_fetch(
     assert data.startswith(message.authentication["presented"]["field"].encode()) and FORGED.encode() not in data
     assert size == len(data)
     client.logout()
+
+
+def test_it_backfills_old_verdicts_under_new_uids_so_no_copy_changes_under_its_uid(
+    world: Any, zone: Any, imap_server: ServerThread
+) -> None:
+    import importlib
+
+    from django.apps import apps
+
+    from mailboxes.presentation import messages_presentation_backfill
+
+    old = [_parse(_stored(world, subject, forged=True)) for subject in ("Old one", "Old two")]
+    recent = _parse(_stored(world, "Recent"))
+    old.append(_parse(_stored(world, "Old three")))
+    for message in old:  # verdicts stored before IMAP presented them
+        verdict = {key: value for key, value in message.authentication.items() if key != "presented"}
+        Message.objects.filter(pk=message.pk).update(authentication=verdict)
+    client = _imap(imap_server, world)
+    client.select_folder("INBOX")
+    before = _bodies(client, [1, 2, 3, 4])
+    assert before[1][1] == blobs.blob_get(old[0].storage_key)  # served as stored until now
+
+    assert messages_presentation_backfill(batch=2) == 3
+    _text, responses = client.noop()
+    assert responses == [(4, b"EXPUNGE"), (2, b"EXPUNGE"), (1, b"EXPUNGE"), (4, b"EXISTS")]
+    assert client.search() == [3, 5, 6, 7]  # the recent one kept its UID; the others, in order, anew
+    renumbered = {message.subject: message for message in Message.objects.filter(pk__in=[m.pk for m in old])}
+    assert [renumbered[subject].uid for subject in ("Old one", "Old two", "Old three")] == [5, 6, 7]
+    after = _bodies(client, [3, 5, 6, 7])
+    assert after[3] == before[3]
+    for uid, message in zip((5, 6, 7), old, strict=True):
+        size, data = after[uid]
+        field = renumbered[message.subject].authentication["presented"]["field"]
+        assert data.startswith(field.encode()) and FORGED.encode() not in data and size == len(data)
+    assert recent.uid == 3
+    # The migration runs the same backfill with its models, and there is nothing left to do.
+    migration = importlib.import_module("mailboxes.migrations.0016_verdicts_presentation_backfill")
+    migration.backfill(apps, None)
+    assert _bodies(client, [3, 5, 6, 7]) == after
+    assert Message.objects.get(pk=old[0].pk).uid == 5
+    client.logout()
