@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.db.models.expressions import RawSQL
 
 from audit.models import Event
 from mailboxes import blobs, pipeline
@@ -74,14 +73,14 @@ def test_a_search_document_refused_in_a_batch_keeps_that_parse_and_writes_the_ot
     before = message_store(world.mailbox, simple_message("Before"))
     refused = message_store(world.mailbox, simple_message("Refused document"))
     after = message_store(world.mailbox, simple_message("After"))
-    real = pipeline.search_vector_of
+    real = pipeline.search_texts
 
-    def search_vector_of(fields: dict[str, Any]) -> Any:
-        if fields["subject"] == "Refused document":  # what PostgreSQL answers a document over its limit
-            return RawSQL("to_tsvector('simple', (1 / 0)::text)", [])
+    def search_texts(fields: dict[str, Any]) -> tuple[str, str, str]:
+        if fields["subject"] == "Refused document":  # a search text PostgreSQL does not take
+            return ("\x00", "", "")
         return real(fields)
 
-    monkeypatch.setattr(pipeline, "search_vector_of", search_vector_of)
+    monkeypatch.setattr(pipeline, "search_texts", search_texts)
 
     result = pipeline.messages_parse(message_ids=[before.pk, refused.pk, after.pk])
 
@@ -100,3 +99,22 @@ def test_a_message_whose_mailbox_went_meanwhile_is_skipped(world: Any) -> None:
 
     assert result.outcomes == {str(kept.pk): "indexed", str(orphan.pk): "skipped"}
     assert _states(kept, orphan) == ["indexed", "stored"]
+
+
+def test_it_writes_the_search_document_the_index_step_would_build_from_the_row(world: Any) -> None:
+    from mailboxes.pipeline import search_vector_expression
+
+    messages = [
+        message_store(world.mailbox, fixture_bytes("nested_multipart.eml")),
+        message_store(world.mailbox, simple_message("Invoice 2231 for Ada", "Your code 482913, thanks")),
+    ]
+
+    pipeline.messages_parse(message_ids=[message.pk for message in messages])
+
+    rows = Message.objects.filter(pk__in=[message.pk for message in messages]).annotate(
+        expected=search_vector_expression()
+    )
+    for row in rows:
+        assert row.search_vector and str(row.search_vector) == str(row.expected)
+    found = Message.objects.filter(search_vector="482913").values_list("pk", flat=True)
+    assert list(found) == [messages[1].pk]
