@@ -84,6 +84,7 @@ _COMMENT_OR_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")|\((?:[^()]|\([^()]*\))*\)'
 _RECEIVER_KEY = re.compile(r'(?:^|[;\s])receiver\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;]+))', re.IGNORECASE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _ARC_SEAL = re.compile(rb"(?im)^arc-seal[ \t]*:")
+_DKIM_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 SOURCES_WITH_SENDER_IP = frozenset({"smtp"})
 # The result words each mechanism can have (RFC 8601 section 2.7, RFC 8617 section 4.4);
 # DKIM's "none" is the summary of a message without a signature.
@@ -296,6 +297,8 @@ def spf_verify(envelope: Envelope) -> dict[str, Any] | None:
 
 def dkim_verify(raw: bytes) -> list[dict[str, Any]]:
     """One verdict per DKIM-Signature (the first MAX_SIGNATURES), top to bottom."""
+    if not _DKIM_SIGNATURE.search(header_block(raw)):  # unsigned: no second parse of the whole message
+        return []
     try:
         verifier = dkim.DKIM(raw, logger=_LIBRARY_LOG, minkey=1024, timeout=settings.AUTH_DNS_TIMEOUT)
     except dkim.DKIMException as exc:
