@@ -417,6 +417,30 @@ def end_to_end(rate: int, seconds: float, worker_threads: int) -> dict[str, Any]
     }
 
 
+def parser_reference(count: int = 500) -> float:
+    """The issue's same-run reference: mail-parser alone (``mailparser.parse_from_bytes``) on
+    messages shaped like the end-to-end ones, msg/s per CPU-second (best of three passes)."""
+    from email.message import EmailMessage
+
+    import mailparser
+
+    raws = []
+    for number in range(count):
+        message = EmailMessage()
+        message["From"] = "sender@example.org"
+        message["To"] = "inbox@e2e.bench.test"
+        message["Subject"] = f"bench {number} code 123456"
+        message.set_content(f"Hello {number}. Your code is 123456.\n")
+        raws.append(message.as_bytes())
+    best = 0.0
+    for _ in range(3):
+        started = time.process_time()
+        for raw in raws:
+            mailparser.parse_from_bytes(raw)
+        best = max(best, count / max(time.process_time() - started, 1e-9))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=3000)
@@ -462,6 +486,11 @@ def main() -> None:
         print(
             f"  of which event recorded -> webhook received: p50 {e2e['event_to_webhook_p50_seconds']} s, "
             f"p95 {e2e['event_to_webhook_p95_seconds']} s"
+        )
+        reference = e2e["reference_per_cpu_second"] = round(parser_reference(), 1)
+        print(
+            f"  reference, mail-parser alone on messages of this shape: {reference} msg/s per CPU-second"
+            f" (one third: {reference / 3:.0f} msg/s); load average {os.getloadavg()}"
         )
     print(json.dumps(report))
 
