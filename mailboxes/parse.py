@@ -318,8 +318,19 @@ def _defects(message: Message) -> list[str]:
     return sorted(_clean(name, 100) for name in names)[:50]
 
 
+def _declares_many_boundaries(raw: bytes) -> bool:
+    """Whether more than MAX_NESTING boundaries are declared. Each declaration holds an "=" and
+    the word "boundary", so counting those first (a pass in C each, a few microseconds) spares
+    the case-insensitive regex, which cost a third of a millisecond per 10 KiB, for nearly all mail."""
+    return (
+        raw.count(b"=") > MAX_NESTING
+        and raw.lower().count(b"boundary") > MAX_NESTING
+        and len(_BOUNDARY_DECLARATION.findall(raw)) > MAX_NESTING
+    )
+
+
 def _message_from_bytes(raw: bytes) -> Message:
-    if len(_BOUNDARY_DECLARATION.findall(raw)) > MAX_NESTING and _nesting_depth(raw) > MAX_NESTING:
+    if _declares_many_boundaries(raw) and _nesting_depth(raw) > MAX_NESTING:
         raise Unparseable(f"MIME nesting deeper than {MAX_NESTING} levels")
     try:
         # compat32: the tolerant parser that never raises on a header; the text is decoded by us.
