@@ -25,6 +25,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from prometheus_client import Counter
 
@@ -109,14 +110,15 @@ def messages_presentation_backfill(
     Authentication-Results first, forged ones left out) and a new UID; returns how many.
 
     A new UID, because its bytes change: the content under a UID never does (RFC 3501 section
-    2.3.1.1). Batches of ``batch`` messages in primary-key order, each read from blob storage
-    outside any transaction, then written in one transaction that locks their mailboxes (in id
-    order, as the drainers do) and the rows, still lacking ``presented``. A message whose raw
-    object cannot be read is left as it is (served as stored). The model arguments let the
-    migration pass its historical models.
+    2.3.1.1). Batches of ``batch`` messages in mailbox and UID order (so they keep their order
+    under the new UIDs; one renumbered has ``presented`` and is not taken again), each read
+    from blob storage outside any transaction, then written in one transaction that locks
+    their mailboxes (in id order, as the drainers do) and the rows, still lacking
+    ``presented``. A message whose raw object cannot be read is left as it is (served as
+    stored). The model arguments let the migration pass its historical models.
     """
     done = 0
-    last: UUID | None = None
+    last: tuple[UUID, int] | None = None
     while True:
         pending = (
             message_model.objects.filter(
@@ -128,14 +130,14 @@ def messages_presentation_backfill(
                 deleted_at__isnull=True,
             )
             .exclude(authentication__has_key="presented")
-            .order_by("pk")
+            .order_by("mailbox_id", "uid")
         )
         if last is not None:
-            pending = pending.filter(pk__gt=last)
-        found = list(pending.only("pk", "storage_key", "authentication")[:batch])
+            pending = pending.filter(Q(mailbox_id__gt=last[0]) | Q(mailbox_id=last[0], uid__gt=last[1]))
+        found = list(pending.only("pk", "mailbox_id", "uid", "storage_key", "authentication")[:batch])
         if not found:
             return done
-        last = found[-1].pk
+        last = (found[-1].mailbox_id, found[-1].uid)
         worked: dict[UUID, dict[str, Any]] = {}
         for message in found:
             header = (message.authentication or {}).get("header")
