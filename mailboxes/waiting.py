@@ -80,9 +80,14 @@ def wake_publish(*, tenant_id: UUID, mailbox_id: UUID, message_id: UUID) -> None
 def wakes_publish(messages: list[tuple[UUID, UUID, UUID]]) -> None:
     """:func:`wake_publish` for several ``(tenant, mailbox, message)`` at once: one statement
     after the commit (a parse batch's), however many messages it announces."""
-    if connection.vendor != "postgresql" or not messages:
+    if messages:
+        _notify_on_commit([f"{tenant_id} {mailbox_id} {message_id}" for tenant_id, mailbox_id, message_id in messages])
+
+
+def _notify_on_commit(payloads: list[str]) -> None:
+    """NOTIFY the payloads in one statement after the commit (PostgreSQL only)."""
+    if connection.vendor != "postgresql":
         return
-    payloads = [f"{tenant_id} {mailbox_id} {message_id}" for tenant_id, mailbox_id, message_id in messages]
 
     def notify() -> None:
         with connection.cursor() as cursor:
@@ -100,17 +105,7 @@ def folder_wake_publish(*, tenant_id: UUID, mailbox_id: UUID) -> None:
     without announcing a message: one left ``stored`` (quarantined, or shown unparsed,
     mailboxes.presentation), or parsed but not indexed, may let IMAP show later ones. API
     waiters wake and sleep again without a read (their answer waits for ``indexer.indexed``)."""
-    if connection.vendor != "postgresql":
-        return
-    payload = f"{tenant_id} {mailbox_id} -"
-
-    def notify() -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)", [CHANNEL, payload]
-            )
-
-    transaction.on_commit(notify, robust=True)
+    _notify_on_commit([f"{tenant_id} {mailbox_id} -"])
 
 
 # --- The bounded pool for the waiters' database work --------------------------------------
