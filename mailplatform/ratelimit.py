@@ -10,11 +10,15 @@ use). It assumes the previous window's uses were spread evenly: a burst at the e
 window is still counted at almost its full weight just after the boundary, and fades out
 over the next window. A refused use is not counted, so a client retrying while refused
 does not push the end of its own refusal out.
+
+Each window's counter expires at a fixed time (two windows after its start), set again on
+every change: Django's file and database caches implement ``incr``/``decr`` as a get and a
+``set`` with the cache's default timeout (300 s), which would otherwise make a count of a
+longer window vanish five minutes after its last use (Redis and locmem keep the TTL).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -30,6 +34,18 @@ def _key(scope: str, subject: str, window: int, index: int) -> str:
     return f"rl:{scope}:{digest}:{window}:{index}"
 
 
+def count_add(key: str, delta: int, *, timeout: int) -> int | None:
+    """Add ``delta`` to the cached counter at ``key`` and keep it ``timeout`` more seconds;
+    the new count, or None if the key is missing (expired)."""
+    try:
+        count = int(cache.incr(key, delta))
+    except ValueError:
+        return None
+    # incr may have stored the value again with the default timeout: restore the counter's end.
+    cache.touch(key, timeout=max(1, timeout))
+    return count
+
+
 def _state(scope: str, subject: str, window: int) -> tuple[str, int, float, float]:
     """The current window's key, the previous window's count, the previous window's weight
     and the seconds elapsed in the current window."""
@@ -43,18 +59,18 @@ def _state(scope: str, subject: str, window: int) -> tuple[str, int, float, floa
 def hit(scope: str, subject: str, *, limit: int, window: int) -> bool:
     """Count one use; False (and not counted) once ``subject`` would have used ``scope``
     more than ``limit`` times in the last ``window`` seconds (sliding approximation)."""
-    key, previous, weight, _elapsed = _state(scope, subject, window)
-    # Kept two windows: the next window still weighs this one.
-    cache.add(key, 0, timeout=2 * window + 5)
-    try:
-        count = cache.incr(key)
-    except ValueError:  # expired between add and incr
-        cache.set(key, 1, timeout=2 * window + 5)
+    key, previous, weight, elapsed = _state(scope, subject, window)
+    # Kept two windows from its start: the next window still weighs this one.
+    lifetime = math.ceil(2 * window + 5 - elapsed)
+    cache.add(key, 0, timeout=lifetime)
+    count = count_add(key, 1, timeout=lifetime)
+    if count is None:  # expired between add and incr
+        cache.set(key, 1, timeout=lifetime)
         count = 1
     if count + previous * weight <= limit:
         return True
-    with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
-        cache.decr(key)
+    # A refusal is not counted (None: expired meanwhile, nothing left to take back).
+    count_add(key, -1, timeout=lifetime)
     return False
 
 

@@ -6,6 +6,7 @@ on it; a key granted a mailbox sees the bindings of that mailbox. Nothing else.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from django.utils import timezone
 
 from mailboxes.bindings.attribution import provider_filter
 from mailboxes.models import AccountBinding, AccountProvider, Mailbox, MailboxPool, Message, PoolMailbox
+from mailplatform.ratelimit import count_add
 from tenants import keys
 from tenants.access import Principal
 
@@ -221,12 +223,14 @@ _SERVED_BUCKET = 3600
 
 def codes_served_count(pool_id: UUID) -> None:
     """Count one code answered through a binding of this pool (hourly buckets in the cache)."""
-    key = f"pool-codes:{pool_id}:{int(time.time()) // _SERVED_BUCKET}"
-    cache.add(key, 0, timeout=25 * _SERVED_BUCKET)
-    try:
-        cache.incr(key)
-    except ValueError:
-        cache.set(key, 1, timeout=25 * _SERVED_BUCKET)
+    now = time.time()
+    bucket = int(now) // _SERVED_BUCKET
+    key = f"pool-codes:{pool_id}:{bucket}"
+    # Kept until 25 hours after the bucket's start, on every change (ratelimit.count_add).
+    lifetime = math.ceil((bucket + 25) * _SERVED_BUCKET - now)
+    cache.add(key, 0, timeout=lifetime)
+    if count_add(key, 1, timeout=lifetime) is None:
+        cache.set(key, 1, timeout=lifetime)
 
 
 def codes_served_last_day(pool_id: UUID) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import pytest
 
-from mailboxes.bindings import services
+from mailboxes.bindings import selectors, services
 from mailboxes.models import AccountBinding, MailboxPool
 from mailboxes.tests.helpers import message_deliver, simple_message
 from tenants.access import Principal
@@ -204,3 +206,36 @@ def test_it_needs_codes_read_for_the_proxy(world, permission):
     response = _code(world, secret, bound.link)
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "missing_permission"
+
+
+def test_it_keeps_the_codes_served_count_past_the_file_caches_default_timeout(tmp_path: Any, settings: Any) -> None:
+    # Django's file cache stores an incr again with its default timeout (here one second).
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(tmp_path),
+            "TIMEOUT": 1,
+        }
+    }
+    pool_id = uuid.uuid4()
+    selectors.codes_served_count(pool_id)
+    selectors.codes_served_count(pool_id)
+    time.sleep(1.5)
+    assert selectors.codes_served_last_day(pool_id) == 2
+
+
+def test_it_reaches_an_account_whose_ref_holds_a_slash_through_its_percent_encoded_path(world):
+    """A host's own account id is opaque: ``a/b?c`` is bound, and found again by its
+    percent-encoded path (a slash in it decoded by the server before routing)."""
+    from urllib.parse import quote
+
+    _providers(world)
+    pool = _pool(world, size=3)
+    accounts = {"a/b?c": "135790", "/lead/and/trailing/": "246802", "codes/latest": "112358"}
+    for account, code in accounts.items():
+        _send(_bind(world, pool, account, "github").binding, "github", code)
+    client = world.client(_codes_key(world))
+    for account, code in accounts.items():
+        response = client.get(f"/api/v1/accounts/{quote(account, safe='')}/codes/latest/")
+        assert response.status_code == 200, (account, response.content)
+        assert (response.json()["account_ref"], response.json()["code"]) == (account, code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -108,3 +109,31 @@ def test_it_answers_retry_after_until_a_temporary_inbox_is_allowed_again(
     assert refused.status_code == 429
     # 2 * (1 - t / 3600) <= 1 at t = 1800 into the new hour.
     assert refused["Retry-After"] == str(1800 - 60)
+
+
+def _cache_of(kind: str, tmp_path: Any, settings: Any) -> dict[str, Any]:
+    """A cache of each backend the settings may choose, whose default timeout (the one Django's
+    file cache ``incr`` stores again) is one second, so losing a window's TTL shows at once."""
+    backends = {
+        "file": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(tmp_path)},
+        "locmem": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "ratelimit-ttl"},
+        "redis": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": settings.CELERY_BROKER_URL,
+            "KEY_PREFIX": f"test-ttl-{uuid.uuid4()}",
+        },
+    }
+    return {"default": {**backends[kind], "TIMEOUT": 1}}
+
+
+@pytest.mark.parametrize("kind", ["file", "locmem", "redis"])
+def test_it_keeps_counting_a_window_longer_than_the_caches_default_timeout(
+    kind: str, tmp_path: Any, settings: Any
+) -> None:
+    settings.CACHES = _cache_of(kind, tmp_path, settings)
+    subject = f"ttl-{uuid.uuid4()}"
+    assert all(ratelimit.hit("test", subject, limit=3, window=3600) for _ in range(3))
+    assert not ratelimit.hit("test", subject, limit=3, window=3600)  # a refusal takes its count back (decr)
+    time.sleep(1.5)  # past the cache's default timeout, well inside the hour
+    assert ratelimit.used("test", subject, window=3600) == 3
+    assert not ratelimit.hit("test", subject, limit=3, window=3600)
