@@ -29,7 +29,7 @@ from mailboxes.api.message_serializers import MessageDetailSerializer
 from mailboxes.models import Message
 from mailboxes.search import QuerySyntaxError, query_parse
 from mailplatform.api import error_body
-from mailplatform.unavailable import DATABASE_UNAVAILABLE, database_unavailable_response
+from mailplatform.unavailable import DATABASE_UNAVAILABLE, database_unavailable_response, is_database_unavailable
 from tenants.access import IpNotAllowed, Permission, Principal, TenantSuspended, principal_ensure_usable
 from tenants.services import KeyRejected, api_key_authenticate
 
@@ -196,6 +196,8 @@ class WaitingView(View):
             except ApiError as error:
                 response = error.response()
             except DATABASE_UNAVAILABLE as error:  # no middleware here to answer it
+                if not is_database_unavailable(error):
+                    raise  # an error of ours: a 500, logged with its traceback
                 response = database_unavailable_response(request, error)
         response["X-Request-ID"] = correlation
         response["Cache-Control"] = "no-store"
