@@ -6,7 +6,7 @@ from uuid import UUID
 
 from django.db.models import QuerySet
 
-from outbound.models import DkimKey, OutboundMessage, Suppression
+from outbound.models import DkimKey, DomainSending, OutboundMessage, Suppression
 from tenants.access import Principal
 from tenants.models import Domain
 
@@ -32,3 +32,10 @@ def outbound_message_list(principal: Principal) -> QuerySet[OutboundMessage]:
 def suppression_list(principal: Principal) -> QuerySet[Suppression]:
     """The tenant's suppression list (tenant-wide: a key scoped to a domain or mailbox sees none)."""
     return principal.scope(Suppression.objects.all())
+
+
+def domain_any_local_part(principal: Principal, domain: Domain) -> bool:
+    """Whether any address of ``domain`` may send (its DomainSending policy), or only its
+    mailboxes' (no policy row is the default: only mailboxes). ``domain`` is one the caller
+    got through the principal's scope; whoever may see it may read its policy."""
+    return DomainSending.objects.filter(tenant_id=principal.tenant_id, domain=domain, any_local_part=True).exists()

@@ -29,7 +29,7 @@ from outbound.api.serializers import (
     SuppressionCreateSerializer,
     SuppressionSerializer,
 )
-from outbound.models import DkimKey, DomainSending, OutboundMessage, Recipient, Suppression
+from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
 from tenants.access import Permission
 from tenants.api.views import principal_of
 from tenants.models import Domain
@@ -253,8 +253,7 @@ class DomainSendingView(APIView):
     @extend_schema(operation_id="domains_sending_retrieve", responses=DomainSendingSerializer)
     def get(self, request: Request, domain_id: UUID) -> Response:
         domain = self._domain(domain_id, writable=False)
-        policy = DomainSending.objects.filter(domain=domain).first()
-        return Response({"any_local_part": bool(policy and policy.any_local_part)})
+        return Response({"any_local_part": selectors.domain_any_local_part(principal_of(request), domain)})
 
     @extend_schema(
         operation_id="domains_sending_update", request=DomainSendingSerializer, responses=DomainSendingSerializer

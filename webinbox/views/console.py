@@ -30,6 +30,8 @@ from mailboxes import selectors as mailbox_selectors
 from mailboxes import services as mailbox_services
 from mailboxes.bindings import selectors as binding_selectors
 from mailplatform.streams import stream_for
+from outbound import selectors as outbound_selectors
+from outbound import services as outbound_services
 from tenants import selectors as tenant_selectors
 from tenants import services as tenant_services
 from tenants.access import (
@@ -189,6 +191,15 @@ def domain_detail(request: HttpRequest, principal: Principal, domain_id: str) ->
                 flash.success(
                     request, "DMARC failures under p=reject are now " + ("refused." if enabled else "accepted.")
                 )
+            elif action == "any_local_part":
+                enabled = request.POST.get("enabled") == "1"
+                outbound_services.domain_sending_set(principal=principal, domain=domain, any_local_part=enabled)
+                flash.success(
+                    request,
+                    f"Any address of {domain.name} may now send."
+                    if enabled
+                    else f"Only the mailboxes of {domain.name} may send now.",
+                )
             elif action == "delete":
                 tenant_services.domain_delete(principal=principal, domain=domain)
                 flash.success(request, f"{domain.name} removed.")
@@ -200,7 +211,17 @@ def domain_detail(request: HttpRequest, principal: Principal, domain_id: str) ->
         ("MX", domain.name, f"10 {host}") for host in settings.MX_HOSTS
     ]
     mailboxes = mailbox_selectors.mailbox_list(principal, domain_id=domain.pk)[:100]
-    return _page(request, principal, "domain.html", "domains", domain=domain, records=records, mailboxes=mailboxes)
+    return _page(
+        request,
+        principal,
+        "domain.html",
+        "domains",
+        domain=domain,
+        records=records,
+        mailboxes=mailboxes,
+        any_local_part=outbound_selectors.domain_any_local_part(principal, domain),
+        may_manage_domain=principal.may_manage_domain(domain.pk),
+    )
 
 
 # --- Mailboxes --------------------------------------------------------------------------
