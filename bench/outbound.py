@@ -7,10 +7,16 @@ Phase 1, accept: uvicorn (``--web-workers`` processes) takes ``--api`` JSON send
 from ``--threads`` keep-alive connections, then ``runsmtp --submission`` takes ``--smtp``
 messages over ``--smtp-connections`` sessions (STARTTLS and AUTH once per session). No worker
 runs yet: each answer means the message and its recipient are committed, nothing more.
-Phase 2, deliver: one Celery worker process (thread pool, ``--worker-threads``) on the
-``outbound`` queue signs every message with the domain's RSA 2048 key and hands it to Postfix
-(the smarthost), which relays to an aiosmtpd sink. The rate runs from the worker's start to
-the sink's last arrival; every 25th message is verified there with dkimpy.
+Phase 2, deliver: a Celery worker on the ``outbound`` queue, prefork with
+``--worker-processes`` children as ``make run`` and compose run it (or one process with a
+thread pool of ``--worker-threads``, when given), signs every message with the domain's RSA
+2048 key and hands it to Postfix (the smarthost), which relays to an aiosmtpd sink. The rate
+runs from the worker's start to the sink's last arrival; every 25th message is verified there
+with dkimpy.
+
+``--py-spy DIR`` records each phase's server with py-spy (raw collapsed stacks, idle threads
+left out, child processes included): ``DIR/api.txt`` (uvicorn), ``DIR/smtp.txt`` (runsmtp
+--submission), ``DIR/deliver.txt`` (the worker), and prints where each spent its samples.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/mp_bench_outbound \\
     CELERY_BROKER_URL=redis://127.0.0.1:6379/13 DATA_DIR=var/bench-outbound \\
@@ -50,6 +56,73 @@ os.environ.setdefault("OUTBOUND_BOUNCE_DOMAIN", "bounces.bench.test")
 BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 180)[: 10 * 1024]
 # SMTP lines stay within 998 characters (RFC 5322 section 2.1.1): 76 a line, as mail clients do.
 BODY_LINES = "\r\n".join(BODY[start : start + 76] for start in range(0, len(BODY), 76))
+
+
+class Profiler:
+    """``py-spy record`` on one process tree for as long as a phase lasts (SIGINT writes it)."""
+
+    def __init__(self, folder: str, name: str, pid: int) -> None:
+        self.path = Path(folder) / f"{name}.txt"
+        self.process: subprocess.Popen[bytes] | None = None
+        if folder:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--subprocesses",
+                 "--format", "raw", "--nolineno", "--nonblocking", "--rate", "100", "--output", str(self.path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.5)  # attached before the phase starts
+
+    def stop(self) -> list[str]:
+        if self.process is None:
+            return []
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return stack_shares(self.path) if self.path.exists() else []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live children so far: what a phase costs
+    its server, which the shared machine's load does not inflate as it does wall-clock rates."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def stack_shares(path: Path, top: int = 30) -> list[str]:
+    """Where the samples went: each function's share as the innermost frame (self) and on the
+    stack at all (total), highest total first, the process and thread frames left out."""
+    own: dict[str, int] = {}
+    anywhere: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = [frame for frame in stack.split(";") if not frame.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        count = int(number)
+        samples += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            anywhere[frame] = anywhere.get(frame, 0) + count
+    ranked = sorted(anywhere, key=lambda frame: -anywhere[frame])[:top]
+    lines = [f"{samples} samples; total %, self %, function"]
+    lines += [f"{anywhere[f] * 100 / samples:5.1f} {own.get(f, 0) * 100 / samples:5.1f}  {f}" for f in ranked]
+    by_self = sorted(own, key=lambda frame: -own[frame])[:top]
+    lines += ["highest self:"] + [f"{own[f] * 100 / samples:5.1f}  {f}" for f in by_self]
+    return lines
 
 
 def fresh_database(url: str) -> None:
@@ -223,8 +296,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="API client connections")
     parser.add_argument("--smtp-connections", type=int, default=8)
     parser.add_argument("--web-workers", type=int, default=2)
-    parser.add_argument("--worker-threads", type=int, default=16)
+    parser.add_argument("--worker-processes", type=int, default=2, help="prefork children of the worker")
+    parser.add_argument("--worker-threads", type=int, default=0, help="a thread pool of this size instead")
     parser.add_argument("--reference", type=int, default=600, help="messages of the bare smtplib loop to Postfix")
+    parser.add_argument("--py-spy", default="", metavar="DIR", help="record each phase's server with py-spy")
     options = parser.parse_args()
 
     fresh_database(os.environ["DATABASE_URL"])
@@ -258,29 +333,53 @@ def main() -> None:
         ),
     ]  # fmt: skip
     results: dict[str, Any] = {}
+    profiles: dict[str, list[str]] = {}
     try:
         wait_for_port("127.0.0.1", web_port, timeout=60)
         wait_for_port("127.0.0.1", submission_port, timeout=60)
         time.sleep(2)  # every web worker up
+        profiler = Profiler(options.py_spy, "api", processes[0].pid)
+        cpu = tree_cpu_seconds(processes[0].pid)
         results["accept_api"] = accept_api(
             f"http://127.0.0.1:{web_port}", prepared["secret"], options.api, options.threads
         )
+        results["accept_api"]["server_cpu_ms_per_message"] = round(
+            (tree_cpu_seconds(processes[0].pid) - cpu) * 1000 / options.api, 2
+        )
+        profiles["api"] = profiler.stop()
+        profiler = Profiler(options.py_spy, "smtp", processes[1].pid)
+        cpu = tree_cpu_seconds(processes[1].pid)
         results["accept_smtp"] = accept_smtp(
             submission_port, prepared["secret"], options.smtp, options.smtp_connections
         )
+        results["accept_smtp"]["server_cpu_ms_per_message"] = round(
+            (tree_cpu_seconds(processes[1].pid) - cpu) * 1000 / options.smtp, 2
+        )
+        profiles["smtp"] = profiler.stop()
         total = Recipient.objects.filter(state="queued").count()
         started = time.perf_counter()
+        pool = ["-P", "threads", "-c", str(options.worker_threads)] if options.worker_threads else [
+            "-P", "prefork", "-c", str(options.worker_processes)]  # fmt: skip
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "mailplatform", "worker", "-Q", "outbound", "-P", "threads",
-             "-c", str(options.worker_threads), "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-l", "warning"],
+            [sys.executable, "-m", "celery", "-A", "mailplatform", "worker", "-Q", "outbound", *pool,
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
             cwd=ROOT, env=env, start_new_session=True,
         )  # fmt: skip
         processes.append(worker)
+        profiler = Profiler(options.py_spy, "deliver", worker.pid)
         deadline = time.monotonic() + max(120, total / 5)
+        first: tuple[float, float, int] | None = None  # when delivery began: time, worker CPU, at sink
         while len(sink.handler.received) < total and time.monotonic() < deadline:
-            time.sleep(0.1)
+            if first is None and sink.handler.received:
+                first = (time.perf_counter(), tree_cpu_seconds(worker.pid), len(sink.handler.received))
+            time.sleep(0.05)
         seconds = time.perf_counter() - started
+        # Steady state: from the first arrival at the sink to the last (the worker's boot left out).
+        first = first or (started, 0.0, 0)
+        steady_seconds = time.perf_counter() - first[0]
+        steady_messages = len(sink.handler.received) - first[2]
+        steady_cpu = tree_cpu_seconds(worker.pid) - first[1]
+        profiles["deliver"] = profiler.stop()
         received = list(sink.handler.received)
         record = prepared["record"].encode()
         samples = received[::25]
@@ -293,7 +392,11 @@ def main() -> None:
             "seconds_worker_start_to_last_at_sink": round(seconds, 2),
             "delivered_signed_per_second": round(len(received) / seconds, 1),
             "dkim_verified_samples": f"{verified}/{len(samples)}",
-            "worker_threads": options.worker_threads,
+            "steady_delivered_per_second": round(steady_messages / steady_seconds, 1),
+            "steady_worker_cpu_ms_per_message": round(steady_cpu * 1000 / max(steady_messages, 1), 2),
+            "worker": f"{options.worker_threads} threads"
+            if options.worker_threads
+            else f"prefork, {options.worker_processes} processes",
             "load_average": os.getloadavg()[0],
         }
         if options.reference:
@@ -312,6 +415,10 @@ def main() -> None:
         postfix.stop()
         sink.stop()
         shutil.rmtree(postfix_root, ignore_errors=True)
+    for name, lines in profiles.items():
+        if lines:
+            print(f"{name} profile (py-spy, {Path(options.py_spy) / name}.txt):")
+            print("\n".join(f"    {line}" for line in lines))
     print(json.dumps(results, indent=2))
 
 

@@ -60,6 +60,9 @@ def _rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
 
 
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign  # type: ignore[attr-defined]  # dkimpy resolves it at call time
+# dkimpy parses the PEM (its own pure-Python ASN.1 reader) at every signature: once per key
+# is enough, a sixth of a signature's CPU (the parsed numbers are only read).
+dkim.parse_pem_private_key = lru_cache(maxsize=256)(dkim.parse_pem_private_key)  # type: ignore[attr-defined]
 
 SELECTOR_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 

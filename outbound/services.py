@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from audit.services import EventSpec, audit_entry_record, event_record, events_record
@@ -338,41 +338,46 @@ def _addresses(values: Iterable[str], field_name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Sender:
-    domain: Domain
-    mailbox: Any  # mailboxes.Mailbox or None
+    domain_id: Any
+    mailbox_id: Any  # the sender's mailbox, or None (a domain that allows any local part)
 
 
 def sender_check(principal: Principal, from_address: str) -> Sender:
     """The sender must be a live mailbox of a verified domain this principal may use, or any
     address of such a domain whose sending policy allows any local part (DomainSending) when
-    the principal holds the whole domain.
+    the principal holds the whole domain. One query: the domain in the principal's scope,
+    its policy, and the mailbox in the principal's scope.
 
     Raises :class:`SendRefused` with ``domain_not_verified`` or ``sender_not_allowed``."""
     from mailboxes.models import Mailbox
 
     local, _, domain_name = from_address.rpartition("@")
-    domain = (
-        principal.scope_domains(Domain.objects.select_related("outbound_sending"))
-        .filter(name=domain_name.lower())
-        .first()
+    mailbox = (
+        principal.scope(Mailbox.objects.live(), domain_field="domain", mailbox_field="pk")
+        .filter(domain=OuterRef("pk"), local_part=local.lower())
+        .order_by()
+        .values("pk")[:1]
     )
-    if domain is None or domain.state not in (Domain.State.VERIFIED, Domain.State.MX_LOST):
+    found = (
+        principal.scope_domains(Domain.objects.all())
+        .filter(name=domain_name.lower())
+        .order_by()
+        .annotate(sender_mailbox_id=Subquery(mailbox))
+        .values_list("pk", "state", "outbound_sending__any_local_part", "sender_mailbox_id")[:1]
+    )
+    row = next(iter(found), None)
+    if row is None or row[1] not in (Domain.State.VERIFIED, Domain.State.MX_LOST):
         raise SendRefused(
             "domain_not_verified",
             f"{domain_name} is not a verified domain of this tenant: verify it before sending from it.",
             status=403,
         )
-    mailbox = (
-        principal.scope(Mailbox.objects.live(), domain_field="domain", mailbox_field="pk")
-        .filter(domain=domain, local_part=local.lower())
-        .first()
-    )
-    if mailbox is None:
-        policy = getattr(domain, "outbound_sending", None)
-        if policy is not None and policy.any_local_part and principal.may_use_domain(domain.pk):
-            return Sender(domain=domain, mailbox=None)
+    domain_id, _, any_local_part, mailbox_id = row
+    if mailbox_id is None:
+        if any_local_part and principal.may_use_domain(domain_id):
+            return Sender(domain_id=domain_id, mailbox_id=None)
         raise SendRefused("sender_not_allowed", f"{from_address} is not a mailbox this key may send as.", status=403)
-    return Sender(domain=domain, mailbox=mailbox)
+    return Sender(domain_id=domain_id, mailbox_id=mailbox_id)
 
 
 # One statement bumps the minute's and the day's counters and reads the previous minute's:
@@ -492,8 +497,8 @@ def message_queue(
     with transaction.atomic():
         message = OutboundMessage.objects.create(
             tenant_id=principal.tenant_id,
-            domain=sender.domain,
-            mailbox=sender.mailbox,
+            domain_id=sender.domain_id,
+            mailbox_id=sender.mailbox_id,
             source=source,
             from_address=from_address,
             mail_from=f"bounces@{settings.OUTBOUND_BOUNCE_DOMAIN}",
@@ -526,8 +531,8 @@ def message_queue(
                 type="outbound.queued",
                 data={"outbound_id": str(message.pk), "recipients": len(rows), "source": source},
                 trace_id=str(message.pk),
-                domain_id=sender.domain.pk,
-                mailbox_id=sender.mailbox.pk if sender.mailbox else None,
+                domain_id=sender.domain_id,
+                mailbox_id=sender.mailbox_id,
             )
         ]
         specs += [
@@ -536,7 +541,7 @@ def message_queue(
                 type="outbound.suppressed",
                 data={"outbound_id": str(message.pk), "recipient": row.address},
                 trace_id=str(message.pk),
-                domain_id=sender.domain.pk,
+                domain_id=sender.domain_id,
             )
             for row in rows
             if row.state == Recipient.State.SUPPRESSED
@@ -551,10 +556,12 @@ def message_queue(
             after={"from": from_address, "recipients": len(rows), "size": len(content), "source": source},
         )
         if any(row.state == Recipient.State.QUEUED for row in rows):
-            tasks_enqueue_on_commit(message_deliver, [(str(message.pk),)])
-        if sender.mailbox is not None:
+            tasks_enqueue_on_commit(message_deliver, [(str(message.pk), sender.mailbox_id is not None)])
+        elif sender.mailbox_id is not None:
             tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
         _limits_check(principal.tenant_id, len(unique), now)
+        # One task delivers and files the sent copy (outbound/tasks.py); a message with
+        # nothing to deliver has its sent copy filed alone.
     return Queued(message=message, recipients=rows)
 
 

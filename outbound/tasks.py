@@ -26,11 +26,21 @@ logger = logging.getLogger(__name__)
     soft_time_limit=300,
     time_limit=360,
 )
-def message_deliver(message_id: str) -> None:
+def message_deliver(message_id: str, sent_copy: bool = False) -> None:
     """Deliver the due recipients of one outbound message and, up to OUTBOUND_BATCH in all,
     other due recipients (outbound/delivery.py): in a burst the first tasks take most of the
-    queue, the later ones find their message's recipients already taken."""
+    queue, the later ones find their message's recipients already taken.
+
+    With ``sent_copy`` (the sender is a mailbox) the same task then files the sent copy, so
+    a send costs its web process one enqueue, not two; a copy that cannot be stored now
+    (blob storage down) is left to :func:`sent_copy_store` and its retries."""
     delivery.message_deliver(UUID(message_id), along=settings.OUTBOUND_BATCH - 1)
+    if sent_copy:
+        try:
+            sent.sent_copy_store(UUID(message_id))
+        except OSError as exc:
+            logger.warning("outbound %s: sent copy not stored yet (%s), retrying", message_id, type(exc).__name__)
+            sent_copy_store.delay(message_id)
 
 
 @shared_task(name="outbound.tasks.recipients_due_dispatch", ignore_result=True, soft_time_limit=60, time_limit=90)
