@@ -383,20 +383,20 @@ def sender_check(principal: Principal, from_address: str) -> Sender:
 # One statement bumps the minute's and the day's counters and reads the previous minute's:
 # the rate is a sliding window estimated from two fixed ones (the previous minute weighted by
 # how much of it the last 60 seconds still cover), so a burst across a minute's edge is held.
-_COUNTERS_BUMP = """
-WITH bumped AS (
+# SQLite has no INSERT inside WITH: there the two halves are two statements.
+_COUNTERS_BUMPED = """
     INSERT INTO outbound_sendcounter (tenant_id, period, start, messages, recipients)
     VALUES (%(tenant)s, 'minute', %(minute)s, 1, %(recipients)s), (%(tenant)s, 'day', %(day)s, 1, %(recipients)s)
     ON CONFLICT (tenant_id, period, start) DO UPDATE
         SET messages = outbound_sendcounter.messages + EXCLUDED.messages,
             recipients = outbound_sendcounter.recipients + EXCLUDED.recipients
-    RETURNING period, start, messages, recipients
-)
-SELECT period, start, messages, recipients FROM bumped
-UNION ALL
-SELECT period, start, messages, recipients FROM outbound_sendcounter
+    RETURNING 'now', period, messages, recipients
+"""
+_COUNTERS_PREVIOUS = """
+SELECT 'previous', period, messages, recipients FROM outbound_sendcounter
 WHERE tenant_id = %(tenant)s AND period = 'minute' AND start = %(previous)s
 """
+_COUNTERS_BUMP = f"WITH bumped AS ({_COUNTERS_BUMPED}) SELECT * FROM bumped UNION ALL {_COUNTERS_PREVIOUS}"  # noqa: S608 (constants)
 
 
 def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
@@ -407,20 +407,25 @@ def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
     so the shorter the better): a refusal rolls the bump back with the rest."""
     minute = now.replace(second=0, microsecond=0)
     previous = minute - timedelta(minutes=1)
+    start = SendCounter._meta.get_field("start")
+    parameters = {
+        "tenant": SendCounter._meta.get_field("tenant").get_db_prep_value(tenant_id, connection),
+        "minute": start.get_db_prep_value(minute, connection),
+        "day": start.get_db_prep_value(minute.replace(hour=0, minute=0), connection),
+        "previous": start.get_db_prep_value(previous, connection),
+        "recipients": recipients,
+    }
     with connection.cursor() as cursor:
-        cursor.execute(
-            _COUNTERS_BUMP,
-            {
-                "tenant": tenant_id,
-                "minute": minute,
-                "day": minute.replace(hour=0, minute=0),
-                "previous": previous,
-                "recipients": recipients,
-            },
-        )
-        rows = cursor.fetchall()
-    current = {period: (messages, sent) for period, start, messages, sent in rows if start != previous}
-    before = sum(messages for period, start, messages, _ in rows if start == previous)
+        if connection.vendor == "sqlite":
+            cursor.execute(_COUNTERS_BUMPED, parameters)
+            rows = cursor.fetchall()
+            cursor.execute(_COUNTERS_PREVIOUS, parameters)
+            rows += cursor.fetchall()
+        else:
+            cursor.execute(_COUNTERS_BUMP, parameters)
+            rows = cursor.fetchall()
+    current = {period: (messages, sent) for which, period, messages, sent in rows if which == "now"}
+    before = sum(messages for which, _, messages, _ in rows if which == "previous")
     elapsed = (now - minute).total_seconds() / 60
     if current["minute"][0] + before * (1 - elapsed) > settings.OUTBOUND_RATE_PER_TENANT:
         raise SendRefused(
@@ -555,13 +560,13 @@ def message_queue(
             resource_id=message.pk,
             after={"from": from_address, "recipients": len(rows), "size": len(content), "source": source},
         )
+        # One task delivers and files the sent copy (outbound/tasks.py); a message with
+        # nothing to deliver has its sent copy filed alone.
         if any(row.state == Recipient.State.QUEUED for row in rows):
             tasks_enqueue_on_commit(message_deliver, [(str(message.pk), sender.mailbox_id is not None)])
         elif sender.mailbox_id is not None:
             tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
         _limits_check(principal.tenant_id, len(unique), now)
-        # One task delivers and files the sent copy (outbound/tasks.py); a message with
-        # nothing to deliver has its sent copy filed alone.
     return Queued(message=message, recipients=rows)
 
 

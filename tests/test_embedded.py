@@ -436,3 +436,16 @@ def test_it_stores_uploaded_messages_on_the_embedded_database_with_their_uids(em
         ]
     assert None not in uids, drained.stderr[-3000:]  # every upload became a row
     assert uids[0][0] < uids[1][0], uids  # in order, each its own UID
+
+
+def test_it_queues_sent_mail_on_the_embedded_database_and_counts_it(embedded: Embedded) -> None:
+    """The send API on SQLite: the rate and quota counters (two statements there, one CTE on
+    PostgreSQL) and the queued message, twice, so the counter's upsert path runs too."""
+    headers = {"Authorization": f"Bearer {embedded.demo['api_key']}"}
+    body = {"from": embedded.demo["mailbox"], "to": ["someone@example.com"], "subject": "hi", "text": "hello"}
+    for _ in range(2):
+        sent = requests.post(f"{embedded.base_url}/api/v1/messages/send", json=body, headers=headers, timeout=30)
+        assert sent.status_code == 202, sent.text
+    with sqlite3.connect(embedded.database) as db:
+        counted = dict(db.execute("SELECT period, messages FROM outbound_sendcounter").fetchall())
+    assert counted == {"minute": 2, "day": 2}
