@@ -27,7 +27,9 @@ urlpatterns = [
     # like a resource id, answered 404 alike whether unknown, released or another tenant's.
     path("links/<str:link>/", LinkDetailView.as_view(), name="link-detail"),
     path("links/<str:link>/codes/latest/", LinkCodeLatestView.as_view(), name="link-code-latest"),
-    path("accounts/<str:account_ref>/codes/latest/", AccountCodeLatestView.as_view(), name="account-code-latest"),
+    # <path:>: an account_ref is the host's opaque id and may hold "/" (sent as %2F, which the
+    # server decodes before routing); the fixed suffix still ends it.
+    path("accounts/<path:account_ref>/codes/latest/", AccountCodeLatestView.as_view(), name="account-code-latest"),
     path(
         "messages/<uuid:pk>/attachments/<uuid:attachment_id>/",
         AttachmentDownloadView.as_view({"get": "retrieve"}),
