@@ -2,9 +2,15 @@
 
 A delivery is claimed by a conditional update (PENDING and due -> SENDING with a claim token
 and a lease); the beat dispatcher claims due ones in batches with ``SELECT ... FOR UPDATE
-SKIP LOCKED`` on PostgreSQL. A worker that dies mid-request leaves the delivery SENDING
-until its lease expires; the dispatcher then claims it again. The attempt counter grows at
-claim time, so even a delivery that kills its worker every time ends up dead.
+SKIP LOCKED`` on PostgreSQL. The dispatcher's claim is a *queued* one (its token starts with
+:data:`QUEUED`): the send task waits in the broker and starts it, counting the attempt and
+taking a fresh lease, only when its HTTP request is about to begin. A queued claim whose lease
+runs out (a backlog in the broker, or a lost broker message) is handed out again under the
+same token, without counting an attempt and with a lease that doubles up to
+:data:`QUEUED_LEASE_MAX`: whichever copy of the task starts first sends it, the other finds it
+taken. A worker that dies mid-request leaves the delivery SENDING under a started claim until
+its lease expires; the dispatcher then claims it again. The attempt was counted when it
+started, so even a delivery that kills its worker every time ends up dead.
 """
 
 from __future__ import annotations
@@ -72,14 +78,59 @@ def _due(now: datetime) -> Q:
     )
 
 
-def _claim_values(token: str, now: datetime) -> dict[str, object]:
-    return {
+# A claim handed to a send task still waiting in the broker; a started one has no prefix.
+QUEUED = "q"
+# The longest lease of a queued claim handed out again: how late a lost broker message's
+# delivery may go out, and how rarely a long backlog gets one more copy of its task.
+QUEUED_LEASE_MAX = 900
+
+
+def _claim_values(token: str, now: datetime, *, start: bool = False) -> dict[str, object]:
+    """A claim for a task; ``start``: its HTTP attempt begins now, so the attempt counts."""
+    values: dict[str, object] = {
         "state": Delivery.State.SENDING,
-        "claim": token,
+        "claim": token if start else QUEUED + token,
         "lease_until": now + timedelta(seconds=settings.WEBHOOK_LEASE),
-        "attempts": F("attempts") + 1,
         "updated_at": now,
     }
+    if start:
+        values["attempts"] = F("attempts") + 1
+    return values
+
+
+def _claim_rows(ids: list[Any], token: str, now: datetime, *, locked: bool) -> list[tuple[str, str]]:
+    """Give the due deliveries among ``ids`` a queued claim: ``[(id, claim)]``.
+
+    One whose queued claim ran out while its task waited in the broker keeps that claim (so
+    the waiting task can still start it), no attempt counted; its lease grows with the time
+    it has waited (``updated_at``: when it was first queued), so a long backlog is not handed
+    a new copy of its task every WEBHOOK_LEASE. ``locked``: the rows are held (PostgreSQL,
+    ``FOR UPDATE``), so one UPDATE claims the others; else each is claimed conditionally.
+    """
+    queued = {
+        pk: (claim, since)
+        for pk, claim, since in Delivery.objects.filter(
+            pk__in=ids, state=Delivery.State.SENDING, claim__startswith=QUEUED, lease_until__lt=now
+        ).values_list("pk", "claim", "updated_at")
+    }
+    claimed = []
+    for pk in ids:
+        if pk in queued:
+            claim, since = queued[pk]
+            lease = min(max(settings.WEBHOOK_LEASE, (now - since).total_seconds()), QUEUED_LEASE_MAX)
+            if Delivery.objects.filter(pk=pk, state=Delivery.State.SENDING, claim=claim, lease_until__lt=now).update(
+                lease_until=now + timedelta(seconds=lease)
+            ):
+                claimed.append((str(pk), claim))
+    fresh = [pk for pk in ids if pk not in queued]
+    if locked:
+        if fresh:
+            Delivery.objects.filter(pk__in=fresh).update(**_claim_values(token, now))
+        return claimed + [(str(pk), QUEUED + token) for pk in fresh]
+    for pk in fresh:
+        if Delivery.objects.filter(_due(now), pk=pk).update(**_claim_values(token, now)):
+            claimed.append((str(pk), QUEUED + token))
+    return claimed
 
 
 def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
@@ -94,39 +145,41 @@ def deliveries_claim_due(limit: int = 200) -> list[tuple[str, str]]:
     token = secrets.token_hex(8)
     candidates = Delivery.objects.filter(_due(now), endpoint__enabled=True).order_by("next_attempt_at")
     if connection.vendor == "postgresql":
-        return [(pk, token) for pk in _claim_locked(candidates, limit, token, now)]
-    claimed = []
-    for pk in _replay_in_order(list(candidates.values_list(*_ORDER_FIELDS)[:limit])):
-        if Delivery.objects.filter(_due(now), pk=pk).update(**_claim_values(token, now)):
-            claimed.append((str(pk), token))
-    return claimed
+        with transaction.atomic():
+            rows = list(
+                candidates.select_for_update(skip_locked=True, of=("self",)).values_list(*_ORDER_FIELDS)[:limit]
+            )
+            return _claim_rows(_replay_in_order(rows), token, now, locked=True)
+    ids = _replay_in_order(list(candidates.values_list(*_ORDER_FIELDS)[:limit]))
+    return _claim_rows(ids, token, now, locked=False)
 
 
 def deliveries_claim_due_batches(limit: int, size: int) -> list[tuple[list[str], str]]:
     """:func:`deliveries_claim_due` cut into batches for the send tasks: ``[(ids, claim)]``.
 
     An endpoint's replayed deliveries make one batch of their own, so one task sends them in
-    log order; the others go ``size`` to a batch.
+    log order; the others go ``size`` to a batch. A batch holds one claim: deliveries handed
+    out again under their earlier queued claim go in batches of their own.
     """
     claimed = deliveries_claim_due(limit)
     if not claimed:
         return []
-    token = claimed[0][1]
     replay_of = dict(
         Delivery.objects.filter(pk__in=[pk for pk, _ in claimed], origin=Delivery.Origin.REPLAY).values_list(
             "pk", "endpoint_id"
         )
     )
-    replays: dict[Any, list[str]] = {}
-    others: list[str] = []
-    for pk, _ in claimed:
+    replays: dict[tuple[Any, str], list[str]] = {}
+    others: dict[str, list[str]] = {}
+    for pk, claim in claimed:
         endpoint_id = replay_of.get(UUID(pk))
         if endpoint_id is None:
-            others.append(pk)
+            others.setdefault(claim, []).append(pk)
         else:
-            replays.setdefault(endpoint_id, []).append(pk)
-    batches = [(ids, token) for ids in replays.values()]
-    batches += [(others[start : start + size], token) for start in range(0, len(others), size)]
+            replays.setdefault((endpoint_id, claim), []).append(pk)
+    batches = [(ids, claim) for (_, claim), ids in replays.items()]
+    for claim, ids in others.items():
+        batches += [(ids[start : start + size], claim) for start in range(0, len(ids), size)]
     return batches
 
 
@@ -175,7 +228,8 @@ def _claim_locked(
     candidates: QuerySet[Delivery], limit: int, token: str, now: datetime, *, plain_index_scan: bool = False
 ) -> list[str]:
     """PostgreSQL: lock up to ``limit`` of ``candidates`` (``SKIP LOCKED``, so concurrent
-    claimers take disjoint rows) and claim them under ``token``; the claimed ids."""
+    claimers take disjoint rows) and start them under ``token`` (their attempt begins now);
+    the claimed ids."""
     with transaction.atomic():
         if plain_index_scan:
             with connection.cursor() as cursor:
@@ -183,7 +237,7 @@ def _claim_locked(
         rows = list(candidates.select_for_update(skip_locked=True, of=("self",)).values_list(*_ORDER_FIELDS)[:limit])
         ids = _replay_in_order(rows)
         if ids:
-            Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now))
+            Delivery.objects.filter(pk__in=ids).update(**_claim_values(token, now, start=True))
     return [str(pk) for pk in ids]
 
 
@@ -290,8 +344,23 @@ def deliveries_claim(delivery_ids: list[str], *, along: int = 0) -> tuple[str, l
         .values_list(*_ORDER_FIELDS)
     )
     ids = _replay_in_order(rows)
-    claimed = Delivery.objects.filter(_due(now), pk__in=ids).update(**_claim_values(token, now)) if ids else 0
+    claimed = (
+        Delivery.objects.filter(_due(now), pk__in=ids).update(**_claim_values(token, now, start=True)) if ids else 0
+    )
     return (token, [str(pk) for pk in ids]) if claimed else None
+
+
+def deliveries_start(delivery_ids: list[str], claim: str) -> str | None:
+    """Start the deliveries of ``delivery_ids`` held under the queued ``claim``: their HTTP
+    attempt begins now. Counts the attempt, renews the lease from now and swaps the claim
+    for a started one, so another copy of the same task (handed out again while this one
+    waited in the broker) finds them taken. The started claim, or None if none was ours."""
+    now = clock.now()
+    token = secrets.token_hex(8)
+    started = Delivery.objects.filter(pk__in=delivery_ids, claim=claim, state=Delivery.State.SENDING).update(
+        **_claim_values(token, now, start=True)
+    )
+    return token if started else None
 
 
 def deliveries_send(delivery_ids: list[str], claim: str | None = None, *, along: int = 0) -> list[Delivery]:
@@ -307,6 +376,11 @@ def deliveries_send(delivery_ids: list[str], claim: str | None = None, *, along:
         if claimed is None:
             return []
         claim, delivery_ids = claimed
+    elif claim.startswith(QUEUED):
+        started = deliveries_start(delivery_ids, claim)
+        if started is None:
+            return []
+        claim = started
     deliveries = list(
         Delivery.objects.select_related("endpoint", "event").filter(
             pk__in=delivery_ids, claim=claim, state=Delivery.State.SENDING

@@ -275,3 +275,55 @@ def test_a_task_takes_other_due_deliveries_along_and_a_later_task_finds_its_own_
     time.sleep(0.3)
     assert len(receiver.received) == 5  # nothing more was sent
     assert Attempt.objects.count() == 5
+
+
+def test_a_delivery_waiting_in_the_broker_past_its_lease_is_not_counted_as_an_attempt(world, receiver, frozen_clock):
+    """A backlog in the broker outlasts the dispatcher's lease: the delivery is handed out
+    again under the same claim with no attempt counted, the waiting task still sends it
+    (once), and the later copy of the task finds it taken."""
+    make_endpoint(world, receiver.url())
+    event = record(world)
+    (delivery,) = Delivery.objects.filter(event=event)
+    (queued,) = sending.deliveries_claim_due_batches(500, 50)  # its task now waits in the broker
+    frozen_clock.advance(61)
+    assert sending.deliveries_claim_due_batches(500, 50) == [queued]  # handed out again, same claim
+    delivery.refresh_from_db()
+    assert delivery.state == Delivery.State.SENDING and delivery.attempts == 0
+
+    assert sending.deliveries_send(*queued)[0].state == Delivery.State.DELIVERED  # the first copy starts
+    assert sending.deliveries_send(*queued) == []  # the second copy: taken
+    time.sleep(0.2)
+    assert len(receiver.received) == 1
+    delivery.refresh_from_db()
+    assert delivery.attempts == 1
+    assert list(Attempt.objects.filter(delivery=delivery).values_list("number", flat=True)) == [1]
+
+
+def test_a_long_backlog_neither_abandons_a_queued_delivery_nor_hands_it_out_every_lease(world, receiver, frozen_clock):
+    make_endpoint(world, receiver.url())
+    event = record(world)
+    handed_out = len(sending.deliveries_claim_due_batches(500, 50))
+    for _ in range(3600 // 15):  # an hour of dispatcher rounds while the task waits
+        frozen_clock.advance(15)
+        handed_out += len(sending.deliveries_claim_due_batches(500, 50))
+    delivery = Delivery.objects.get(event=event)
+    assert delivery.attempts == 0 and delivery.state == Delivery.State.SENDING
+    assert 2 <= handed_out <= 10  # a lost broker message is recovered, a backlog not flooded
+    # The task that waited all along starts it at last.
+    assert sending.deliveries_send([str(delivery.pk)], delivery.claim)[0].state == Delivery.State.DELIVERED
+    assert len(receiver.wait_for(1)) == 1
+
+
+def test_a_started_delivery_whose_worker_died_is_claimed_again_with_its_attempt_counted(world, receiver, frozen_clock):
+    make_endpoint(world, receiver.url())
+    event = record(world)
+    ((ids, claim),) = sending.deliveries_claim_due_batches(500, 50)
+    assert sending.deliveries_start(ids, claim)  # the worker starts it, then dies mid-request
+    frozen_clock.advance(61)
+    ((ids_again, claim_again),) = sending.deliveries_claim_due_batches(500, 50)
+    assert claim_again != claim
+    assert sending.deliveries_send(ids, claim) == []  # the dead worker's queued claim is gone
+    assert sending.deliveries_send(ids_again, claim_again)[0].state == Delivery.State.DELIVERED
+    delivery = Delivery.objects.get(event=event)
+    assert delivery.attempts == 2  # the lost attempt counts
+    assert list(Attempt.objects.filter(delivery=delivery).values_list("number", flat=True)) == [2]

@@ -123,3 +123,55 @@ def test_it_completes_a_delivery_whose_worker_was_killed_mid_request(world, rece
     delivery.refresh_from_db()
     assert delivery.attempts == 2  # the lost attempt counts
     assert list(Attempt.objects.filter(delivery=delivery).values_list("succeeded", flat=True)) == [True]
+
+
+def test_the_filesystem_broker_feeds_the_worker_faster_than_one_round_a_second(world, receiver, start_worker, tmp_path):
+    """The embedded default broker: kombu's filesystem transport sleeps its polling interval
+    (1 s unless told) whenever the worker's prefetch is full, so a worker of 4 threads took
+    about 4 short tasks a second and a burst of mail queued its webhooks for minutes."""
+    import json
+
+    from django.conf import settings
+    from kombu import Connection
+
+    from webhooks import delivery as sending
+    from webhooks.tasks import deliveries_send
+
+    # A DATA_DIR of its own for the broker folder; the secrets stay this test run's.
+    environment = {
+        "CELERY_BROKER_URL": "filesystem://localhost/",
+        "DATA_DIR": str(tmp_path),
+        **{name: getattr(settings, name) for name in ("SECRET_KEY", "API_KEY_PEPPER", "FIELD_ENCRYPTION_KEY")},
+    }
+    options = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from django.conf import settings as s; import json; "
+                "print(json.dumps(s.CELERY_BROKER_TRANSPORT_OPTIONS))",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "DJANGO_SETTINGS_MODULE": "mailplatform.settings", **environment},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    make_endpoint(world, receiver.url())
+    count = 60
+    for number in range(count):
+        record(world, queue_id=f"Q{number}")
+    batches = sending.deliveries_claim_due_batches(500, 1)
+    assert len(batches) == count
+    start_worker(**environment)
+    # The worker binds its queue in the broker's control folder; published before, a task is lost.
+    _wait(lambda: (Path(options["control_folder"]) / "webhooks.exchange").exists(), timeout=60)
+    with Connection("filesystem://localhost/", transport_options=options) as broker:
+        for ids, claim in batches:
+            deliveries_send.apply_async(args=[ids, claim], connection=broker)
+    receiver.wait_for(1, timeout=30)
+    first = time.monotonic()
+    receiver.wait_for(count, timeout=60)
+    assert time.monotonic() - first < 7
+    _wait(lambda: Delivery.objects.filter(state=Delivery.State.DELIVERED).count() == count)
