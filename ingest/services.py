@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from django.conf import settings
-from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
 
@@ -25,6 +24,7 @@ from audit.services import Actor, EventSpec, audit_entry_record, events_record
 from ingest import metrics
 from ingest.platform_mail import is_signin_mail
 from ingest.spool import Envelope, Recipient, Spool, SpoolCorrupt, queue_id_new
+from mailboxes import blobs
 from mailboxes.models import Mailbox, Message
 from mailboxes.uids import messages_uids_assign
 from mailplatform.enqueue import tasks_enqueue_on_commit
@@ -79,14 +79,7 @@ def raw_storage_key(tenant_id: str, received_at: float, sha256: str) -> str:
 
 def blob_put(storage: Storage, key: str, content: bytes) -> None:
     """Store ``content`` under exactly ``key``; a second PUT of the same bytes is harmless."""
-    if getattr(storage, "file_overwrite", False):
-        name = storage.save(key, ContentFile(content))
-    elif storage.exists(key):
-        return
-    else:
-        name = storage.save(key, ContentFile(content))
-    if name != key:
-        raise RuntimeError(f"blob storage renamed {key} to {name}")
+    blobs.blob_put(key, content, storage)
 
 
 def spool_entry_drain(spool: Spool, queue_id: str, *, storage: Storage | None = None) -> str:
@@ -94,9 +87,44 @@ def spool_entry_drain(spool: Spool, queue_id: str, *, storage: Storage | None = 
     return spool_entries_drain(spool, [queue_id], storage=storage)[0]
 
 
+# How long a drain of one entry (APPEND, an API upload: the caller waits for its row) waits
+# for another drainer that holds the same entry; a batch skips such entries ("busy").
+CLAIM_WAIT = 30.0
+
+
 def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage | None = None) -> list[str]:
     """Drain spool entries together; one outcome per id ("stored", "duplicate", "held", "gone",
-    "dropped": our own sign-in mail, :func:`signin_mail_drop`).
+    "dropped": our own sign-in mail, :func:`signin_mail_drop`; "busy": another drainer holds it).
+
+    Each entry is claimed first (:meth:`ingest.spool.Spool.claim`), so drainers sharing the
+    spool never drain one entry at once; one entry alone waits up to CLAIM_WAIT for the
+    other drainer, and then usually finds it "gone" (drained, its rows committed).
+    """
+    held: dict[str, int] = {}
+    outcomes: dict[str, str] = {}
+    wait = CLAIM_WAIT if len(queue_ids) == 1 else 0.0
+    try:
+        for queue_id in dict.fromkeys(queue_ids):
+            try:
+                fd = spool.claim(queue_id, wait=wait)
+            except FileNotFoundError:
+                outcomes[queue_id] = "gone"
+                continue
+            if fd is None:
+                outcomes[queue_id] = "busy"
+            else:
+                held[queue_id] = fd
+        claimed = list(held)
+        if claimed:
+            outcomes.update(zip(claimed, _claimed_entries_drain(spool, claimed, storage=storage), strict=True))
+    finally:
+        for fd in held.values():
+            spool.release(fd)
+    return [outcomes[queue_id] for queue_id in queue_ids]
+
+
+def _claimed_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage | None = None) -> list[str]:
+    """Drain spool entries we hold the claims of, together; one outcome per id.
 
     Order: PUT each raw message (one object per tenant), then ONE transaction creating the
     Message rows and events of every entry (group commit: under load the drainer takes the
@@ -143,7 +171,9 @@ def spool_entries_drain(spool: Spool, queue_ids: list[str], *, storage: Storage 
         created = _messages_create(plans)
     except IntegrityError:
         if len(plans) > 1:  # someone else drained one of them: settle each on its own
-            return [outcomes.get(each) or spool_entry_drain(spool, each, storage=storage) for each in queue_ids]
+            return [
+                outcomes.get(each) or _claimed_entries_drain(spool, [each], storage=storage)[0] for each in queue_ids
+            ]
         created = {}  # another drainer committed this entry first: nothing left to create
     now = time.time()
     for plan in plans:

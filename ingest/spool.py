@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -192,6 +193,44 @@ class Spool:
         except (ValueError, TypeError, KeyError) as exc:
             raise SpoolCorrupt(f"{queue_id}: bad envelope: {exc}") from exc
         return envelope, raw[end + 1 :]
+
+    def claim(self, queue_id: str, *, wait: float = 0.0) -> int | None:
+        """Take ``new/<queue-id>`` for draining: an exclusive ``flock`` on the entry, held
+        until :meth:`release`. Every drainer sharing this spool (runsmtp's, runimap's APPEND,
+        the API's upload, connector runners, other nodes on the same volume) takes it first,
+        so two never drain one entry at once. The kernel drops a dead process's locks, so a
+        crashed drainer's claim is taken over at once.
+
+        Returns the descriptor holding the claim, or None while another drainer holds it
+        after ``wait`` seconds; raises FileNotFoundError when the entry is gone (the drainer
+        before us finished it)."""
+        path = self.new / queue_id
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.01)
+        # The holder before us may have removed the entry, or moved it to hold/, meanwhile.
+        held = os.fstat(fd)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            os.close(fd)
+            raise FileNotFoundError(queue_id)
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        """End a claim of :meth:`claim`."""
+        os.close(fd)
 
     def remove(self, queue_id: str) -> None:
         (self.new / queue_id).unlink(missing_ok=True)

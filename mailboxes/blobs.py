@@ -8,13 +8,17 @@ points at :func:`mailboxes.views.blob_download` with a signed, expiring token.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
 from django.core import signing
 from django.core.files.base import ContentFile
-from django.core.files.storage import Storage, storages
+from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.urls import reverse
 
 from mailboxes.headers import filename_sanitize
@@ -33,11 +37,34 @@ def attachment_key(tenant_id: object, sha256: str) -> str:
 def blob_put(key: str, content: bytes, storage: Storage | None = None) -> None:
     """Store ``content`` under exactly ``key``; repeating it is harmless (content-addressed)."""
     storage = storage or blob_storage()
+    if isinstance(storage, FileSystemStorage):
+        _local_put(storage, key, content)
+        return
     if not getattr(storage, "file_overwrite", False) and storage.exists(key):
         return
     name = storage.save(key, ContentFile(content))
     if name != key:
         raise RuntimeError(f"blob storage renamed {key} to {name}")
+
+
+def _local_put(storage: FileSystemStorage, key: str, content: bytes) -> None:
+    """The local blob folder: written whole under a temporary name, then linked in under
+    ``key`` at once. Its own save() writes into the final name while others may read it, and
+    saves under a new name when the key appeared between exists() and save() (two drainers
+    of the same message): here a key already there is success, since keys are content-addressed."""
+    final = Path(storage.path(key))
+    if final.exists():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True, mode=storage.directory_permissions_mode or 0o700)
+    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=".put-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        os.chmod(temporary, storage.file_permissions_mode or 0o600)
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, final)
+    finally:
+        os.unlink(temporary)
 
 
 def blob_get(key: str, storage: Storage | None = None) -> bytes:

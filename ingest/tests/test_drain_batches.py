@@ -153,3 +153,100 @@ def test_the_spool_writer_wakes_the_drainer_after_each_group_commit(world: Any, 
         writer.close()
         os.close(wake_read)
         os.close(wake_write)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_drainers_never_drain_one_entry_at_once_and_a_crashed_ones_claim_is_taken_over(
+    world: Any, tmp_path: Any
+) -> None:
+    """Drainers sharing a spool (runsmtp's and runimap's APPEND) claim an entry before they
+    drain it: a batch skips an entry another process holds, one entry alone waits for it,
+    and the claim of a drainer that died goes with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spool = Spool(tmp_path / "spool")
+    held, other = _queue(world, spool, 2)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+            " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(spool.new / held),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        assert spool_entries_drain(spool, [held, other]) == ["busy", "stored"]
+        assert Message.objects.filter(trace_id=held).count() == 0
+        assert (spool.new / held).exists()
+        os.kill(holder.pid, signal.SIGKILL)  # the other drainer crashes mid-drain
+        holder.wait(10)
+        assert spool_entries_drain(spool, [held]) == ["stored"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert Message.objects.filter(trace_id=held).count() == 2
+
+    # One entry alone (APPEND waiting for its row) waits while another drainer finishes it.
+    (waited,) = _queue(world, spool, 1)
+    fd = spool.claim(waited)
+    assert fd is not None
+    finisher = threading.Timer(0.3, lambda: (spool_entries_drain_claimed(spool, waited), spool.release(fd)))
+    finisher.start()
+    try:
+        assert spool_entries_drain(spool, [waited]) == ["gone"]
+    finally:
+        finisher.join(10)
+    assert Message.objects.filter(trace_id=waited).count() == 2
+
+
+def spool_entries_drain_claimed(spool: Spool, queue_id: str) -> None:
+    """The other drainer's part: it drains the entry it holds, then lets go of it."""
+    from django.db import connections
+
+    from ingest.services import _claimed_entries_drain
+
+    try:
+        assert _claimed_entries_drain(spool, [queue_id]) == ["stored"]
+    finally:
+        connections.close_all()
+
+
+@pytest.mark.django_db
+def test_blob_put_of_the_same_bytes_by_racing_writers_succeeds_without_a_renamed_copy(tmp_path: Any) -> None:
+    """The local blob folder saves a second file under a new name when the key appeared
+    between exists() and save(): writers racing on one content-addressed key all succeed
+    and leave the one object."""
+    from django.core.files.storage import FileSystemStorage
+
+    from ingest.services import blob_put
+
+    storage = FileSystemStorage(location=tmp_path / "blobs")
+    failures: list[BaseException] = []
+    for number in range(20):
+        key = f"raw/t/2026/12/02/{number:064d}.eml"
+        content = b"x" * 200_000 + b"%d" % number
+        barrier = threading.Barrier(6)
+
+        def put(key: str = key, content: bytes = content, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                blob_put(storage, key, content)
+            except BaseException as error:
+                failures.append(error)
+
+        writers = [threading.Thread(target=put) for _ in range(6)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(30)
+    assert failures == []
+    names = sorted(path.name for path in (tmp_path / "blobs" / "raw/t/2026/12/02").iterdir())
+    assert names == [f"{number:064d}.eml" for number in range(20)]
+    assert storage.open("raw/t/2026/12/02/" + f"{7:064d}.eml").read() == b"x" * 200_000 + b"7"
