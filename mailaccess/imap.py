@@ -467,6 +467,10 @@ class ImapSession:
         finally:
             if not reader_task.done():
                 reader_task.cancel()
+            elif not reader_task.cancelled():
+                # Retrieved even when IDLE ends otherwise (the server stopping): a client gone
+                # meanwhile left IncompleteReadError there, "never retrieved" in the log.
+                reader_task.exception()
         if line.strip().upper() != b"DONE":
             raise _bad("expected DONE")
         return "OK IDLE terminated"

@@ -8,6 +8,7 @@ behind a TCP balancer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -40,7 +41,23 @@ class Listener:
     implicit_tls: bool = False
 
 
+def _ends_with_the_server(handle: Handler) -> Handler:
+    """A connection's task, cancelled when the server stops (SIGINT, SIGTERM), ends quietly:
+    the session is over with the server. Left cancelled, asyncio's stream callback (Python
+    3.11, ``task.exception()`` on a cancelled task) logs it as an ERROR traceback."""
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await handle(reader, writer)
+
+    return connection
+
+
 def handler_for(protocol: str, *, implicit_tls: bool, limits: ConnectionLimits) -> Handler:
+    return _ends_with_the_server(_protocol_handler(protocol, implicit_tls=implicit_tls, limits=limits))
+
+
+def _protocol_handler(protocol: str, *, implicit_tls: bool, limits: ConnectionLimits) -> Handler:
     context = tls_context()
     if protocol == "imap":
         from mailaccess.imap import ImapOptions, handle_connection

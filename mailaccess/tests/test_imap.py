@@ -233,3 +233,53 @@ def test_it_refuses_plaintext_login_from_outside_loopback(world: Any, settings: 
     settings.MAILACCESS_ALLOW_PLAINTEXT = True
     assert b"LOGINDISABLED" not in session.capabilities()
     threading.Event()  # keep the import used
+
+
+def test_it_shuts_down_on_ctrl_c_with_a_client_in_idle_without_logging_an_error(world: Any) -> None:
+    """runimap stopped by SIGINT while a client idles (and another sits at the prompt): the
+    sessions end with the server, and nothing is logged as an error."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django.db import connection
+
+    db = connection.settings_dict
+    host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
+    url = (
+        f"postgres://{db.get('USER') or 'postgres'}@{host}/{db['NAME']}"
+        if connection.vendor == "postgresql"
+        else f"sqlite:///{db['NAME']}"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runimap", "--host", "127.0.0.1", "--port", "0", "--tls-port", "0"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "INFO", "PYTHONASYNCIODEBUG": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        ready = process.stdout.readline().decode()
+        assert ready.startswith("imap ready on "), ready
+        port = int(ready.split()[-1])
+        idling = IMAPClient("127.0.0.1", port=port, ssl=False, timeout=10)
+        idling.login(world.mailbox.address, world.owner_key)
+        idling.select_folder("INBOX")
+        idling.idle()
+        waiting = IMAPClient("127.0.0.1", port=port, ssl=False, timeout=10)
+        waiting.login(world.mailbox.address, world.owner_key)
+        time.sleep(0.5)  # both sessions are waiting for their client now
+        process.send_signal(signal.SIGINT)
+        _out, errors = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = errors.decode()
+    assert process.returncode == 0, text
+    for sign in ("ERROR", "Traceback", "never retrieved", "CancelledError", "Exception"):
+        assert sign not in text, text
