@@ -10,6 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from audit import context
@@ -171,7 +172,11 @@ def audit_entry_record(
         correlation_id=request.correlation_id,
     )
     entry.save(force_insert=True)
-    logger.info("audit %s %s:%s by %s", action, resource_type, resource_id, actor.label)
+    # Logged once the entry is durable: a write rolled back leaves no line claiming it happened.
+    # The trace id and tenant are taken now, since the commit may come after the request's context.
+    summary = (action, resource_type, str(resource_id), actor.label)
+    extra = {"trace_id": request.correlation_id, "tenant": request.tenant}
+    transaction.on_commit(lambda: logger.info("audit %s %s:%s by %s", *summary, extra=extra))
     return entry
 
 
