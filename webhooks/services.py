@@ -79,21 +79,28 @@ def event_types_normalize(values: Iterable[str]) -> list[str]:
     return types
 
 
+# The resource filters: their model, and the API field that names them in an error.
+_RESOURCE_FILTERS: dict[str, tuple[type[Domain] | type[Mailbox], str]] = {
+    "domain": (Domain, "domains"),
+    "mailbox": (Mailbox, "mailboxes"),
+}
+
+
 def _resource_ids(principal: Principal, ids: Iterable[UUID | str], *, kind: str) -> list[str]:
+    model, field = _RESOURCE_FILTERS[kind]
     wanted = list(dict.fromkeys(str(value) for value in ids))
     if len(wanted) > MAX_RESOURCE_FILTERS:
-        raise ValidationError({f"{kind}s": f"At most {MAX_RESOURCE_FILTERS}."}, code="invalid")
+        raise ValidationError({field: f"At most {MAX_RESOURCE_FILTERS}."}, code="invalid")
     if not wanted:
         return []
     try:
         uuids = [UUID(value) for value in wanted]
     except ValueError:
-        raise ValidationError({f"{kind}s": "Must be ids."}, code="invalid") from None
-    model: Any = Domain if kind == "domain" else Mailbox
+        raise ValidationError({field: "Must be ids."}, code="invalid") from None
     found = {str(pk) for pk in model.objects.filter(tenant=principal.tenant, pk__in=uuids).values_list("pk", flat=True)}
     missing = [value for value in (str(u) for u in uuids) if value not in found]
     if missing:
-        raise ValidationError({f"{kind}s": f"Not one of your {kind}s: {missing[0]}."}, code="invalid")
+        raise ValidationError({field: f"Not one of your {field}: {missing[0]}."}, code="invalid")
     return [str(u) for u in uuids]
 
 

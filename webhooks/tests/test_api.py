@@ -69,6 +69,23 @@ def test_it_refuses_another_tenants_mailbox_as_a_filter(world, receiver):
     assert response.status_code == 400
 
 
+@pytest.mark.parametrize(("field", "outsider"), [("mailboxes", "outsider_mailbox"), ("domains", "outsider_domain")])
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_it_names_the_api_field_of_a_filter_refused_by_the_service(world, receiver, field, outsider, method):
+    """A well-formed id that is not the tenant's is refused under the field the client sent."""
+    client = world.client(world.owner_key)
+    payload = {field: [str(getattr(world, outsider).pk)]}
+    if method == "post":
+        response = client.post("/api/v1/webhooks/", {"url": receiver.url(), **payload}, format="json")
+    else:
+        endpoint, _ = make_endpoint(world, receiver.url())
+        response = client.patch(f"/api/v1/webhooks/{endpoint.pk}/", payload, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], list(error["details"])) == ("validation_error", [field])
+    assert error["details"][field] == [f"Not one of your {field}: {getattr(world, outsider).pk}."]
+
+
 def test_it_updates_disables_and_reenables_with_an_audit_entry(world, receiver):
     endpoint, _ = make_endpoint(world, receiver.url())
     client = world.client(world.owner_key)
