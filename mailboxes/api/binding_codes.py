@@ -21,7 +21,7 @@ from django.utils.dateparse import parse_datetime
 
 from audit import context
 from mailboxes import waiting
-from mailboxes.api.waiting import ApiError, WaitingView, _answer_body, _authenticate, _timeout
+from mailboxes.api.waiting import ApiError, WaitingView, _answer_body, _authenticate, _timeout, parameter_invalid
 from mailboxes.bindings import selectors
 from mailboxes.models import AccountBinding
 from tenants.access import Permission
@@ -63,7 +63,7 @@ def _since(value: str) -> datetime:
             raise ValueError(value)
         return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
     except (ValueError, OverflowError):
-        raise ApiError(400, "validation_error", "since: expected an ISO 8601 time.") from None
+        raise parameter_invalid("since", "expected an ISO 8601 time.") from None
 
 
 def _start(request: HttpRequest, *, link: str | None, account_ref: str | None, provider: str | None) -> _Start:
@@ -129,7 +129,7 @@ class BindingCodeView(WaitingView):
     required_permissions = {"get": Permission.CODES_READ}
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
-        wait = _timeout(request.GET.get("wait"), 0.0)
+        wait = _timeout(request.GET.get("wait"), 0.0, name="wait")
         start = await waiting.db(
             _start,
             request,

@@ -38,12 +38,12 @@ DEFAULT_TIMEOUT = 30.0
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, details: dict[str, list[str]] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.details = status, code, message, details
 
     def response(self) -> JsonResponse:
-        response = JsonResponse(error_body(self.code, self.message), status=self.status)
+        response = JsonResponse(error_body(self.code, self.message, self.details), status=self.status)
         if self.status == 401:
             response["WWW-Authenticate"] = 'Bearer realm="mailplatform"'
         return response
@@ -72,15 +72,21 @@ def _authenticate(request: HttpRequest, permission: Permission = Permission.MESS
     return principal
 
 
-def _timeout(value: str | None, default: float) -> float:
+def parameter_invalid(name: str, problem: str) -> ApiError:
+    """400 ``validation_error`` for the query parameter ``name``, named in ``details`` too."""
+    return ApiError(400, "validation_error", f"{name}: {problem}", details={name: [problem]})
+
+
+def _timeout(value: str | None, default: float, *, name: str) -> float:
+    """Seconds to wait, from the query parameter ``name`` (``timeout`` or ``wait``)."""
     if value in (None, ""):
         return default
     try:
         seconds = float(value)
     except ValueError:
-        raise ApiError(400, "validation_error", "timeout: a number of seconds.") from None
+        raise parameter_invalid(name, "a number of seconds.") from None
     if not 0 <= seconds <= MAX_TIMEOUT or seconds != seconds:
-        raise ApiError(400, "validation_error", f"timeout: between 0 and {MAX_TIMEOUT:.0f} seconds.")
+        raise parameter_invalid(name, f"between 0 and {MAX_TIMEOUT:.0f} seconds.")
     return seconds
 
 
@@ -90,7 +96,7 @@ def _uuid(value: str | None, name: str) -> UUID | None:
     try:
         return UUID(value)
     except ValueError:
-        raise ApiError(400, "validation_error", f"{name}: must be an id.") from None
+        raise parameter_invalid(name, "must be an id.") from None
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,8 @@ def _start(request: HttpRequest, *, mailbox_id: UUID | None, after: str | None) 
     if after:
         try:
             resolved = selectors.message_after_resolve(principal, after)
-        except ValueError as error:
-            raise ApiError(400, "validation_error", str(error)) from None
+        except ValueError:
+            raise parameter_invalid("after", "expected an ISO 8601 time or a message id.") from None
     return _Start(principal=principal, after=resolved)
 
 
@@ -222,7 +228,7 @@ class MessageWaitView(WaitingView):
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
         params = request.GET
-        timeout = _timeout(params.get("timeout"), DEFAULT_TIMEOUT)
+        timeout = _timeout(params.get("timeout"), DEFAULT_TIMEOUT, name="timeout")
         mailbox_id = _uuid(params.get("mailbox"), "mailbox")
         query = params.get("q", "")
         try:
@@ -249,7 +255,7 @@ class CodeLatestView(WaitingView):
 
     async def answer(self, request: HttpRequest, **kwargs: Any) -> JsonResponse:
         mailbox_id = _uuid(str(kwargs["pk"]), "mailbox")
-        wait = _timeout(request.GET.get("wait"), 0.0)
+        wait = _timeout(request.GET.get("wait"), 0.0, name="wait")
         start = await waiting.db(_start, request, mailbox_id=mailbox_id, after=request.GET.get("after"))
         context.set_tenant(str(start.principal.tenant_id))
         question = _question(start.principal, mailbox_id=mailbox_id, after=start.after, with_code=True)
