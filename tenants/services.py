@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import idna
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.mail import send_mail
@@ -35,20 +36,46 @@ def require(principal: Principal, permission: Permission) -> None:
 
 
 def domain_name_normalize(name: str) -> str:
-    """Lowercase A-label form of a domain name, or ValidationError saying what is wrong."""
+    """Lowercase A-label form of a domain name, or ValidationError saying what is wrong.
+
+    Unicode input is converted by IDNA 2008 with the UTS #46 mapping (non-transitional, as
+    browsers and registries do: ``faß.de`` is ``xn--fa-hia.de``, not ``fass.de``). An ``xn--``
+    label must be a valid A-label: its Punycode decodes to a permitted U-label that encodes
+    back to the same label (``xn--zz`` does not).
+    """
     candidate = name.strip().rstrip(".").lower()
     if not candidate:
         raise ValidationError({"name": "Enter a domain name."})
-    try:
-        candidate = candidate.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValidationError({"name": "This is not a valid domain name."}) from None
+    if not candidate.isascii():
+        try:
+            candidate = idna.encode(candidate, uts46=True).decode("ascii")
+        except idna.IDNAError as failure:
+            raise ValidationError({"name": _IDNA_INVALID.format(name=candidate, reason=failure)}) from None
     labels = candidate.split(".")
     if len(candidate) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise ValidationError({"name": "This is not a valid domain name."})
+    for label in labels:
+        if label.startswith("xn--"):
+            _a_label_check(label)
     if labels[-1].isdigit():
         raise ValidationError({"name": "An IP address is not a domain name."})
     return candidate
+
+
+_IDNA_INVALID = "{name} is not a valid internationalized domain name (IDNA): {reason}."
+
+
+def _a_label_check(label: str) -> None:
+    """ValidationError unless ``label`` (lowercase ASCII, ``xn--...``) is a valid IDNA 2008 A-label."""
+    try:
+        valid = idna.alabel(idna.ulabel(label)).decode("ascii") == label
+        reason = "its Punycode is not in canonical form"
+    except idna.IDNAError as failure:
+        valid, reason = False, str(failure)
+    except UnicodeError:  # the Punycode itself does not decode
+        valid, reason = False, "Invalid A-label"
+    if not valid:
+        raise ValidationError({"name": _IDNA_INVALID.format(name=label, reason=reason.rstrip("."))})
 
 
 def _summary(instance: Any, fields: Sequence[str]) -> dict[str, Any]:

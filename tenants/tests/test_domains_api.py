@@ -25,6 +25,34 @@ def test_it_refuses_names_that_are_not_domains(world, name):
     assert response.json()["error"]["code"] == "validation_error"
 
 
+@pytest.mark.parametrize(
+    "name", ["xn--zz.com", "XN--ZZ.com", "xn--a.example.test", "mail.xn--ls8h.example.test", "☃.example.test"]
+)
+def test_it_refuses_names_that_are_not_valid_idna(world, name):
+    response = world.client(world.owner_key).post("/api/v1/domains/", {"name": name}, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    assert "not a valid internationalized domain name (IDNA)" in error["details"]["name"][0]
+    assert not Domain.objects.filter(tenant=world.tenant).exclude(pk=world.domain.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("bücher.example.test", "xn--bcher-kva.example.test"),
+        ("XN--BCHER-KVA.example.test", "xn--bcher-kva.example.test"),
+        ("faß.example.test", "xn--fa-hia.example.test"),  # IDNA 2008: not fass.example.test
+        ("пример.example.test", "xn--e1afmkfd.example.test"),
+    ],
+)
+def test_it_stores_a_valid_internationalized_name_as_its_a_label(world, name, stored):
+    response = world.client(world.owner_key).post("/api/v1/domains/", {"name": name}, format="json")
+    assert response.status_code == 201, response.content
+    assert response.json()["name"] == stored
+    assert Domain.objects.get(pk=response.json()["id"]).name == stored
+
+
 def test_it_refuses_a_domain_another_tenant_owns(world):
     response = world.client(world.owner_key).post("/api/v1/domains/", {"name": "OUTSIDER.example.test"}, format="json")
     assert response.status_code == 400
