@@ -157,6 +157,23 @@ def test_it_lets_a_tenant_add_subdomains_of_its_own_verified_domain(world):
     assert outsider.status_code == 400
 
 
+@pytest.mark.parametrize("parent_state", ["pending", "verified"])
+def test_it_counts_only_the_exact_same_name_as_a_duplicate(world, parent_state):
+    client = world.client(world.owner_key)
+    parent = client.post("/api/v1/domains/", {"name": "parent.example.test"}, format="json")
+    assert parent.status_code == 201
+    Domain.objects.filter(pk=parent.json()["id"]).update(state=parent_state)
+    # Subdomains of a domain the tenant holds, and a parent added after its subdomain.
+    names = ("eu.parent.example.test", "mail.eu.parent.example.test", "sub.later.example.test", "later.example.test")
+    for name in names:
+        response = client.post("/api/v1/domains/", {"name": name}, format="json")
+        assert response.status_code == 201, (name, response.content)
+    again = client.post("/api/v1/domains/", {"name": "EU.Parent.Example.Test."}, format="json")
+    assert again.status_code == 400
+    assert again.json()["error"]["details"]["name"] == ["This tenant already has this domain."]
+    assert Domain.objects.filter(tenant=world.tenant, name="eu.parent.example.test").count() == 1
+
+
 def test_it_lets_the_verified_owner_create_addresses_a_pending_squatter_created_first(world, dns_zone):
     from ingest.directory import RecipientDirectory
 
