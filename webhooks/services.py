@@ -5,7 +5,6 @@ log, manual retry and replay. Sending lives in :mod:`webhooks.delivery`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -22,6 +21,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from audit import selectors as audit_selectors
+from audit.catalogue import event_type_pattern_known
 from audit.models import Event
 from audit.services import Actor, audit_entry_record
 from mailboxes.models import Mailbox
@@ -33,7 +33,6 @@ from webhooks.models import Delivery, Endpoint
 
 logger = logging.getLogger(__name__)
 
-_TYPE_PATTERN = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*(\.\*)?$")
 MAX_EVENT_TYPES = 50
 MAX_RESOURCE_FILTERS = 200
 WEBHOOK_EVENT_PREFIX = "webhook."
@@ -67,15 +66,19 @@ def _summary(endpoint: Endpoint) -> dict[str, Any]:
 
 # --- Validation ------------------------------------------------------------------------
 def event_types_normalize(values: Iterable[str]) -> list[str]:
-    """Exact types (``ingest.received``) or prefixes (``message.*``), deduplicated."""
+    """Exact types (``ingest.received``) or prefixes (``message.*``), deduplicated.
+
+    Each must name a type of the catalogue (:mod:`audit.catalogue`): a misspelt type would
+    leave the endpoint waiting for events that never come, so it is refused
+    (``unknown_event_type``), every unknown one named."""
     types = list(dict.fromkeys(value.strip().lower() for value in values if value and value.strip()))
     if len(types) > MAX_EVENT_TYPES:
         raise ValidationError({"event_types": f"At most {MAX_EVENT_TYPES} types."}, code="invalid")
-    for name in types:
-        if len(name) > 64 or not _TYPE_PATTERN.match(name):
-            raise ValidationError(
-                {"event_types": f"{name!r} is not an event type or a prefix like 'message.*'."}, code="invalid"
-            )
+    unknown = [name for name in types if not event_type_pattern_known(name)]
+    if unknown:
+        listed = ", ".join(repr(name) for name in unknown)
+        problem = f"Unknown event types: {listed}. Give types of the event catalogue, or prefixes like 'message.*'."
+        raise ValidationError({"event_types": ValidationError(problem, code="unknown_event_type")})
     return types
 
 

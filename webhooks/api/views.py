@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -29,6 +29,10 @@ from webhooks.api.serializers import (
 from webhooks.models import Delivery, Endpoint
 
 _MANAGE = Permission.WEBHOOKS_MANAGE
+_INVALID_ENDPOINT = OpenApiResponse(
+    description="The request is not valid (validation_error, unknown_field...); `unknown_event_type` when an "
+    "event type or prefix is not of the event catalogue, each named in `details.event_types`"
+)
 
 
 def _resource_changes(data: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +63,7 @@ class EndpointViewSet(
     def get_queryset(self) -> Any:
         return selectors.endpoint_list(principal_of(self.request))
 
-    @extend_schema(request=EndpointCreateSerializer, responses={201: EndpointCreatedSerializer})
+    @extend_schema(request=EndpointCreateSerializer, responses={201: EndpointCreatedSerializer, 400: _INVALID_ENDPOINT})
     def create(self, request: Request) -> Response:
         serializer = EndpointCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -69,7 +73,7 @@ class EndpointViewSet(
         output = EndpointCreatedSerializer(endpoint, context={"secret": secret})
         return Response(output.data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=EndpointUpdateSerializer, responses=EndpointSerializer)
+    @extend_schema(request=EndpointUpdateSerializer, responses={200: EndpointSerializer, 400: _INVALID_ENDPOINT})
     def partial_update(self, request: Request, pk: str) -> Response:
         endpoint = self.get_object()
         serializer = EndpointUpdateSerializer(data=request.data, partial=True)

@@ -69,6 +69,44 @@ def test_it_refuses_another_tenants_mailbox_as_a_filter(world, receiver):
     assert response.status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("event_types", "unknown"),
+    [
+        (["ingest.recieved"], ["ingest.recieved"]),
+        (["message.*", "nothing.*", "indexer.indexed", "Bogus.Type"], ["nothing.*", "bogus.type"]),
+        (["message.deleted.*"], ["message.deleted.*"]),
+        (["*"], ["*"]),
+        (["Not A Type!"], ["not a type!"]),
+    ],
+)
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_it_refuses_event_types_outside_the_catalogue_naming_each(world, receiver, event_types, unknown, method):
+    client = world.client(world.owner_key)
+    if method == "post":
+        response = client.post("/api/v1/webhooks/", {"url": receiver.url(), "event_types": event_types}, format="json")
+    else:
+        endpoint, _ = make_endpoint(world, receiver.url(), event_types=["indexer.indexed"])
+        response = client.patch(f"/api/v1/webhooks/{endpoint.pk}/", {"event_types": event_types}, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], list(error["details"])) == ("unknown_event_type", ["event_types"])
+    (problem,) = error["details"]["event_types"]
+    assert problem.startswith(f"Unknown event types: {', '.join(repr(name) for name in unknown)}.")
+    assert Endpoint.objects.exclude(event_types=["indexer.indexed"]).count() == 0
+
+
+def test_it_takes_every_type_of_the_catalogue_and_every_prefix_of_its_namespaces(world, receiver):
+    from audit.catalogue import EVENT_TYPES
+
+    prefixes = sorted({f"{name.split('.')[0]}.*" for name in EVENT_TYPES})
+    client = world.client(world.owner_key)
+    for chunk in (sorted(EVENT_TYPES)[:25], sorted(EVENT_TYPES)[25:], prefixes):
+        response = client.post("/api/v1/webhooks/", {"url": receiver.url(), "event_types": chunk}, format="json")
+        assert response.status_code == 201, response.content
+        assert response.json()["event_types"] == chunk
+    assert "message.*" in prefixes and "webhook.*" in prefixes
+
+
 @pytest.mark.parametrize(("field", "outsider"), [("mailboxes", "outsider_mailbox"), ("domains", "outsider_domain")])
 @pytest.mark.parametrize("method", ["post", "patch"])
 def test_it_names_the_api_field_of_a_filter_refused_by_the_service(world, receiver, field, outsider, method):
@@ -268,3 +306,9 @@ def test_it_filters_the_event_log_by_mailbox_and_message_and_shows_deliveries(wo
     # A key that may read events but not manage webhooks sees the event without deliveries.
     reader = world.client(world.key([Permission.EVENTS_READ]))
     assert "deliveries" not in reader.get(f"/api/v1/events/{mine.public_id}/").json()
+
+
+def test_the_schema_names_unknown_event_type_on_create_and_update(client):
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    for path, method in (("/api/v1/webhooks/", "post"), ("/api/v1/webhooks/{id}/", "patch")):
+        assert "unknown_event_type" in schema["paths"][path][method]["responses"]["400"]["description"]
