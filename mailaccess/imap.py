@@ -834,7 +834,16 @@ class ImapSession:
                 raise _bad("UID EXPUNGE set")
             ranges = sequence_set(_string(args[0]), selected.uids[-1] if selected.uids else 0)
             scope = [uid for uid in selected.uids if in_ranges(uid, ranges)]
-        removed = set(await db(store.messages_delete, self.access, selected.mailbox_id, scope, marked=True))
+        removed = set(
+            await db(
+                store.messages_delete,
+                self.access,
+                selected.mailbox_id,
+                scope,
+                reason=store.DELETED_EXPUNGE,
+                marked=True,
+            )
+        )
         for index in range(len(selected.uids) - 1, -1, -1):
             if selected.uids[index] in removed:
                 del selected.uids[index]
@@ -887,7 +896,11 @@ class ImapSession:
         if move:
             if code:
                 await self.untagged(f"OK {code}moved".encode())
-            removed = set(await db(store.messages_delete, self.access, selected.mailbox_id, source_uids))
+            removed = set(
+                await db(
+                    store.messages_delete, self.access, selected.mailbox_id, source_uids, reason=store.DELETED_MOVE
+                )
+            )
             for index in range(len(selected.uids) - 1, -1, -1):
                 if selected.uids[index] in removed:
                     del selected.uids[index]

@@ -172,7 +172,7 @@ class Pop3Session:
         drop, access = self.drop, self.access
         if drop is not None and access is not None and drop.deleted:
             uids = [drop.rows[number - 1].uid for number in sorted(drop.deleted)]
-            await db(store.messages_delete, access, access.mailboxes["INBOX"], uids)
+            await db(store.messages_delete, access, access.mailboxes["INBOX"], uids, reason=store.DELETED_DELE)
         await self.reply("+OK bye")
         return False
 

@@ -35,6 +35,12 @@ from mailboxes.waiting import wake_publish
 SYSTEM_FLAG_TAGS = {"\\Flagged": "flagged", "\\Answered": "answered", "\\Draft": "draft"}
 TAG_SYSTEM_FLAGS = {tag: flag for flag, tag in SYSTEM_FLAG_TAGS.items()}
 logger = logging.getLogger(__name__)
+
+# How a message left over IMAP or POP3: its state reason and its message.deleted event say so.
+DELETED_EXPUNGE = "expunged over IMAP"
+DELETED_MOVE = "moved over IMAP"
+DELETED_DELE = "deleted over POP3"
+
 SPOOL_MEMORY = 1024 * 1024  # a message body larger than this is spooled to disk, not memory
 
 
@@ -283,11 +289,14 @@ def messages_seen(access: Access, mailbox_id: UUID, uids: list[int]) -> None:
         message_update(principal=access.principal, message=message, is_read=True)
 
 
-def messages_delete(access: Access, mailbox_id: UUID, uids: list[int] | None, *, marked: bool = False) -> list[int]:
-    """EXPUNGE / DELE: soft-delete through the API's service; the UIDs actually removed.
+def messages_delete(
+    access: Access, mailbox_id: UUID, uids: list[int] | None, *, reason: str, marked: bool = False
+) -> list[int]:
+    """EXPUNGE / MOVE / DELE: soft-delete through the API's service; the UIDs actually removed.
 
     ``uids`` None: every message of the folder; ``marked``: only those marked ``\\Deleted``
-    (by any session: EXPUNGE and CLOSE, RFC 3501 section 6.4.3).
+    (by any session: EXPUNGE and CLOSE, RFC 3501 section 6.4.3). ``reason`` names the
+    command (one of the ``DELETED_*`` reasons), recorded on each message and its event.
     """
     removed = []
     queryset = visible(access, mailbox_id)
@@ -296,7 +305,7 @@ def messages_delete(access: Access, mailbox_id: UUID, uids: list[int] | None, *,
     if marked:
         queryset = queryset.filter(imap_deleted=True)
     for message in queryset.order_by("uid"):
-        message_delete(principal=access.principal, message=message)
+        message_delete(principal=access.principal, message=message, reason=reason)
         removed.append(int(message.uid or 0))
     return removed
 

@@ -210,13 +210,17 @@ def message_update(*, principal: Principal, message: Message, keep_case: bool = 
     return message
 
 
-def message_delete(*, principal: Principal, message: Message) -> None:
-    """Soft-delete a message (event ``message.deleted``); the purge sweeper removes its blobs."""
+def message_delete(*, principal: Principal, message: Message, reason: str = "deleted through the API") -> None:
+    """Soft-delete a message (event ``message.deleted``); the purge sweeper removes its blobs.
+
+    ``reason`` says how (the message's state reason and the event's): the IMAP and POP3
+    servers name their command.
+    """
     from mailboxes.retention import message_soft_delete
 
     require(principal, Permission.MESSAGES_WRITE)
     with transaction.atomic():
-        if message_soft_delete(message, reason="deleted through the API"):
+        if message_soft_delete(message, reason=reason):
             audit_entry_record(
                 tenant_id=message.tenant_id,
                 actor=principal.actor,

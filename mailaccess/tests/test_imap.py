@@ -195,6 +195,31 @@ def test_it_appends_through_accept_and_answers_appenduid(imap_server: ServerThre
     client.logout()
 
 
+def _expunge_one_and_move_one(server: ServerThread, world: Any) -> tuple[Message, Message]:
+    for number in range(3):
+        message_deliver(world.mailbox, simple_message(f"Message {number}"))
+    client = IMAPClient("127.0.0.1", port=server.port, ssl=False, timeout=10)
+    client.login(world.mailbox.address, world.owner_key)
+    client.select_folder("INBOX")
+    client.add_flags([1], [b"\\Deleted"])
+    client.expunge()
+    client.move([3], world.sibling.address)
+    client.logout()
+    expunged, moved = (Message.objects.get(mailbox=world.mailbox, uid=uid) for uid in (1, 3))
+    return expunged, moved
+
+
+def test_it_records_expunge_and_move_as_done_over_imap(imap_server: ServerThread, world: Any) -> None:
+    expunged, moved = _expunge_one_and_move_one(imap_server, world)
+    assert expunged.deleted_at is not None and moved.deleted_at is not None
+    assert (expunged.state_reason, moved.state_reason) == ("expunged over IMAP", "moved over IMAP")
+    events = Event.objects.filter(type="message.deleted")
+    assert {event.message_id: event.data["reason"] for event in events} == {
+        expunged.pk: "expunged over IMAP",
+        moved.pk: "moved over IMAP",
+    }
+
+
 def test_it_streams_a_20_mb_message_with_bounded_memory(imap_server: ServerThread, world: Any) -> None:
     line = b"x" * 998 + b"\r\n"
     raw = simple_message("Large") + line * (20 * 1024 * 1024 // len(line))

@@ -53,6 +53,17 @@ def test_it_lists_retrieves_and_deletes_like_rfc_1939(pop3_server: ServerThread,
     again.quit()
 
 
+def test_it_records_dele_as_done_over_pop3(pop3_server: ServerThread, world: Any) -> None:
+    message = message_deliver(world.mailbox, simple_message("Delete me"))
+    client = _pop(pop3_server, world)
+    client.dele(1)
+    client.quit()
+    message.refresh_from_db()
+    assert message.deleted_at is not None and message.state_reason == "deleted over POP3"
+    event = Event.objects.get(message_id=message.pk, type="message.deleted")
+    assert event.data["reason"] == "deleted over POP3"
+
+
 def test_it_refuses_a_wrong_password_and_deletion_without_write(pop3_server: ServerThread, world: Any) -> None:
     message_deliver(world.mailbox, simple_message("Keep me"))
     with pytest.raises(poplib.error_proto, match="AUTH"):
