@@ -25,6 +25,7 @@ from uuid import UUID
 
 from django.conf import settings
 
+from audit import context as audit_context
 from mailaccess import metrics, store
 from mailaccess.auth import Access, LoginRefused, login
 from mailaccess.imapwire import (
@@ -1097,7 +1098,10 @@ async def handle_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
     try:
         session = ImapSession(reader, writer, options)
         session.ip = ip
-        await session.run()
+        # What the session does is audited as from the client's address (after PROXY), one
+        # correlation id a connection; db() carries the context into its worker threads.
+        with audit_context.bind(ip=ip, user_agent="imap", correlation_id=audit_context.new_correlation_id()):
+            await session.run()
     finally:
         metrics.CONNECTIONS_OPEN.labels("imap").dec()
         options.limits.release_ip(slot)

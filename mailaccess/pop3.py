@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from audit import context as audit_context
 from mailaccess import metrics, store
 from mailaccess.auth import Access, LoginRefused, login
 from mailaccess.limits import ConnectionLimits, client_address, is_loopback
@@ -338,7 +339,9 @@ async def handle_pop3(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         try:
             session = Pop3Session(reader, writer, options)
             session.ip = ip
-            await session.run()
+            # Audited as from the client's address, one correlation id a connection (see IMAP's).
+            with audit_context.bind(ip=ip, user_agent="pop3", correlation_id=audit_context.new_correlation_id()):
+                await session.run()
         finally:
             metrics.CONNECTIONS_OPEN.labels("pop3").dec()
             options.limits.release_ip(slot)

@@ -220,6 +220,17 @@ def test_it_records_expunge_and_move_as_done_over_imap(imap_server: ServerThread
     }
 
 
+def test_it_audits_an_imap_sessions_writes_as_from_the_clients_address(imap_server: ServerThread, world: Any) -> None:
+    expunged, moved = _expunge_one_and_move_one(imap_server, world)
+    deletions = AuditEntry.objects.filter(tenant=world.tenant, action="message.delete")
+    assert sorted(entry.resource_id for entry in deletions) == sorted([str(expunged.pk), str(moved.pk)])
+    # Every write of the session (the \\Deleted flag, the deletions) names the client's address.
+    entries = AuditEntry.objects.filter(tenant=world.tenant, action__in=["message.update", "message.delete"])
+    assert entries.count() >= 3
+    assert {(entry.ip, entry.user_agent) for entry in entries} == {("127.0.0.1", "imap")}
+    assert len({entry.correlation_id for entry in entries}) == 1 and entries[0].correlation_id  # one session
+
+
 def test_it_streams_a_20_mb_message_with_bounded_memory(imap_server: ServerThread, world: Any) -> None:
     line = b"x" * 998 + b"\r\n"
     raw = simple_message("Large") + line * (20 * 1024 * 1024 // len(line))

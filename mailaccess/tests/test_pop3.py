@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from audit.models import Event
+from audit.models import AuditEntry, Event
 from mailaccess.server import ServerThread
 from mailboxes.models import Message
 from mailboxes.tests.helpers import message_deliver, simple_message
@@ -62,6 +62,15 @@ def test_it_records_dele_as_done_over_pop3(pop3_server: ServerThread, world: Any
     assert message.deleted_at is not None and message.state_reason == "deleted over POP3"
     event = Event.objects.get(message_id=message.pk, type="message.deleted")
     assert event.data["reason"] == "deleted over POP3"
+
+
+def test_it_audits_a_pop3_deletion_as_from_the_clients_address(pop3_server: ServerThread, world: Any) -> None:
+    message = message_deliver(world.mailbox, simple_message("Delete me"))
+    client = _pop(pop3_server, world)
+    client.dele(1)
+    client.quit()
+    entry = AuditEntry.objects.get(tenant=world.tenant, action="message.delete", resource_id=str(message.pk))
+    assert (entry.ip, entry.user_agent) == ("127.0.0.1", "pop3") and entry.correlation_id
 
 
 def test_it_refuses_a_wrong_password_and_deletion_without_write(pop3_server: ServerThread, world: Any) -> None:
