@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import hmac
+import re
 from base64 import b64decode, b64encode, urlsafe_b64encode
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -29,8 +30,28 @@ CURSOR_DESCRIPTION = (
     "Opaque cursor of the next page, as handed out in the previous page's `next` link; "
     "a cursor not handed out by the API answers 400 `invalid_cursor`."
 )
-LIMIT_DESCRIPTION = "Page size (default {default}, at most {maximum})."
+LIMIT_DESCRIPTION = (
+    "Page size (default {default}, at most {maximum}: a larger one is served as {maximum}); "
+    "anything but a whole number from 1 answers 400 `validation_error`."
+)
 INVALID_CURSOR_MESSAGE = "The cursor is not valid."
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+
+
+def limit_parse(value: str | None, *, default: int, maximum: int, name: str = "limit") -> int:
+    """The page size a list was asked for: absent or empty, ``default``; above ``maximum``,
+    ``maximum`` (documented); anything but a whole number from 1 answers 400 naming ``name``,
+    rather than being quietly served as the default page."""
+    if value is None or value == "":
+        return default
+    if not _WHOLE_NUMBER.fullmatch(value) or int(value) < 1:
+        raise exceptions.ValidationError({name: [f"Must be a whole number from 1 (at most {maximum} are served)."]})
+    return min(int(value), maximum)
+
+
+def limit_parameter_schema(default: int) -> dict[str, Any]:
+    """The ``limit`` query parameter's schema (no maximum: a larger one is served at the maximum)."""
+    return {"type": "integer", "minimum": 1, "default": default}
 
 
 # The MAC's key is SECRET_KEY under this purpose, so it signs nothing else (sessions, links).
@@ -79,6 +100,22 @@ class CreatedCursorPagination(CursorPagination):
     @property
     def page_size_query_description(self) -> str:  # type: ignore[override]
         return LIMIT_DESCRIPTION.format(default=self.page_size, maximum=self.max_page_size)
+
+    def get_page_size(self, request: Request) -> int:
+        """:func:`limit_parse`: DRF's own serves a bad ``limit`` as the default page, silently."""
+        return limit_parse(
+            request.query_params.get(self.page_size_query_param),
+            default=self.page_size,
+            maximum=self.max_page_size,
+            name=self.page_size_query_param,
+        )
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters: list[dict[str, Any]] = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = limit_parameter_schema(self.page_size)
+        return parameters
 
     def decode_cursor(self, request: Request) -> Cursor | None:
         """DRF's decoding, but strict: its own skips stray characters and takes any

@@ -107,6 +107,28 @@ def test_it_answers_400_invalid_cursor_on_every_list(cast, endpoint, cursor):
     assert "cursor" in error["details"]
 
 
+@pytest.mark.parametrize("endpoint", LISTS, ids=lambda e: e.name)
+@pytest.mark.parametrize("limit", ["abc", "-1", "0", "1.5", "1e3", " 5", "%00", "99999999999999999999x"])
+def test_it_answers_400_naming_limit_when_it_is_not_a_page_size_on_every_list(cast, endpoint, limit):
+    client = _owner_client(cast)
+    response = client.get(f"{_url(endpoint, cast)}?limit={limit}")
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    error = response.json()["error"]
+    assert (error["code"], list(error["details"])) == ("validation_error", ["limit"])
+    assert "whole number" in error["details"]["limit"][0]
+
+
+@pytest.mark.parametrize("endpoint", LISTS, ids=lambda e: e.name)
+def test_it_serves_a_page_of_limit_rows_and_clamps_a_limit_over_the_maximum(cast, endpoint):
+    client = _owner_client(cast)
+    url = _url(endpoint, cast)
+    everything = client.get(f"{url}?limit=99999999999999999999").json()["results"]  # served at the maximum
+    assert everything == client.get(f"{url}?limit=500").json()["results"]
+    first = client.get(f"{url}?limit=1").json()
+    assert first["results"] == everything[:1]
+    assert client.get(f"{url}?limit=").json()["results"] == client.get(url).json()["results"]
+
+
 @pytest.mark.parametrize("name", ["message-wait", "mailbox-code-latest", "mailbox-messages-upload", "tenant"])
 def test_it_answers_405_in_the_error_shape_for_a_method_a_route_lacks(cast, name):
     kwargs = {"pk": cast.mailbox.pk} if name.startswith("mailbox-") else None

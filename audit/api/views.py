@@ -17,7 +17,13 @@ from rest_framework.views import APIView
 from audit import selectors
 from audit.api.serializers import EventPageSerializer, EventSerializer
 from audit.models import EVENT_ID_PATTERN, EVENT_TYPE_PATTERN, Event
-from mailplatform.pagination import CURSOR_DESCRIPTION, invalid_cursor
+from mailplatform.pagination import (
+    CURSOR_DESCRIPTION,
+    LIMIT_DESCRIPTION,
+    invalid_cursor,
+    limit_parameter_schema,
+    limit_parse,
+)
 
 EVENTS_READ = "events:read"  # tenants.access.Permission.EVENTS_READ; audit cannot import it
 _DEFAULT_LIMIT, _MAX_LIMIT = 100, 500
@@ -45,7 +51,9 @@ class EventListView(APIView):
             OpenApiParameter("mailbox", OpenApiTypes.UUID, description="Only events about this mailbox"),
             OpenApiParameter("message", OpenApiTypes.UUID, description="Only events about this message"),
             OpenApiParameter(
-                "limit", OpenApiTypes.INT, description=f"Page size (default {_DEFAULT_LIMIT}, at most {_MAX_LIMIT})."
+                "limit",
+                limit_parameter_schema(_DEFAULT_LIMIT),
+                description=LIMIT_DESCRIPTION.format(default=_DEFAULT_LIMIT, maximum=_MAX_LIMIT),
             ),
         ],
         responses=EventPageSerializer,
@@ -65,10 +73,7 @@ class EventListView(APIView):
             except ValueError:
                 raise exceptions.ValidationError({name: [f"Must be a {name} id."]}) from None
         queryset = selectors.event_list(principal, types=types, **pointers)
-        try:
-            limit = min(max(int(params.get("limit", _DEFAULT_LIMIT)), 1), _MAX_LIMIT)
-        except ValueError:
-            raise exceptions.ValidationError({"limit": ["Must be a whole number."]}) from None
+        limit = limit_parse(params.get("limit"), default=_DEFAULT_LIMIT, maximum=_MAX_LIMIT)
         if params.get("cursor"):
             try:
                 queryset = selectors.events_after_cursor(queryset, params["cursor"])
