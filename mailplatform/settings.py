@@ -580,6 +580,11 @@ TEMP_INBOX_RATE_PER_HOUR = config.integer("TEMP_INBOX_RATE_PER_HOUR", 10, minimu
 _cache_url = config.string("CACHE_URL", "")
 if not _cache_url and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     _cache_url = CELERY_BROKER_URL
+# Room for 100,000 keys (Django's default is 300: a flood of new keys, one an address, would
+# cull live rate-limit counters with them); once full, a tenth is culled (the least recently
+# used in locmem, at random in the file cache, which counts its files at most every 10 s:
+# mailplatform/cache.py).
+_CACHE_BOUNDS = {"MAX_ENTRIES": 100_000, "CULL_FREQUENCY": 10}
 if _cache_url.startswith(("redis://", "rediss://")):
     CACHES = {
         "default": {
@@ -590,11 +595,15 @@ if _cache_url.startswith(("redis://", "rediss://")):
         }
     }
 elif _cache_url.startswith("locmem://"):
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "OPTIONS": _CACHE_BOUNDS}}
 elif not _cache_url or _cache_url.startswith("file://"):
     _cache_dir = Path(_cache_url.removeprefix("file://") or DATA_DIR / "cache")
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(_cache_dir)}
+        "default": {
+            "BACKEND": "mailplatform.cache.FileBasedCache",
+            "LOCATION": str(_cache_dir),
+            "OPTIONS": _CACHE_BOUNDS,
+        }
     }
 else:
     raise ImproperlyConfigured(f"CACHE_URL: expected redis://, rediss://, locmem:// or file://, got {_cache_url!r}")

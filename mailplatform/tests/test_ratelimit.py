@@ -137,3 +137,49 @@ def test_it_keeps_counting_a_window_longer_than_the_caches_default_timeout(
     time.sleep(1.5)  # past the cache's default timeout, well inside the hour
     assert ratelimit.used("test", subject, window=3600) == 3
     assert not ratelimit.hit("test", subject, limit=3, window=3600)
+
+
+def _settings_cache(monkeypatch: Any, cache_url: str) -> dict[str, Any]:
+    """The CACHES the settings module builds for ``CACHE_URL`` (read afresh, this process untouched)."""
+    import runpy
+    from pathlib import Path
+
+    from mailplatform import settings as settings_module
+
+    monkeypatch.setenv("CACHE_URL", cache_url)
+    return runpy.run_path(str(Path(settings_module.__file__)))["CACHES"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", ["file", "locmem"])
+def test_it_keeps_a_live_counter_through_a_flood_of_other_keys(
+    kind: str, tmp_path: Any, settings: Any, monkeypatch: Any
+) -> None:
+    caches = _settings_cache(monkeypatch, f"file://{tmp_path}" if kind == "file" else "locmem://")
+    caches["default"].setdefault("LOCATION", f"flood-{uuid.uuid4()}")  # a locmem cache of its own
+    settings.CACHES = caches
+    subject = f"live-{uuid.uuid4()}"
+    assert ratelimit.hit("test", subject, limit=5, window=3600)
+    assert ratelimit.hit("test", subject, limit=5, window=3600)
+    for number in range(1000):  # one new key each, like a flood of new client addresses
+        ratelimit.hit("flood", f"client-{number}", limit=5, window=3600)
+    assert ratelimit.used("test", subject, window=3600) == 2
+    assert caches["default"]["OPTIONS"]["MAX_ENTRIES"] >= 100_000
+
+
+def test_it_counts_the_file_caches_folder_at_most_once_an_interval(tmp_path: Any) -> None:
+    from django.core.cache.backends.filebased import FileBasedCache as DjangoFileBasedCache
+
+    from mailplatform.cache import FileBasedCache
+
+    options = {"MAX_ENTRIES": 50, "CULL_FREQUENCY": 2, "CULL_INTERVAL": 3600}
+    bounded = FileBasedCache(str(tmp_path / "slow"), {"OPTIONS": options})
+    for number in range(120):
+        bounded.set(f"key-{number}", number)
+    # Counted (and culled) at the first write only: the folder passed its bound meanwhile.
+    assert len(bounded._list_cache_files()) == 120
+    eager = FileBasedCache(str(tmp_path / "eager"), {"OPTIONS": {**options, "CULL_INTERVAL": 0}})
+    django = DjangoFileBasedCache(str(tmp_path / "django"), {"OPTIONS": options})
+    for number in range(120):
+        eager.set(f"key-{number}", number)
+        django.set(f"key-{number}", number)
+    assert len(eager._list_cache_files()) == len(django._list_cache_files()) <= 50  # Django's own bound
