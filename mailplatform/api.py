@@ -30,7 +30,10 @@ _FALLBACK_CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
-    429: "throttled",
+    429: "rate_limited",
+# The one code of every 429 (sending, code requests, temporary inboxes), with Retry-After;
+# DRF's Throttled says "throttled" of itself.
+RATE_LIMITED = "rate_limited"
 }
 
 
@@ -129,6 +132,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     codes = exc.get_codes()
     if isinstance(codes, str) and codes not in {"error", "invalid"}:
         code = codes
+    if isinstance(exc, exceptions.Throttled):
+        codes = RATE_LIMITED
     else:
         code = _FALLBACK_CODES.get(response.status_code, "error")
     response.data = error_body(code, str(exc.detail))

@@ -51,7 +51,7 @@ ERROR_DESCRIPTIONS = {
     "413": "The message is larger than this tenant accepts",
     "415": "The request body's content type is not accepted",
     "422": "The request cannot be carried out as sent",
-    "429": "Too many requests: retry after the number of seconds in Retry-After",
+    "429": "Too many requests (rate_limited): retry after the number of seconds in Retry-After",
     "503": "Temporarily unavailable (database or spool); try again later",
 }
 _WRITE_METHODS = {"post", "put", "patch"}
@@ -272,7 +272,7 @@ def _binding_code_paths_add(paths: dict[str, Any], schemas: dict[str, Any]) -> N
         "404": {"description": "No such active binding, or no code since it was made (no_code)"},
         "408": {"description": ERROR_DESCRIPTIONS["408"]},
         "409": {"description": "A shared mailbox and a provider without rules (provider_not_configured)"},
-        "429": {"description": "Too many code requests for this key or this account"},
+        "429": {"description": "Too many code requests for this key or this account (rate_limited)"},
     }
     paths["/api/v1/links/{link}/codes/latest/"] = {
         "get": _waiting_operation(

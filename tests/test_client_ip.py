@@ -66,7 +66,8 @@ def test_it_ignores_a_forged_x_forwarded_for_from_loopback_without_trusted_proxi
     # Another forged address does not buy another inbox: the limit counts the socket's address.
     second = _create_temp_inbox(server, FORGED[1])
     assert second.status_code == 429, second.text
-    assert second.json()["error"]["code"] == "throttled"
+    assert second.json()["error"]["code"] == "rate_limited"
+    assert int(second.headers["Retry-After"]) > 0
 
     assert list(TempInbox.objects.values_list("created_ip", flat=True)) == ["127.0.0.1"]
     audited = set(AuditEntry.objects.filter(action="mailbox.create").values_list("ip", flat=True))

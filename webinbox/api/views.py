@@ -25,7 +25,8 @@ class TempInboxCreateView(APIView):
         summary="Create a temporary inbox",
         description=(
             "**Permission:** none, no key needed. At most TEMP_INBOX_RATE_PER_HOUR per client IP "
-            "(429 beyond). The token in the answer is the inbox's only credential and is never shown again: open "
+            "(429 `rate_limited` beyond, with Retry-After). The token in the answer is the inbox's only credential "
+            "and is never shown again: open "
             "`inbox_url` in a browser, or keep the token to come back."
         ),
         request=None,
@@ -40,7 +41,9 @@ class TempInboxCreateView(APIView):
                 },
             ),
             403: OpenApiResponse(description="The temporary inboxes' tenant is suspended (tenant_suspended)"),
-            429: OpenApiResponse(description="More than TEMP_INBOX_RATE_PER_HOUR from this address"),
+            429: OpenApiResponse(
+                description="More than TEMP_INBOX_RATE_PER_HOUR from this address (rate_limited; Retry-After)"
+            ),
         },
         auth=[],
     )

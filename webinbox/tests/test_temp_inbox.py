@@ -80,7 +80,8 @@ def test_it_rate_limits_creation_per_ip_across_web_and_api(settings: Any) -> Non
     assert client.post("/").status_code == 302
     limited = client.post("/api/v1/temp-inboxes/")
     assert limited.status_code == 429
-    assert limited.json()["error"]["code"] == "throttled"
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert 0 < int(limited["Retry-After"]) <= 3600
     assert client.post("/").status_code == 429
     other_ip = Client(REMOTE_ADDR="192.0.2.7")
     assert other_ip.post("/").status_code == 302
