@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from audit import context
 from audit.models import AuditEntry, Event
+from mailplatform.rows import rows_insert
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ def events_record(specs: Sequence[EventSpec]) -> list[Event]:
         )
     if not events:
         return []
-    # RETURNING fills seq and txid (PostgreSQL; seq on SQLite 3.35+).
-    events = Event.objects.bulk_create(events)
+    # One INSERT whose values are one JSON document on PostgreSQL (bulk_create elsewhere),
+    # in the order given, so seq follows it; RETURNING fills seq and txid (seq alone on SQLite).
+    events = rows_insert(events, returning=("seq", "txid"), match="public_id")
     for listener in _listeners:
         listener(events)
     return events

@@ -34,6 +34,7 @@ from mailboxes.models import Attachment, Message
 from mailboxes.parse import ParsedMessage, Unparseable, message_bytes_parse
 from mailboxes.threads import thread_id_compute
 from mailboxes.waiting import folder_wake_publish, wakes_publish
+from mailplatform.rows import json_value, rows_insert
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def _write(batch: list[_Prepared], *, index: bool) -> dict[str, str]:
                 # IMAP and POP3 show a message once parsed (its copy is settled), indexed or not.
                 folder_wake_publish(tenant_id=claimed.tenant_id, mailbox_id=claimed.mailbox_id)
         _messages_update(rows, index=index)
-        Attachment.objects.bulk_create(attachments)
+        rows_insert(attachments)
         events_record(specs)
         # Sent after the commit, so a waiter never sees a message that is not there yet.
         wakes_publish(wakes)
@@ -473,15 +474,6 @@ _SEARCH_DOCUMENT = " || ".join(
 )
 
 
-def _json_value(value: object) -> str:
-    """What :func:`json.dumps` cannot write itself, as PostgreSQL reads it (UUIDs, timestamps)."""
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def _messages_update(rows: list[tuple[UUID, dict[str, Any]]], *, index: bool) -> None:
     """Write the parsed columns of claimed messages: on PostgreSQL one UPDATE for the rows
     that set the same columns (all of a batch, as a rule), its values one JSON document
@@ -521,7 +513,7 @@ def _messages_update(rows: list[tuple[UUID, dict[str, Any]]], *, index: bool) ->
             ' WHERE m."id" = v."id"'
         )
         with connection.cursor() as cursor:
-            cursor.execute(sql, [json.dumps(documents, ensure_ascii=False, default=_json_value)])
+            cursor.execute(sql, [json.dumps(documents, ensure_ascii=False, default=json_value)])
 
 
 def search_vector_expression() -> CombinedExpression:

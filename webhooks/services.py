@@ -26,6 +26,7 @@ from audit.models import Event
 from audit.services import Actor, audit_entry_record
 from mailboxes.models import Mailbox
 from mailplatform.enqueue import TasksEnqueue
+from mailplatform.rows import rows_insert
 from tenants.access import Permission, Principal
 from tenants.models import Domain, Membership
 from webhooks import clock, signing, transport
@@ -380,7 +381,7 @@ def events_fan_out(events: list[Event]) -> list[Delivery]:
     ]
     if not deliveries:
         return []
-    Delivery.objects.bulk_create(deliveries)
+    deliveries = rows_insert(deliveries)
     _enqueue_on_commit([str(delivery.pk) for delivery in deliveries])
     return deliveries
 
