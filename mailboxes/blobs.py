@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
@@ -51,16 +50,30 @@ def _local_put(storage: FileSystemStorage, key: str, content: bytes) -> None:
     """The local blob folder: written whole under a temporary name, then linked in under
     ``key`` at once. Its own save() writes into the final name while others may read it, and
     saves under a new name when the key appeared between exists() and save() (two drainers
-    of the same message): here a key already there is success, since keys are content-addressed."""
-    final = Path(storage.path(key))
-    if final.exists():
+    of the same message): here a key already there is success, since keys are content-addressed.
+
+    Plain system calls (no ``tempfile.mkstemp`` name search, no file object, the folder made
+    only when the first open finds it missing): this runs once per attachment of every message.
+    """
+    final = storage.path(key)
+    if os.path.exists(final):
         return
-    final.parent.mkdir(parents=True, exist_ok=True, mode=storage.directory_permissions_mode or 0o700)
-    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=".put-")
+    folder = os.path.dirname(final)
+    temporary = os.path.join(folder, f".put-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.chmod(temporary, storage.file_permissions_mode or 0o600)
+        fd = os.open(temporary, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(folder, mode=storage.directory_permissions_mode or 0o700, exist_ok=True)
+        fd = os.open(temporary, flags, 0o600)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.chmod(fd if os.chmod in os.supports_fd else temporary, storage.file_permissions_mode or 0o600)
+        finally:
+            os.close(fd)
         with contextlib.suppress(FileExistsError):
             os.link(temporary, final)
     finally:
@@ -68,7 +81,12 @@ def _local_put(storage: FileSystemStorage, key: str, content: bytes) -> None:
 
 
 def blob_get(key: str, storage: Storage | None = None) -> bytes:
-    with (storage or blob_storage()).open(key, "rb") as handle:
+    storage = storage or blob_storage()
+    if isinstance(storage, FileSystemStorage):
+        # The local folder read directly, not through its File object (once per parsed message).
+        with open(storage.path(key), "rb") as handle:
+            return handle.read()
+    with storage.open(key, "rb") as handle:
         return bytes(handle.read())
 
 
