@@ -8,6 +8,7 @@ verified, so a name is taken from ``MX_HOSTS`` when ``SMTP_HOSTNAME`` is an addr
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from django.conf import settings
@@ -24,10 +25,16 @@ def _address(name: str) -> IPAddress | None:
 
 def mail_hostname() -> str | None:
     """SMTP_HOSTNAME when it is a name; else the first MX host that is one; else None."""
-    configured = str(settings.SMTP_HOSTNAME).strip().rstrip(".")
+    return _mail_hostname(str(settings.SMTP_HOSTNAME), tuple(settings.MX_HOSTS))
+
+
+@functools.lru_cache(maxsize=16)
+def _mail_hostname(smtp_hostname: str, mx_hosts: tuple[object, ...]) -> str | None:
+    # Kept per value: every parsed message asks for the authserv-id several times.
+    configured = smtp_hostname.strip().rstrip(".")
     if configured and not configured.startswith("[") and _address(configured) is None:
         return configured
-    for host in settings.MX_HOSTS:
+    for host in mx_hosts:
         if host and _address(str(host)) is None:
             return str(host).rstrip(".")
     return None
