@@ -387,10 +387,18 @@ try:
 except ValueError as exc:
     raise ImproperlyConfigured(f"WEBHOOK_EXTRA_PORTS: expected port numbers: {exc}") from exc
 WEBHOOK_CA_FILE = config.string("WEBHOOK_CA_FILE", OUTBOUND_CA_FILE)
-WEBHOOK_TIMEOUT = config.integer("WEBHOOK_TIMEOUT", 15, minimum=1, maximum=60)
+# A send task (webhooks.tasks.deliveries_send) makes its attempts within WEBHOOK_SEND_WINDOW
+# (a batch's in parallel, a replay's chain one after the other: webhooks.delivery.REPLAY_CHAIN
+# fits them in), and records them before its hard limit.
+WEBHOOK_SEND_WINDOW = 60
+WEBHOOK_TIMEOUT = config.integer("WEBHOOK_TIMEOUT", 15, minimum=1, maximum=WEBHOOK_SEND_WINDOW)
 WEBHOOK_SECRET_OVERLAP = config.integer("WEBHOOK_SECRET_OVERLAP", 24 * 3600, minimum=0)
 WEBHOOK_DISABLE_AFTER = config.integer("WEBHOOK_DISABLE_AFTER", 5 * 24 * 3600, minimum=60)
-WEBHOOK_LEASE = config.integer("WEBHOOK_LEASE", 60, minimum=5)
+WEBHOOK_TASK_SOFT_TIME_LIMIT = WEBHOOK_SEND_WINDOW + 15
+WEBHOOK_TASK_TIME_LIMIT = WEBHOOK_TASK_SOFT_TIME_LIMIT + 15
+# A claim's lease outlasts the task that holds it: a slow attempt is never handed out again
+# while its task may still be sending it; after the hard limit, the dispatcher takes it back.
+WEBHOOK_LEASE = config.integer("WEBHOOK_LEASE", WEBHOOK_TASK_TIME_LIMIT + 30, minimum=WEBHOOK_TASK_TIME_LIMIT + 1)
 WEBHOOK_REPLAY_RATE = config.integer("WEBHOOK_REPLAY_RATE", 50, minimum=1)
 WEBHOOK_REPLAY_MAX = config.integer("WEBHOOK_REPLAY_MAX", 10000, minimum=1)
 

@@ -186,7 +186,7 @@ def deliveries_claim_due_batches(limit: int, size: int) -> list[tuple[list[str],
 _ORDER_FIELDS = ("pk", "endpoint_id", "next_attempt_at", "origin")
 # Replayed deliveries of one endpoint sent by one task, one after the other: few enough that
 # a receiver taking WEBHOOK_TIMEOUT on each still ends within the task's time limit.
-REPLAY_CHAIN = max(1, 60 // max(1, settings.WEBHOOK_TIMEOUT))
+REPLAY_CHAIN = max(1, settings.WEBHOOK_SEND_WINDOW // max(1, settings.WEBHOOK_TIMEOUT))
 
 
 def _replay_in_order(rows: list[tuple[Any, ...]]) -> list[Any]:

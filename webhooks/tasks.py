@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from mailplatform.enqueue import TasksEnqueue
 from webhooks import delivery
 from webhooks.models import Delivery
 
-# Longer than one attempt (WEBHOOK_TIMEOUT, at most 60 s; a batch's requests run in parallel)
-# plus recording it.
-_LIMITS = {"soft_time_limit": 75, "time_limit": 90}
+# Longer than the attempts (WEBHOOK_SEND_WINDOW) plus recording them; shorter than the lease
+# of the claims the task holds (WEBHOOK_LEASE), so no attempt is handed out twice at once.
+_LIMITS = {"soft_time_limit": settings.WEBHOOK_TASK_SOFT_TIME_LIMIT, "time_limit": settings.WEBHOOK_TASK_TIME_LIMIT}
 BATCH = 50
 
 

@@ -6,6 +6,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from audit.models import Event
@@ -285,7 +286,7 @@ def test_a_delivery_waiting_in_the_broker_past_its_lease_is_not_counted_as_an_at
     event = record(world)
     (delivery,) = Delivery.objects.filter(event=event)
     (queued,) = sending.deliveries_claim_due_batches(500, 50)  # its task now waits in the broker
-    frozen_clock.advance(61)
+    frozen_clock.advance(settings.WEBHOOK_LEASE + 1)
     assert sending.deliveries_claim_due_batches(500, 50) == [queued]  # handed out again, same claim
     delivery.refresh_from_db()
     assert delivery.state == Delivery.State.SENDING and delivery.attempts == 0
@@ -319,7 +320,7 @@ def test_a_started_delivery_whose_worker_died_is_claimed_again_with_its_attempt_
     event = record(world)
     ((ids, claim),) = sending.deliveries_claim_due_batches(500, 50)
     assert sending.deliveries_start(ids, claim)  # the worker starts it, then dies mid-request
-    frozen_clock.advance(61)
+    frozen_clock.advance(settings.WEBHOOK_LEASE + 1)
     ((ids_again, claim_again),) = sending.deliveries_claim_due_batches(500, 50)
     assert claim_again != claim
     assert sending.deliveries_send(ids, claim) == []  # the dead worker's queued claim is gone
@@ -327,3 +328,39 @@ def test_a_started_delivery_whose_worker_died_is_claimed_again_with_its_attempt_
     delivery = Delivery.objects.get(event=event)
     assert delivery.attempts == 2  # the lost attempt counts
     assert list(Attempt.objects.filter(delivery=delivery).values_list("number", flat=True)) == [2]
+
+
+def test_a_started_delivery_is_not_handed_out_again_while_its_task_may_still_run(world, receiver, frozen_clock):
+    """The lease outlasts the send task's hard time limit: a slow attempt (a receiver taking
+    its time, then recording) is never sent twice at once; once the task must be dead, the
+    delivery is taken back."""
+    from webhooks.tasks import deliveries_send
+
+    assert deliveries_send.time_limit == settings.WEBHOOK_TASK_TIME_LIMIT
+    assert deliveries_send.soft_time_limit == settings.WEBHOOK_TASK_SOFT_TIME_LIMIT
+    assert settings.WEBHOOK_LEASE > settings.WEBHOOK_TASK_TIME_LIMIT > settings.WEBHOOK_TASK_SOFT_TIME_LIMIT
+    make_endpoint(world, receiver.url())
+    record(world)
+    ((ids, claim),) = sending.deliveries_claim_due_batches(500, 50)
+    assert sending.deliveries_start(ids, claim)  # the task starts its attempt
+    frozen_clock.advance(settings.WEBHOOK_TASK_TIME_LIMIT)  # up to here the task may still be sending
+    assert sending.deliveries_claim_due_batches(500, 50) == []
+    frozen_clock.advance(settings.WEBHOOK_LEASE - settings.WEBHOOK_TASK_TIME_LIMIT + 1)
+    ((ids_again, _),) = sending.deliveries_claim_due_batches(500, 50)  # killed by now: taken back
+    assert ids_again == ids
+
+
+def test_a_lease_no_longer_than_the_send_tasks_hard_limit_stops_the_start():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "mailplatform.settings"}
+    check = "import django; django.setup(); from django.conf import settings; print(settings.WEBHOOK_LEASE)"
+    refused = subprocess.run(
+        [sys.executable, "-c", check], env={**env, "WEBHOOK_LEASE": "60"}, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert f"WEBHOOK_LEASE: must be at least {settings.WEBHOOK_TASK_TIME_LIMIT + 1}, got 60" in refused.stderr
+    default = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=60)
+    assert int(default.stdout.strip().splitlines()[-1]) > settings.WEBHOOK_TASK_TIME_LIMIT, default.stderr
