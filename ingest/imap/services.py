@@ -224,10 +224,17 @@ def connector_update(*, principal: Principal, connector: Connector, **changes: A
     return connector
 
 
+def _connector_lock(connector: Connector) -> None:
+    """Lock the connector row before any of its folder rows: the order of the runner's take
+    (:func:`ingest.imap.leases.messages_take`), so a write here and a take never deadlock."""
+    list(Connector.objects.select_for_update().filter(pk=connector.pk).values_list("pk"))
+
+
 def connector_delete(*, principal: Principal, connector: Connector) -> None:
     """Delete a connector and its cursors; mail already taken in stays."""
     _require(principal)
     with transaction.atomic():
+        _connector_lock(connector)  # the cascade deletes the folder rows before the connector's
         audit_entry_record(
             tenant_id=principal.tenant_id,
             actor=principal.actor,
@@ -244,6 +251,7 @@ def connector_resync(*, principal: Principal, connector: Connector) -> Connector
     each folder again; what was already taken in is recognised (Message-ID, sha256) and skipped."""
     _require(principal)
     with transaction.atomic():
+        _connector_lock(connector)
         ConnectorFolder.objects.filter(connector=connector).delete()
         Connector.objects.filter(pk=connector.pk).update(
             resync_requested_at=timezone.now(), generation=F("generation") + 1, updated_at=timezone.now()
