@@ -17,7 +17,6 @@ from rest_framework.exceptions import ErrorDetail
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.serializers import as_serializer_error
-from rest_framework.views import exception_handler as drf_exception_handler
 
 _FALLBACK_CODES = {
     400: "bad_request",
@@ -108,6 +107,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # A refusal with a code of its own (tenants.access.TenantSuspended) keeps it.
         exc = exceptions.PermissionDenied(detail=str(exc) or None, code=getattr(exc, "code", None))
 
+    # Imported here: rest_framework.views reads the parser setting, which names this module.
+    from rest_framework.views import exception_handler as drf_exception_handler
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -167,6 +169,7 @@ class StrictSerializer(serializers.Serializer[Any]):
     output_serializer_class: ClassVar[type[serializers.Serializer[Any]] | None] = None
     # Extra JSON Schema keywords for the request body (anyOf/oneOf between fields).
     schema_constraints: ClassVar[dict[str, Any]] = {}
+    _shown_fields: ClassVar[frozenset[str] | None] = None
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, Mapping):
@@ -175,10 +178,14 @@ class StrictSerializer(serializers.Serializer[Any]):
 
     @classmethod
     def shown_fields(cls) -> frozenset[str]:
-        output = cls.output_serializer_class
-        if output is None:
-            return frozenset()
-        return frozenset(output().fields)
+        # Built once per class: the output serializer's fields are its class's alone, and building
+        # a ModelSerializer's fields is most of what validating a small body costs.
+        shown = cls.__dict__.get("_shown_fields")
+        if shown is None:
+            output = cls.output_serializer_class
+            shown = frozenset(output().fields) if output is not None else frozenset()
+            cls._shown_fields = shown
+        return shown
 
 
 def fields_refused(
