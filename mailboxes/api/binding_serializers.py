@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+from uuid import UUID
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -132,13 +134,15 @@ def _metadata_bounded(value: Any) -> Any:
     return value
 
 
+PROVIDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+ACCOUNT_REF_MAX = 200
+
+
 class LinkOrCreateSerializer(StrictSerializer):
     output_serializer_class = BindingSerializer
 
-    account_ref = serializers.CharField(max_length=200, help_text="Your own opaque id of the account")
-    provider = serializers.RegexField(
-        r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$", max_length=40, help_text="google, github, openai..."
-    )
+    account_ref = serializers.CharField(max_length=ACCOUNT_REF_MAX, help_text="Your own opaque id of the account")
+    provider = serializers.RegexField(PROVIDER_PATTERN, max_length=40, help_text="google, github, openai...")
     pool = serializers.UUIDField()
     label = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")  # type: ignore[assignment]
     metadata = serializers.DictField(required=False, default=dict, validators=[_metadata_bounded])
@@ -180,3 +184,57 @@ class ProviderUpdateSerializer(StrictSerializer):
 
 class ProviderCreateSerializer(ProviderUpdateSerializer):
     name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$", max_length=40)
+
+
+# --- link-or-create's common case, without building serializer fields ---------------------
+# A host calls link-or-create on every sign-in, so its plain shape is read and answered by
+# hand: exactly what the serializers above give (mailboxes/tests/test_bindings_plain.py holds them
+# to it), and anything else goes to the serializers, which also word the errors.
+_PROVIDER = re.compile(PROVIDER_PATTERN)
+_PLAIN_KEYS = frozenset({"account_ref", "provider", "pool", "label"})
+_TIMESTAMP = serializers.DateTimeField()
+
+
+def link_or_create_plain(data: Any) -> dict[str, Any] | None:
+    """The validated body of a plain link-or-create call (ASCII strings, no metadata), as
+    :class:`LinkOrCreateSerializer` would validate it; None for any other body."""
+    if not isinstance(data, dict) or not data.keys() <= _PLAIN_KEYS:
+        return None
+    account_ref, provider, pool, label = (data.get(key) for key in ("account_ref", "provider", "pool", "label"))
+    if label is None and "label" in data:
+        return None
+    label = "" if label is None else label
+    if not all(
+        isinstance(value, str) and value.isascii() and "\x00" not in value
+        for value in (account_ref, provider, pool, label)
+    ):
+        return None
+    account_ref, provider, label = account_ref.strip(), provider.strip(), label.strip()
+    if not 0 < len(account_ref) <= ACCOUNT_REF_MAX or len(label) > ACCOUNT_REF_MAX or not _PROVIDER.match(provider):
+        return None
+    try:
+        pool_id = UUID(hex=pool)
+    except ValueError:
+        return None
+    return {"account_ref": account_ref, "provider": provider, "pool": pool_id, "label": label, "metadata": {}}
+
+
+def binding_representation(binding: AccountBinding, *, created: bool, link: str | None) -> dict[str, Any]:
+    """What :class:`LinkOrCreateResultSerializer` shows of ``binding`` (its mailbox loaded)."""
+    return {
+        "id": str(binding.pk),
+        "account_ref": binding.account_ref,
+        "provider": binding.provider,
+        "pool": str(binding.pool_id),
+        "mailbox": str(binding.mailbox_id),
+        "address": binding.mailbox.address,
+        "label": binding.label,
+        "metadata": binding.metadata,
+        "active": binding.active,
+        "created_at": _TIMESTAMP.to_representation(binding.created_at),
+        "released_at": _TIMESTAMP.to_representation(binding.released_at) if binding.released_at else None,
+        "ended_reason": binding.ended_reason,
+        "successor": str(binding.successor_id) if binding.successor_id else None,
+        "created": created,
+        "link": str(link) if link else None,
+    }

@@ -25,6 +25,8 @@ from mailboxes.api.binding_serializers import (
     ProviderSerializer,
     ProviderUpdateSerializer,
     ReassignSerializer,
+    binding_representation,
+    link_or_create_plain,
 )
 from mailboxes.bindings import selectors, services
 from mailboxes.bindings.attribution import provider_name_normalize
@@ -205,9 +207,11 @@ class LinkOrCreateView(APIView):
     )
     def post(self, request: Request) -> Response:
         principal = principal_of(request)
-        serializer = LinkOrCreateSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        data = dict(serializer.validated_data)
+        data = link_or_create_plain(request.data)
+        if data is None:
+            serializer = LinkOrCreateSerializer(data=request.data)
+            serializer.is_valid(raise_exception=True)
+            data = dict(serializer.validated_data)
         # The common case first, in one query: the account is bound in this pool already. When
         # it is not, the service does not look again (a binding elsewhere is still found).
         existing = selectors.binding_one(
@@ -216,8 +220,7 @@ class LinkOrCreateView(APIView):
             )
         )
         if existing is not None and existing.provider == provider_name_normalize(data["provider"]):
-            output = LinkOrCreateResultSerializer(existing, context={"created": False, "link": None})
-            return Response(output.data)
+            return Response(binding_representation(existing, created=False, link=None))
         pool = selectors.pool_list(principal).filter(pk=data.pop("pool")).first()
         if pool is None:
             raise exceptions.ValidationError({"pool": ["Not one of your pools."]})
@@ -225,8 +228,8 @@ class LinkOrCreateView(APIView):
             result = services.binding_link_or_create(principal=principal, pool=pool, looked_up=True, **data)
         except services.BindingConflict as error:
             raise _conflict(error) from None
-        output = LinkOrCreateResultSerializer(result.binding, context={"created": result.created, "link": result.link})
-        return Response(output.data, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+        output = binding_representation(result.binding, created=result.created, link=result.link)
+        return Response(output, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 
 class LinkDetailView(APIView):

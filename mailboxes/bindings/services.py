@@ -402,6 +402,17 @@ def _bind(
     excluded: set[int] = set()
     if exclude_mailbox is not None:
         excluded.update(PoolMailbox.objects.filter(mailbox_id=exclude_mailbox).values_list("pk", flat=True))
+    elif connection.vendor == "postgresql":
+        # The common case in one statement; when it cannot bind (every candidate held by
+        # another call, the pool full, the database refusing the member), the steps below.
+        new = _binding_new(pool, account_ref=account_ref, provider=provider, label=label, metadata=metadata, link=link)
+        tried, bound = _bind_at_once(pool, *new)
+        if bound is not None:
+            return bound
+        if tried is not None:
+            if AccountBinding.objects.filter(tenant_id=pool.tenant_id, account_ref=account_ref, active=True).exists():
+                raise _AccountTaken
+            excluded.add(tried)
     for _ in range(ALLOCATION_ATTEMPTS):
         member = _allocate(pool, provider, excluded=excluded)
         if member is None:
@@ -619,24 +630,10 @@ def _binding_insert(
     a ``one_per_provider`` pool), then the count raised only where the binding is there and the
     mailbox has room.
     """
-    secret = None
-    if link is None:
-        generated = keys.generate(prefix=keys.LINK_PREFIX)
-        link, secret = (generated.prefix, generated.secret_hash), generated.secret
-    binding = AccountBinding(
-        tenant_id=pool.tenant_id,
-        pool=pool,
-        mailbox=member.mailbox,
-        account_ref=account_ref,
-        provider=provider,
-        provider_exclusive=pool.one_per_provider,
-        label=label,
-        metadata=metadata,
-        link_prefix=link[0],
-        link_hash=link[1],
+    binding, secret = _binding_new(
+        pool, account_ref=account_ref, provider=provider, label=label, metadata=metadata, link=link
     )
-    # The foreign keys come from rows this transaction holds: not looked up again.
-    binding.full_clean(exclude=_BINDING_KEYS, validate_unique=False, validate_constraints=False)
+    binding.mailbox = member.mailbox
     AccountBinding.objects.bulk_create([binding], ignore_conflicts=True)
     counted = (
         PoolMailbox.objects.filter(pk=member.pk, active_bindings__lt=pool.capacity_per_mailbox)
@@ -650,6 +647,100 @@ def _binding_insert(
 
 
 _BINDING_KEYS = ["tenant", "pool", "mailbox", "successor"]
+
+
+def _binding_new(
+    pool: MailboxPool,
+    *,
+    account_ref: str,
+    provider: str,
+    label: str,
+    metadata: dict[str, Any],
+    link: tuple[str, str] | None,
+) -> tuple[AccountBinding, str | None]:
+    """An unsaved active binding of the pool, its mailbox not set yet, and its link's secret
+    (None when ``link``, the (prefix, hash) of an existing link, is carried over)."""
+    secret = None
+    if link is None:
+        generated = keys.generate(prefix=keys.LINK_PREFIX)
+        link, secret = (generated.prefix, generated.secret_hash), generated.secret
+    binding = AccountBinding(
+        tenant_id=pool.tenant_id,
+        pool=pool,
+        account_ref=account_ref,
+        provider=provider,
+        provider_exclusive=pool.one_per_provider,
+        label=label,
+        metadata=metadata,
+        link_prefix=link[0],
+        link_hash=link[1],
+    )
+    # The foreign keys come from rows this transaction holds: not looked up again.
+    binding.full_clean(exclude=_BINDING_KEYS, validate_unique=False, validate_constraints=False)
+    return binding, secret
+
+
+_AT_ONCE: dict[tuple[bool, bool], str] = {}
+
+
+def _bind_at_once(
+    pool: MailboxPool, binding: AccountBinding, secret: str | None
+) -> tuple[int | None, tuple[AccountBinding, PoolMailbox, str | None] | None]:
+    """PostgreSQL: what :func:`_allocate` and :func:`_binding_insert` do for a first member,
+    as one statement: lock the member the policy picks (skipping members other calls hold),
+    insert the binding on its mailbox (``ON CONFLICT DO NOTHING``: the partial unique indexes
+    judge) and raise its count only where the binding went in.
+
+    Returns the member's id (None when no candidate was free to lock) and the binding with
+    its member and link's secret (None when nothing was inserted: the caller goes on step by
+    step, that member left out). ``binding``: from :func:`_binding_new`, with its link's secret.
+    """
+    fields = [field for field in AccountBinding._meta.concrete_fields if field.attname != "mailbox_id"]
+    values = [field.get_db_prep_save(field.pre_save(binding, True), connection) for field in fields]
+    shape = (pool.policy == MailboxPool.Policy.SHARED, pool.one_per_provider)
+    sql = _AT_ONCE.get(shape)
+    if sql is None:
+        sql = _AT_ONCE[shape] = _bind_at_once_sql(fields, shared=shape[0], one_per_provider=shape[1])
+    parameters: list[Any] = [pool.pk, pool.capacity_per_mailbox]
+    if pool.one_per_provider:
+        parameters.append(binding.provider)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*parameters, *values])
+        row = cursor.fetchone()
+    if row is None:
+        return None, None
+    member_id, mailbox_id, address, inserted = row
+    if not inserted:
+        return member_id, None
+    member = PoolMailbox.from_db(connection.alias, ["id", "pool_id", "mailbox_id"], [member_id, pool.pk, mailbox_id])
+    # The mailbox as far as this statement read it; any other field is loaded when asked for.
+    member.mailbox = binding.mailbox = Mailbox.from_db(connection.alias, ["id", "address"], [mailbox_id, address])
+    binding._state.adding, binding._state.db = False, connection.alias
+    return member_id, (binding, member, secret)
+
+
+def _bind_at_once_sql(fields: list[Any], *, shared: bool, one_per_provider: bool) -> str:
+    binding, member, mailbox = (model._meta.db_table for model in (AccountBinding, PoolMailbox, Mailbox))
+    columns = ", ".join(f'"{field.column}"' for field in fields)
+    values = ", ".join(f"%s::{field.db_type(connection)}" for field in fields)
+    same_provider = (
+        f' AND NOT EXISTS (SELECT 1 FROM "{binding}" b WHERE b."mailbox_id" = pm."mailbox_id"'  # noqa: S608
+        ' AND b."provider" = %s AND b."active")'
+        if one_per_provider
+        else ""
+    )
+    order = 'pm."active_bindings" DESC, pm."id"' if shared else 'pm."active_bindings", pm."id"'
+    return (
+        f'WITH member AS (SELECT pm."id", pm."mailbox_id" FROM "{member}" pm'  # noqa: S608 (names from the models)
+        f' WHERE pm."pool_id" = %s AND pm."active_bindings" < %s{same_provider}'
+        f" ORDER BY {order} LIMIT 1 FOR UPDATE OF pm SKIP LOCKED),"
+        f' inserted AS (INSERT INTO "{binding}" ({columns}, "mailbox_id") SELECT {values}, member."mailbox_id"'
+        ' FROM member ON CONFLICT DO NOTHING RETURNING "id"),'
+        f' counted AS (UPDATE "{member}" p SET "active_bindings" = p."active_bindings" + 1'
+        ' FROM member, inserted WHERE p."id" = member."id" RETURNING p."id")'
+        f' SELECT member."id", member."mailbox_id", m."address", EXISTS (SELECT 1 FROM counted)'
+        f' FROM member JOIN "{mailbox}" m ON m."id" = member."mailbox_id"'
+    )
 
 
 def _end(binding: AccountBinding, reason: str) -> None:

@@ -177,24 +177,26 @@ def test_it_takes_an_allocation_again_when_postgresql_breaks_a_deadlock_with_it(
     from django.db import OperationalError
 
     pool = _pool(world, size=2)
-    real_allocate = services._allocate
+    # The first step of an allocation: one statement on PostgreSQL, the step-by-step lock elsewhere.
+    first_step = "_bind_at_once" if connection.vendor == "postgresql" else "_allocate"
+    real_step = getattr(services, first_step)
     calls = []
 
-    def allocate_once_deadlocked(*args, **kwargs):
+    def step_once_deadlocked(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise OperationalError("deadlock detected") from psycopg.errors.DeadlockDetected("deadlock detected")
-        return real_allocate(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(services, "_allocate", allocate_once_deadlocked)
+    monkeypatch.setattr(services, first_step, step_once_deadlocked)
     result = _link_or_create(world, pool, "acct-deadlock", "google")()
     assert result.created and len(calls) == 2
     assert AccountBinding.objects.filter(account_ref="acct-deadlock", active=True).count() == 1
     _counts_match(pool)
 
-    def allocate_always_broken(*args, **kwargs):
+    def step_always_broken(*args, **kwargs):
         raise OperationalError("server closed the connection")  # not a lock conflict: no retry
 
-    monkeypatch.setattr(services, "_allocate", allocate_always_broken)
+    monkeypatch.setattr(services, first_step, step_always_broken)
     with pytest.raises(OperationalError):
         _link_or_create(world, pool, "acct-other", "google")()
