@@ -200,15 +200,12 @@ def link_or_create_plain(data: Any) -> dict[str, Any] | None:
     :class:`LinkOrCreateSerializer` would validate it; None for any other body."""
     if not isinstance(data, dict) or not data.keys() <= _PLAIN_KEYS:
         return None
-    account_ref, provider, pool, label = (data.get(key) for key in ("account_ref", "provider", "pool", "label"))
-    if label is None and "label" in data:
+    if data.get("label", "") is None:
         return None
-    label = "" if label is None else label
-    if not all(
-        isinstance(value, str) and value.isascii() and "\x00" not in value
-        for value in (account_ref, provider, pool, label)
-    ):
+    texts = [data.get(key) for key in ("account_ref", "provider", "pool")] + [data.get("label", "")]
+    if not all(isinstance(value, str) and value.isascii() and "\x00" not in value for value in texts):
         return None
+    account_ref, provider, pool, label = (str(value) for value in texts)
     account_ref, provider, label = account_ref.strip(), provider.strip(), label.strip()
     if not 0 < len(account_ref) <= ACCOUNT_REF_MAX or len(label) > ACCOUNT_REF_MAX or not _PROVIDER.match(provider):
         return None
