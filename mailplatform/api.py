@@ -30,10 +30,10 @@ _FALLBACK_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
+}
 # The one code of every 429 (sending, code requests, temporary inboxes), with Retry-After;
 # DRF's Throttled says "throttled" of itself.
 RATE_LIMITED = "rate_limited"
-}
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -132,10 +132,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return response
 
     codes = exc.get_codes()
-    if isinstance(codes, str) and codes not in {"error", "invalid"}:
-        code = codes
     if isinstance(exc, exceptions.Throttled):
         codes = RATE_LIMITED
+    if isinstance(codes, str) and codes not in {"error", "invalid"}:
+        code = codes
     else:
         code = _FALLBACK_CODES.get(response.status_code, "error")
     response.data = error_body(code, str(exc.detail))
