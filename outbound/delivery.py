@@ -369,20 +369,20 @@ def _via_mx(domain: str, batch: list[tuple[Recipient, bytes]]) -> dict[UUID, Out
     return outcomes
 
 
-def _claim(message_id: UUID, now: datetime, along: int) -> list[Recipient]:
-    """The due recipients of ``message_id``, then up to ``along`` other due ones, oldest
+def _claim(message_ids: list[UUID], now: datetime, along: int) -> list[Recipient]:
+    """The due recipients of ``message_ids``, then up to ``along`` other due ones, oldest
     first; rows another worker holds are skipped, never waited for."""
     lease = now + timedelta(seconds=settings.OUTBOUND_CLAIM_LEASE)
     due = Q(state__in=Recipient.PENDING_STATES, next_attempt_at__lte=now) & (
         Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     )
     with transaction.atomic():
-        rows = list(Recipient.objects.select_for_update(skip_locked=True).filter(due, message_id=message_id))
+        rows = list(Recipient.objects.select_for_update(skip_locked=True).filter(due, message_id__in=message_ids))
         if along > 0:
             rows += list(
                 Recipient.objects.select_for_update(skip_locked=True)
                 .filter(due)
-                .exclude(message_id=message_id)
+                .exclude(message_id__in=message_ids)
                 .order_by("next_attempt_at")[:along]
             )
         if rows:
@@ -507,11 +507,16 @@ def _recipients_update(recipients: list[Recipient]) -> None:
 
 
 def message_deliver(message_id: UUID, along: int = 0) -> dict[str, int]:
-    """Deliver every due recipient of one message, and up to ``along`` other due recipients;
-    counts by outcome. Safe to run twice: only claimed recipients are sent, and a claim is
-    taken once."""
+    """Deliver every due recipient of one message, and up to ``along`` other due recipients."""
+    return messages_deliver([message_id], along=along)
+
+
+def messages_deliver(message_ids: list[UUID], along: int = 0) -> dict[str, int]:
+    """Deliver every due recipient of the given messages, and up to ``along`` other due
+    recipients; counts by outcome. Safe to run twice: only claimed recipients are sent, and a
+    claim is taken once."""
     now = timezone.now()
-    claimed = _claim(message_id, now, along)
+    claimed = _claim(message_ids, now, along)
     if not claimed:
         return {}
     by_message: dict[UUID, list[Recipient]] = defaultdict(list)
@@ -535,7 +540,7 @@ def message_deliver(message_id: UUID, along: int = 0) -> dict[str, int]:
                 counts[str(recipient.state)] += 1
     finally:
         route.close()
-    logger.info("outbound %s: %s", message_id, dict(counts))
+    logger.info("outbound %s: %s", ",".join(str(pk) for pk in message_ids), dict(counts))
     return dict(counts)
 
 

@@ -386,7 +386,8 @@ def sender_check(principal: Principal, from_address: str) -> Sender:
 # SQLite has no INSERT inside WITH: there the two halves are two statements.
 _COUNTERS_BUMPED = """
     INSERT INTO outbound_sendcounter (tenant_id, period, start, messages, recipients)
-    VALUES (%(tenant)s, 'minute', %(minute)s, 1, %(recipients)s), (%(tenant)s, 'day', %(day)s, 1, %(recipients)s)
+    VALUES (%(tenant)s, 'minute', %(minute)s, %(messages)s, %(recipients)s),
+           (%(tenant)s, 'day', %(day)s, %(messages)s, %(recipients)s)
     ON CONFLICT (tenant_id, period, start) DO UPDATE
         SET messages = outbound_sendcounter.messages + EXCLUDED.messages,
             recipients = outbound_sendcounter.recipients + EXCLUDED.recipients
@@ -396,51 +397,91 @@ _COUNTERS_PREVIOUS = """
 SELECT 'previous', period, messages, recipients FROM outbound_sendcounter
 WHERE tenant_id = %(tenant)s AND period = 'minute' AND start = %(previous)s
 """
-_COUNTERS_BUMP = f"WITH bumped AS ({_COUNTERS_BUMPED}) SELECT * FROM bumped UNION ALL {_COUNTERS_PREVIOUS}"  # noqa: S608 (constants)
+# Outside a transaction the bump commits on its own without waiting for the WAL flush
+# (set_config(..., true) lasts for this statement's implicit transaction): the counter rows
+# are locked for the statement alone, not until the send's commit, so one tenant's sends no
+# longer queue behind each other's fsync. The send's own (flushed) commit comes after and
+# flushes the bump's WAL with it: a crash cannot keep an accepted send and lose its count.
+_COUNTERS_BUMP = (
+    "WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)), "  # noqa: S608 (constants)
+    f"bumped AS ({_COUNTERS_BUMPED}) SELECT * FROM bumped UNION ALL {_COUNTERS_PREVIOUS} "
+    "UNION ALL SELECT 'setting', '', 0, 0 FROM unflushed"
+)
+
+
+def _counters_parameters(tenant_id: Any, recipients: int, now: datetime, messages: int) -> dict[str, Any]:
+    minute = now.replace(second=0, microsecond=0)
+    start = SendCounter._meta.get_field("start")
+    return {
+        "tenant": SendCounter._meta.get_field("tenant").get_db_prep_value(tenant_id, connection),
+        "minute": start.get_db_prep_value(minute, connection),
+        "day": start.get_db_prep_value(minute.replace(hour=0, minute=0), connection),
+        "previous": start.get_db_prep_value(minute - timedelta(minutes=1), connection),
+        "messages": messages,
+        "recipients": recipients,
+    }
+
+
+def _counters_bump(tenant_id: Any, recipients: int, now: datetime) -> list[tuple[Any, ...]]:
+    parameters = _counters_parameters(tenant_id, recipients, now, 1)
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute(_COUNTERS_BUMPED, parameters)
+            rows = cursor.fetchall()
+            cursor.execute(_COUNTERS_PREVIOUS, parameters)
+            return rows + cursor.fetchall()
+        cursor.execute(_COUNTERS_BUMP if not connection.in_atomic_block else _COUNTERS_BUMP_LOCKED, parameters)
+        return cursor.fetchall()
+
+
+# Inside a transaction (an Idempotency-Key's, or SQLite's fallback) the bump is part of it.
+_COUNTERS_BUMP_LOCKED = f"WITH bumped AS ({_COUNTERS_BUMPED}) SELECT * FROM bumped UNION ALL {_COUNTERS_PREVIOUS}"  # noqa: S608 (constants)
+
+
+def _counters_release(tenant_id: Any, recipients: int, now: datetime) -> None:
+    """Take back a bump whose send was refused or failed (a crash in between counts a send
+    that did not happen: the safe side of a limit)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_COUNTERS_RELEASE, _counters_parameters(tenant_id, recipients, now, 1))
+
+
+_COUNTERS_RELEASE = """
+UPDATE outbound_sendcounter SET messages = messages - %(messages)s, recipients = recipients - %(recipients)s
+WHERE tenant_id = %(tenant)s AND ((period = 'minute' AND start = %(minute)s) OR (period = 'day' AND start = %(day)s))
+"""
 
 
 def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
     """Per-tenant rate (messages a minute) and daily quota (recipients since midnight UTC),
     counted in SendCounter rows so every web process and submission server agrees.
 
-    Called last in the send's transaction (the counter rows stay locked until its commit,
-    so the shorter the better): a refusal rolls the bump back with the rest."""
-    minute = now.replace(second=0, microsecond=0)
-    previous = minute - timedelta(minutes=1)
-    start = SendCounter._meta.get_field("start")
-    parameters = {
-        "tenant": SendCounter._meta.get_field("tenant").get_db_prep_value(tenant_id, connection),
-        "minute": start.get_db_prep_value(minute, connection),
-        "day": start.get_db_prep_value(minute.replace(hour=0, minute=0), connection),
-        "previous": start.get_db_prep_value(previous, connection),
-        "recipients": recipients,
-    }
-    with connection.cursor() as cursor:
-        if connection.vendor == "sqlite":
-            cursor.execute(_COUNTERS_BUMPED, parameters)
-            rows = cursor.fetchall()
-            cursor.execute(_COUNTERS_PREVIOUS, parameters)
-            rows += cursor.fetchall()
-        else:
-            cursor.execute(_COUNTERS_BUMP, parameters)
-            rows = cursor.fetchall()
+    Called before the send's transaction, the bump committed on its own (see
+    _COUNTERS_BUMP); a refusal takes its bump back before it raises, and a send that fails
+    afterwards calls :func:`_counters_release`. Two sends at the limit may both be refused
+    for a moment (each sees the other's bump), never both accepted past it."""
+    rows = _counters_bump(tenant_id, recipients, now)
     current = {period: (messages, sent) for which, period, messages, sent in rows if which == "now"}
     before = sum(messages for which, _, messages, _ in rows if which == "previous")
+    minute = now.replace(second=0, microsecond=0)
     elapsed = (now - minute).total_seconds() / 60
+    refusal: SendRefused | None = None
     if current["minute"][0] + before * (1 - elapsed) > settings.OUTBOUND_RATE_PER_TENANT:
-        raise SendRefused(
+        refusal = SendRefused(
             "rate_limited",
             f"More than {settings.OUTBOUND_RATE_PER_TENANT} messages in the last minute; slow down and retry.",
             status=429,
         )
-    today = current["day"][1]
-    if today > settings.OUTBOUND_DAILY_QUOTA:
-        raise SendRefused(
+    elif current["day"][1] > settings.OUTBOUND_DAILY_QUOTA:
+        today = current["day"][1]
+        refusal = SendRefused(
             "quota_exceeded",
             f"The daily quota of {settings.OUTBOUND_DAILY_QUOTA} recipients is used up "
             f"({today - recipients} sent today); it renews at midnight UTC.",
             status=429,
         )
+    if refusal is not None:
+        _counters_release(tenant_id, recipients, now)
+        raise refusal
 
 
 def counters_prune(now: datetime | None = None) -> int:
@@ -490,84 +531,154 @@ def message_queue(
         raise SendRefused("message_too_large", f"The message is larger than {limit} bytes.", status=413)
     parsed = BytesHeaderParser().parsebytes(content)  # Subject and Message-ID: the header only
     now = timezone.now()
-    suppressed = set(
-        Suppression.objects.filter(
-            tenant_id=principal.tenant_id, address__in=[address.lower() for address in unique]
-        ).values_list("address", flat=True)
-    )
     from outbound.bounces import bounce_mailbox_ensure
-    from outbound.tasks import message_deliver, sent_copy_store
+    from outbound.tasks import deliveries_enqueue, sent_copy_store
 
     bounce_mailbox_ensure()  # DSNs to our VERP addresses must find a mailbox
-    with transaction.atomic():
-        message = OutboundMessage.objects.create(
+    message = OutboundMessage(
+        tenant_id=principal.tenant_id,
+        domain_id=sender.domain_id,
+        mailbox_id=sender.mailbox_id,
+        source=source,
+        from_address=from_address,
+        mail_from=f"bounces@{settings.OUTBOUND_BOUNCE_DOMAIN}",
+        subject=str(parsed.get("Subject", ""))[:998],
+        message_id=str(parsed.get("Message-ID", ""))[:998],
+        content=content,
+        size=len(content),
+        actor_label=principal.actor.label[:300],
+        created_at=now,
+    )
+    give_up = now + timedelta(seconds=settings.OUTBOUND_GIVE_UP_AFTER)
+    rows = [
+        Recipient(
+            message=message,
             tenant_id=principal.tenant_id,
-            domain_id=sender.domain_id,
-            mailbox_id=sender.mailbox_id,
-            source=source,
-            from_address=from_address,
-            mail_from=f"bounces@{settings.OUTBOUND_BOUNCE_DOMAIN}",
-            subject=str(parsed.get("Subject", ""))[:998],
-            message_id=str(parsed.get("Message-ID", ""))[:998],
-            content=content,
-            size=len(content),
-            actor_label=principal.actor.label[:300],
-            created_at=now,
+            address=address,
+            state=Recipient.State.QUEUED,
+            next_attempt_at=now,
+            give_up_at=give_up,
         )
-        rows = []
-        give_up = now + timedelta(seconds=settings.OUTBOUND_GIVE_UP_AFTER)
-        for address in unique:
-            is_suppressed = address.lower() in suppressed
-            rows.append(
-                Recipient(
-                    message=message,
+        for address in unique
+    ]
+    # The limits first, their bump committed on its own (_limits_check): the counter rows
+    # are not held through the send's transaction. Taken back if the send fails.
+    _limits_check(principal.tenant_id, len(unique), now)
+    try:
+        with transaction.atomic():
+            _message_insert(message, rows)
+            specs = [
+                EventSpec(
                     tenant_id=principal.tenant_id,
-                    address=address,
-                    state=Recipient.State.SUPPRESSED if is_suppressed else Recipient.State.QUEUED,
-                    last_response="suppressed: this address bounced or complained before" if is_suppressed else "",
-                    next_attempt_at=now,
-                    give_up_at=give_up,
+                    type="outbound.queued",
+                    data={"outbound_id": str(message.pk), "recipients": len(rows), "source": source},
+                    trace_id=str(message.pk),
+                    domain_id=sender.domain_id,
+                    mailbox_id=sender.mailbox_id,
                 )
-            )
-        Recipient.objects.bulk_create(rows)
-        specs = [
-            EventSpec(
+            ]
+            specs += [
+                EventSpec(
+                    tenant_id=principal.tenant_id,
+                    type="outbound.suppressed",
+                    data={"outbound_id": str(message.pk), "recipient": row.address},
+                    trace_id=str(message.pk),
+                    domain_id=sender.domain_id,
+                )
+                for row in rows
+                if row.state == Recipient.State.SUPPRESSED
+            ]
+            events_record(specs)
+            audit_entry_record(
                 tenant_id=principal.tenant_id,
-                type="outbound.queued",
-                data={"outbound_id": str(message.pk), "recipients": len(rows), "source": source},
-                trace_id=str(message.pk),
-                domain_id=sender.domain_id,
-                mailbox_id=sender.mailbox_id,
+                actor=principal.actor,
+                action="message.send",
+                resource_type="outbound_message",
+                resource_id=message.pk,
+                after={"from": from_address, "recipients": len(rows), "size": len(content), "source": source},
             )
-        ]
-        specs += [
-            EventSpec(
-                tenant_id=principal.tenant_id,
-                type="outbound.suppressed",
-                data={"outbound_id": str(message.pk), "recipient": row.address},
-                trace_id=str(message.pk),
-                domain_id=sender.domain_id,
-            )
-            for row in rows
-            if row.state == Recipient.State.SUPPRESSED
-        ]
-        events_record(specs)
-        audit_entry_record(
-            tenant_id=principal.tenant_id,
-            actor=principal.actor,
-            action="message.send",
-            resource_type="outbound_message",
-            resource_id=message.pk,
-            after={"from": from_address, "recipients": len(rows), "size": len(content), "source": source},
-        )
-        # One task delivers and files the sent copy (outbound/tasks.py); a message with
-        # nothing to deliver has its sent copy filed alone.
-        if any(row.state == Recipient.State.QUEUED for row in rows):
-            tasks_enqueue_on_commit(message_deliver, [(str(message.pk), sender.mailbox_id is not None)])
-        elif sender.mailbox_id is not None:
-            tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
-        _limits_check(principal.tenant_id, len(unique), now)
+            # One task delivers a batch of sends and files their sent copies (outbound/tasks.py);
+            # a message with nothing to deliver has its sent copy filed alone.
+            if any(row.state == Recipient.State.QUEUED for row in rows):
+                deliveries_enqueue.add_on_commit([(str(message.pk), sender.mailbox_id is not None)])
+            elif sender.mailbox_id is not None:
+                tasks_enqueue_on_commit(sent_copy_store, [(str(message.pk),)])
+    except BaseException:
+        try:
+            _counters_release(principal.tenant_id, len(unique), now)
+        except Exception:  # the send's own error is the one to report
+            logger.exception("outbound: the counters of a failed send could not be taken back")
+        raise
     return Queued(message=message, recipients=rows)
+
+
+_SUPPRESSED_RESPONSE = "suppressed: this address bounced or complained before"
+
+# The message and its recipients in one statement, each recipient's suppression looked up
+# by the same statement (PostgreSQL; the ORM's three statements elsewhere).
+_MESSAGE_INSERT = """
+WITH message AS (
+    INSERT INTO outbound_outboundmessage (id, tenant_id, domain_id, mailbox_id, source, from_address, mail_from,
+        subject, message_id, content, size, actor_label, sent_message_id, created_at)
+    VALUES (%(id)s, %(tenant)s, %(domain)s, %(mailbox)s, %(source)s, %(from_address)s, %(mail_from)s,
+        %(subject)s, %(message_id)s, %(content)s, %(size)s, %(actor_label)s, NULL, %(created_at)s)
+    RETURNING id
+)
+INSERT INTO outbound_recipient (id, message_id, tenant_id, address, state, attempts, next_attempt_at,
+    claimed_until, give_up_at, last_attempt_at, last_response, remote_host, delivered_at, bounced_at, dkim_selector)
+SELECT wanted.id, message.id, %(tenant)s, wanted.address,
+    CASE WHEN suppression.id IS NULL THEN 'queued' ELSE 'suppressed' END, 0, %(created_at)s,
+    NULL, %(give_up)s, NULL, CASE WHEN suppression.id IS NULL THEN '' ELSE %(suppressed)s END, '', NULL, NULL, ''
+FROM message, unnest(%(ids)s::uuid[], %(addresses)s::varchar[], %(lowered)s::varchar[]) AS wanted (id, address, lowered)
+LEFT JOIN outbound_suppression AS suppression
+    ON suppression.tenant_id = %(tenant)s AND suppression.address = wanted.lowered
+RETURNING id, state
+"""
+
+
+def _message_insert(message: OutboundMessage, rows: list[Recipient]) -> None:
+    """INSERT ``message`` and its recipients (all ``queued``); a recipient whose address the
+    tenant suppresses becomes ``suppressed`` (not sent), in ``rows`` too."""
+    if connection.vendor != "postgresql":
+        suppressed = set(
+            Suppression.objects.filter(
+                tenant_id=message.tenant_id, address__in=[row.address.lower() for row in rows]
+            ).values_list("address", flat=True)
+        )
+        for row in rows:
+            if row.address.lower() in suppressed:
+                row.state, row.last_response = Recipient.State.SUPPRESSED, _SUPPRESSED_RESPONSE
+        message.save(force_insert=True)
+        Recipient.objects.bulk_create(rows)
+        return
+    parameters: dict[str, Any] = {
+        "id": message.pk,
+        "tenant": message.tenant_id,
+        "domain": message.domain_id,
+        "mailbox": message.mailbox_id,
+        "source": str(message.source),
+        "from_address": message.from_address,
+        "mail_from": message.mail_from,
+        "subject": message.subject,
+        "message_id": message.message_id,
+        "content": message.content,
+        "size": message.size,
+        "actor_label": message.actor_label,
+        "created_at": message.created_at,
+        "give_up": rows[0].give_up_at,
+        "suppressed": _SUPPRESSED_RESPONSE,
+        "ids": [row.pk for row in rows],
+        "addresses": [row.address for row in rows],
+        "lowered": [row.address.lower() for row in rows],
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_MESSAGE_INSERT, parameters)
+        states = dict(cursor.fetchall())
+    for instance in (message, *rows):
+        instance._state.adding, instance._state.db = False, connection.alias
+    for row in rows:
+        if states.get(row.pk) == Recipient.State.SUPPRESSED:
+            row.state, row.last_response = Recipient.State.SUPPRESSED, _SUPPRESSED_RESPONSE
 
 
 def message_id_new(domain: str) -> str:

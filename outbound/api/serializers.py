@@ -181,3 +181,46 @@ class DomainSendingSerializer(StrictSerializer):
     any_local_part = serializers.BooleanField(
         help_text="Any address of the domain may be the From (a key holding the whole domain), not only its mailboxes"
     )
+
+
+_DATETIME = serializers.DateTimeField()
+
+
+def _datetime(value: Any) -> str | None:
+    return None if value is None else _DATETIME.to_representation(value)
+
+
+def outbound_message_body(message: OutboundMessage, recipients: list[Recipient]) -> dict[str, Any]:
+    """What :class:`OutboundMessageSerializer` gives for a message just queued, built without
+    constructing the serializer (its fields, and each recipient's, are made anew for every
+    instance: more CPU than the rest of the 202). A test holds the two equal."""
+    rows = sorted(recipients, key=lambda recipient: recipient.address)
+    pending = set(Recipient.PENDING_STATES)
+    return {
+        "id": str(message.pk),
+        "status": "queued" if any(row.state in pending for row in rows) else "done",
+        "source": str(message.source),
+        "from_address": message.from_address,
+        "subject": message.subject,
+        "message_id": message.message_id,
+        "size": int(message.size),
+        "mailbox": None if message.mailbox_id is None else str(message.mailbox_id),
+        "sent_message": None if message.sent_message_id is None else str(message.sent_message_id),
+        "created_at": _datetime(message.created_at),
+        "recipients": [
+            {
+                "id": str(row.pk),
+                "address": row.address,
+                "state": str(row.state),
+                "attempts": int(row.attempts),
+                "next_attempt_at": _datetime(row.next_attempt_at),
+                "last_attempt_at": _datetime(row.last_attempt_at),
+                "last_response": row.last_response,
+                "remote_host": row.remote_host,
+                "delivered_at": _datetime(row.delivered_at),
+                "bounced_at": _datetime(row.bounced_at),
+                "dkim_selector": row.dkim_selector,
+            }
+            for row in rows
+        ],
+    }

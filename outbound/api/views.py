@@ -28,8 +28,9 @@ from outbound.api.serializers import (
     SendSerializer,
     SuppressionCreateSerializer,
     SuppressionSerializer,
+    outbound_message_body,
 )
-from outbound.models import DkimKey, OutboundMessage, Recipient, Suppression
+from outbound.models import DkimKey, OutboundMessage, Suppression
 from tenants.access import Permission
 from tenants.api.views import principal_of
 from tenants.models import Domain
@@ -125,14 +126,9 @@ class _Refused(exceptions.APIException):
 
 
 def _accepted(queued: services.Queued) -> Answer:
-    """The message and recipients just committed, as they are (no second read): their rows
-    stand in for the ``recipients`` prefetch, in the model's order."""
-    message = queued.message
-    recipients = Recipient.objects.none()
-    recipients._result_cache = sorted(queued.recipients, key=lambda recipient: recipient.address)
-    recipients._prefetch_done = True  # type: ignore[attr-defined]
-    message._prefetched_objects_cache = {"recipients": recipients}  # type: ignore[attr-defined]
-    return Answer(status=status.HTTP_202_ACCEPTED, body=dict(OutboundMessageSerializer(message).data))
+    """The message and recipients just committed, as they are (no second read)."""
+    body = outbound_message_body(queued.message, queued.recipients)
+    return Answer(status=status.HTTP_202_ACCEPTED, body=body)
 
 
 class OutboundMessageViewSet(

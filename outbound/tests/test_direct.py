@@ -69,6 +69,9 @@ def test_it_bounces_a_550_suppresses_the_address_and_sends_nothing_to_it_again(w
     again = _send(world, {**SEND, "to": ["Carol@remote.example.org", "dave@remote.example.org"]})
     states = {r["address"]: r["state"] for r in again["recipients"]}
     assert states == {"Carol@remote.example.org": "suppressed", "dave@remote.example.org": "queued"}
+    # The 202 is built without the serializer: it must say exactly what reading the message says.
+    detail = world.client(world.owner_key).get(f"/api/v1/outbound-messages/{again['id']}/")
+    assert detail.json() == again
     assert delivery.message_deliver(again["id"]) == {"delivered": 1}
     assert [item.rcpt for item in direct.received] == ["dave@remote.example.org"]
     listed = world.client(world.owner_key).get("/api/v1/suppressions/").json()["results"]

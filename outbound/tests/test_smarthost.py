@@ -90,5 +90,7 @@ def test_it_signs_and_delivers_through_the_smarthost_and_threads_a_reply(
     assert item.rcpt == "bob@remote.example.org"
     assert "a=ed25519-sha256" in message_from_bytes(item.content)["DKIM-Signature"].replace(" ", "")
     assert dkim_verifies(item.content, dns_zone)
+    # The outcome is recorded once the smarthost has answered DATA, a moment after the sink has it.
+    wait_until(lambda: client.get("/api/v1/events/?type=outbound.delivered").json()["results"], what="event")
     events = {e["type"] for e in client.get("/api/v1/events/?type=outbound.delivered").json()["results"]}
     assert events == {"outbound.delivered"}
