@@ -66,10 +66,11 @@ RESERVED_HEADERS = frozenset(
 class SendRefused(Exception):
     """A send that cannot be accepted: ``code`` for programs, the message for people."""
 
-    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, *, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.retry_after = retry_after  # seconds, for a refusal that passes (429: Retry-After)
 
 
 def require(principal: Principal, permission: Permission) -> None:
@@ -470,6 +471,7 @@ def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
             "rate_limited",
             f"More than {settings.OUTBOUND_RATE_PER_TENANT} messages in the last minute; slow down and retry.",
             status=429,
+            retry_after=max(1, 60 - int(elapsed * 60)),  # the next minute's window
         )
     elif current["day"][1] > settings.OUTBOUND_DAILY_QUOTA:
         today = current["day"][1]
@@ -478,6 +480,7 @@ def _limits_check(tenant_id: Any, recipients: int, now: datetime) -> None:
             f"The daily quota of {settings.OUTBOUND_DAILY_QUOTA} recipients is used up "
             f"({today - recipients} sent today); it renews at midnight UTC.",
             status=429,
+            retry_after=max(1, int((minute.replace(hour=0, minute=0) + timedelta(days=1) - now).total_seconds())),
         )
     if refusal is not None:
         _counters_release(tenant_id, recipients, now)

@@ -123,6 +123,7 @@ class _Refused(exceptions.APIException):
     def __init__(self, refusal: services.SendRefused) -> None:
         super().__init__(detail=str(refusal), code=refusal.code)
         self.status_code = refusal.status
+        self.wait = refusal.retry_after  # DRF's handler answers it as Retry-After
 
 
 def _accepted(queued: services.Queued) -> Answer:

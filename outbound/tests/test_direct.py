@@ -116,9 +116,11 @@ def test_it_refuses_unverified_domains_foreign_senders_missing_permission_and_sp
     response = client.post("/api/v1/messages/send", SEND, format="json")
     assert (response.status_code, response.json()["error"]["code"]) == (429, "quota_exceeded")
     assert "daily quota of 2" in response.json()["error"]["message"]
+    assert 0 < int(response["Retry-After"]) <= 86400  # until midnight UTC
     settings.OUTBOUND_DAILY_QUOTA, settings.OUTBOUND_RATE_PER_TENANT = 100, 1
     response = client.post("/api/v1/messages/send", SEND, format="json")
     assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
+    assert 0 < int(response["Retry-After"]) <= 60  # until the next minute's window
     assert Recipient.objects.count() == 2
 
 
