@@ -483,8 +483,9 @@ def _outcomes_record(recipients: list[Recipient], outcomes: dict[UUID, Outcome],
     rare duplicate RFC 5321 section 6.3 accepts), never loses it."""
     finished = timezone.now()
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        if connection.vendor == "postgresql":  # SQLite has no such setting (nor the statement)
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
         specs = [
             _record(
                 recipient, outcomes.get(recipient.pk) or Outcome("deferred", "no attempt was made"), selector, finished

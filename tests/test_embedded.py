@@ -449,3 +449,19 @@ def test_it_queues_sent_mail_on_the_embedded_database_and_counts_it(embedded: Em
     with sqlite3.connect(embedded.database) as db:
         counted = dict(db.execute("SELECT period, messages FROM outbound_sendcounter").fetchall())
     assert counted == {"minute": 2, "day": 2}
+    # A worker's delivery on SQLite records its attempt (a smarthost that refuses the
+    # connection: deferred), where a PostgreSQL-only statement once failed every outcome and
+    # left the message queued, to be sent again at each lease's end.
+    closed = f"smtp://127.0.0.1:{free_port()}"
+    delivered = manage(
+        {**embedded.env, "OUTBOUND_URL": closed},
+        "shell",
+        "-c",
+        "from outbound.models import OutboundMessage\n"
+        "from outbound.tasks import message_deliver\n"
+        "for pk in OutboundMessage.objects.values_list('pk', flat=True): message_deliver(str(pk))",
+    )
+    assert delivered.returncode == 0, delivered.stderr[-3000:]
+    with sqlite3.connect(embedded.database) as db:
+        states = db.execute("SELECT state, attempts FROM outbound_recipient").fetchall()
+    assert states and all(state != "queued" and attempts >= 1 for state, attempts in states), states
