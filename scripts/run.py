@@ -179,6 +179,11 @@ def banner(demo: dict[str, str], web: str, smtp: str | None) -> str:
         f"  mailbox      {mailbox}   (id {demo['mailbox_id']})",
         f"  API key      {key}   (shown once; `make run` mints a new one each time)",
         f"  login link   {demo['login_url']}   (single use, 10 minutes)",
+        *(
+            [f"  sign in as   {demo['user']}   (a new link: {web}/login/, mailed to the sign-in mail below)"]
+            if "user" in demo
+            else []
+        ),
         f"  sign-in mail {demo.get('sign_in_mail', 'EMAIL_URL')}",
         f"  admin        {web}/admin/   (.venv/bin/python manage.py createsuperuser)",
         "",

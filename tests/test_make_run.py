@@ -76,6 +76,9 @@ def test_it_keeps_the_demo_and_temporary_inbox_domains_receiving_across_domain_c
         wait_for_port("127.0.0.1", web_port, timeout=60)
         wait_for_port("127.0.0.1", smtp_port, timeout=60)
         mailbox = next(line.split()[1] for line in run.lines if line.strip().startswith("mailbox "))
+        run.wait_for_line("sign in as", timeout=5)  # the demo user, for a new link once the printed one is used
+        signer = next(line.split()[3] for line in run.lines if line.strip().startswith("sign in as "))
+        assert signer == env.get("DEMO_USER_EMAIL", "demo@mailplatform.localhost"), signer
         created = requests.post(f"http://127.0.0.1:{web_port}/api/v1/temp-inboxes/", timeout=30)
         assert created.status_code == 201, created.text
         temporary = created.json()["address"]
