@@ -144,6 +144,7 @@ def test_it_marks_tags_and_deletes_for_a_member(world: Any, signed_in: Any) -> N
     assert member.post(_url(world, message), {"action": "delete"}).status_code == 302
     message.refresh_from_db()
     assert message.deleted_at is not None
+    assert message.state_reason == "deleted in the web inbox"  # not "through the API"
 
 
 def test_it_labels_the_tags_box_visibly_with_a_placeholder(world: Any, signed_in: Any) -> None:

@@ -282,7 +282,7 @@ def _message_action(request: HttpRequest, principal: Any, message: Any, *, back:
 
     action = request.POST.get("action", "")
     if action == "delete":
-        message_delete(principal=principal, message=message)
+        message_delete(principal=principal, message=message, reason="deleted in the web inbox")
         flash.success(request, "Message deleted.")
         return redirect(back)
     if action in {"read", "unread"}:
